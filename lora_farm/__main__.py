@@ -1,0 +1,3 @@
+from lora_farm.cli import main
+
+main()

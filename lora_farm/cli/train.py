@@ -1,0 +1,1 @@
+"""lorafarm train commands."""

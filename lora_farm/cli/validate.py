@@ -1,0 +1,38 @@
+"""``lorafarm validate``: check job specs without queueing anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from lora_farm.cli.app import app, console, err_console
+from lora_farm.errors import SpecError
+from lora_farm.jobs.loader import load_spec_files
+
+
+@app.command()
+def validate(
+    files: list[Path] = typer.Argument(..., help="Job spec YAML files.", show_default=False),
+    show_resolved: bool = typer.Option(False, "--show", help="Print each resolved spec."),
+) -> None:
+    """Validate job specs (schema, paths, datasets, base models); print every problem found."""
+    try:
+        loaded = load_spec_files(files)
+    except SpecError as error:
+        for problem in error.problems:
+            err_console.print(f"[red]✗[/] {escape(str(problem))}", highlight=False, markup=True, soft_wrap=True)
+        count = len({p.file for p in error.problems})
+        err_console.print(f"{len(error.problems)} problem(s) in {count} of {len(files)} file(s); "
+                          "nothing was queued.", highlight=False)
+        raise typer.Exit(1) from None
+    for item in loaded:
+        spec = item.spec
+        console.print(f"[green]✓[/] {item.source}: {spec.task} job [bold]{spec.name}[/] "
+                      f"(rank {spec.lora_rank}, hash {spec.config_hash()})", highlight=False)
+        for note in item.notes:
+            console.print(f"  [yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        if show_resolved:
+            console.print_json(data=spec.to_yaml_dict())
+    console.print(f"{len(loaded)} spec(s) valid.")

@@ -1,0 +1,130 @@
+"""Look at a base model on disk without loading it (torch-free): what it is, how big it is.
+
+Used by validation (is the format known?), task inference, the VRAM estimate and the trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Kind = Literal["diffusers", "single_file", "transformers"]
+Family = Literal["sd1", "sd2", "sdxl", "causal_lm"]
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    path: Path
+    kind: Kind
+    family: Family
+    weight_bytes: int = 0  # sum over safetensors files found (0 when unknown)
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def task(self) -> str:
+        return "llm" if self.family == "causal_lm" else "image"
+
+
+class UnknownModelFormat(ValueError):
+    """Raised when a path is neither a diffusers folder, an SD .safetensors nor a causal LM."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, metadata)."""
+    with open(path, "rb") as stream:
+        raw_length = stream.read(8)
+        if len(raw_length) != 8:
+            raise UnknownModelFormat(f"{path} is too short to be a .safetensors file")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > 100 * 1024 * 1024:
+            raise UnknownModelFormat(f"{path} has no valid safetensors header")
+        try:
+            return json.loads(stream.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UnknownModelFormat(f"{path} has no valid safetensors header") from error
+
+
+def tensor_bytes(header: dict[str, Any]) -> int:
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= dim
+        total += count * DTYPE_BYTES.get(entry.get("dtype", "F32"), 4)
+    return total
+
+
+def inspect_base_model(path: Path) -> BaseModelInfo:
+    """Classify ``path``; raise ``UnknownModelFormat`` with the reason when it is none we know."""
+    if path.is_file():
+        return _inspect_single_file(path)
+    if not path.is_dir():
+        raise UnknownModelFormat(f"{path} does not exist")
+    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+        return _inspect_diffusers(path)
+    if (path / "config.json").is_file():
+        return _inspect_transformers(path)
+    raise UnknownModelFormat(
+        f"{path} is neither a diffusers folder (model_index.json) nor a transformers folder "
+        "(config.json)")
+
+
+def _folder_weight_bytes(folder: Path) -> int:
+    return sum(tensor_bytes(read_safetensors_header(f)) for f in folder.rglob("*.safetensors"))
+
+
+def _inspect_diffusers(path: Path) -> BaseModelInfo:
+    unet_config = _read_json(path / "unet" / "config.json")
+    has_second_encoder = (path / "text_encoder_2").is_dir()
+    cross_dim = unet_config.get("cross_attention_dim", 768)
+    if has_second_encoder or unet_config.get("addition_embed_type") == "text_time":
+        family: Family = "sdxl"
+    elif cross_dim == 1024:
+        family = "sd2"
+    else:
+        family = "sd1"
+    details = {"unet": unet_config, "cross_attention_dim": cross_dim,
+               "sample_size": unet_config.get("sample_size", 64)}
+    return BaseModelInfo(path, "diffusers", family, _folder_weight_bytes(path), details)
+
+
+def _inspect_transformers(path: Path) -> BaseModelInfo:
+    config = _read_json(path / "config.json")
+    if "model_type" not in config:
+        raise UnknownModelFormat(f"{path / 'config.json'} has no `model_type`; not a transformers model")
+    return BaseModelInfo(path, "transformers", "causal_lm", _folder_weight_bytes(path),
+                         {"config": config})
+
+
+def _inspect_single_file(path: Path) -> BaseModelInfo:
+    if path.suffix != ".safetensors":
+        raise UnknownModelFormat(
+            f"{path} is a {path.suffix or 'suffix-less'} file; only .safetensors single-file "
+            "checkpoints are loaded (pickle checkpoints can run code: convert them first)")
+    header = read_safetensors_header(path)
+    names = [name for name in header if name != "__metadata__"]
+    if any(name.startswith("conditioner.embedders.1") for name in names):
+        family: Family = "sdxl"
+    elif any(name.startswith("cond_stage_model.model.") for name in names):
+        family = "sd2"
+    elif any(name.startswith("model.diffusion_model.") for name in names):
+        family = "sd1"
+    else:
+        raise UnknownModelFormat(
+            f"{path} holds no Stable Diffusion UNet (no `model.diffusion_model.*` tensors)")
+    return BaseModelInfo(path, "single_file", family, tensor_bytes(header), {"tensors": len(names)})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UnknownModelFormat(f"{path} is not readable JSON: {error}") from error

@@ -1,0 +1,178 @@
+"""YAML file -> validated job spec. Every problem of every file is collected before raising."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lora_farm.errors import SpecError, SpecProblem
+from lora_farm.jobs import checks
+from lora_farm.jobs.paths import PathProblem, resolve_spec_path
+from lora_farm.jobs.problems import NAME_RULE, problems_from_validation, unknown_key_problem
+from lora_farm.jobs.spec import NAME_PATTERN, PATH_FIELDS, SPEC_CLASSES, JobSpec, valid_keys
+from lora_farm.jobs.yaml_io import dump_yaml, parse_spec_yaml
+from lora_farm.settings import get_settings
+
+MAX_SPEC_BYTES = 1024 * 1024
+
+
+@dataclass
+class LoadedSpec:
+    spec: JobSpec
+    source: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def load_spec_files(paths: list[Path], *, check_files: bool = True) -> list[LoadedSpec]:
+    """Load and validate every file; raise one SpecError listing all problems of all files."""
+    loaded, problems = [], []
+    for path in paths:
+        try:
+            loaded.append(load_spec_file(path, check_files=check_files))
+        except SpecError as error:
+            problems.extend(error.problems)
+    problems.extend(_duplicate_name_problems(loaded))
+    if problems:
+        raise SpecError(problems)
+    return loaded
+
+
+def load_spec_file(path: Path, *, check_files: bool = True, cwd: Path | None = None) -> LoadedSpec:
+    """One file -> LoadedSpec, or SpecError with every problem found in it."""
+    path = Path(path)
+    label = str(path)
+    data = _read_mapping(path, label)
+    notes: list[str] = []
+    problems = _key_problems(label, data)
+    for key in [key for key in data if not isinstance(key, str)]:
+        data.pop(key)
+    data = {key: value for key, value in data.items() if key in valid_keys(None)}
+    problems += _default_name(label, path, data)
+    problems += _resolve_paths(label, path.parent.resolve(), (cwd or Path.cwd()).resolve(), data, notes)
+    if "task" not in data:
+        inferred = checks.infer_task(data)
+        if inferred is None:
+            problems.append(SpecProblem(label, "task", "could not be inferred from `base_model` and "
+                                        "`train_data_dir`.", "add `task: image` or `task: llm`."))
+        else:
+            data["task"] = inferred
+    spec = _validate(label, data, problems)
+    if spec is not None and check_files:
+        reported = {problem.field for problem in problems}  # one message per field is enough
+        problems += [p for p in checks.check_spec(label, spec) if p.field not in reported]
+    if problems:
+        raise SpecError(problems)
+    assert spec is not None
+    return LoadedSpec(spec, path, notes)
+
+
+def write_resolved(spec: JobSpec, path: Path) -> Path:
+    """Write the spec with absolute paths and every default: what the trainer actually runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_yaml(spec.to_yaml_dict()), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_mapping(path: Path, label: str) -> dict[Any, Any]:
+    def fail(message: str, fix: str) -> SpecError:
+        return SpecError([SpecProblem(label, "", message, fix)])
+
+    if not path.is_file():
+        raise fail("does not exist or is not a file.", "check the path you passed.")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise fail(f"is {path.stat().st_size} bytes; a job spec is a short YAML file.",
+                   "pass the job's YAML, not a dataset or model file.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise fail(f"is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}).",
+                   "save the file as UTF-8.") from None
+    try:
+        data = parse_spec_yaml(text)
+    except Exception as error:  # yaml.YAMLError and its marks
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise fail(f"is not valid YAML{where}: {problem}.",
+                   "fix the YAML syntax (indentation, a missing ':' or quote).") from None
+    if data is None:
+        raise fail("is empty.", "write the job's keys, e.g. base_model, train_data_dir.")
+    if not isinstance(data, dict):
+        raise fail(f"must be a mapping of keys to values, got a {type(data).__name__}.",
+                   "write one `key: value` per line at the top level.")
+    return data
+
+
+def _key_problems(label: str, data: dict[Any, Any]) -> list[SpecProblem]:
+    task = data.get("task") if data.get("task") in SPEC_CLASSES else None
+    allowed = valid_keys(task)
+    problems = []
+    for key in data:
+        if not isinstance(key, str):
+            problems.append(SpecProblem(label, str(key), "is not a text key.", "quote the key."))
+        elif key not in allowed:
+            problems.append(unknown_key_problem(label, key, allowed))
+    return problems
+
+
+def _default_name(label: str, path: Path, data: dict[str, Any]) -> list[SpecProblem]:
+    if "name" in data:
+        return []
+    if not re.match(NAME_PATTERN, path.stem):
+        return [SpecProblem(label, "name", f"is not set and the file name {path.stem!r} cannot be "
+                            f"used instead: a name {NAME_RULE}.", "add `name: my_lora`.")]
+    data["name"] = path.stem
+    return []
+
+
+def _resolve_paths(label: str, spec_dir: Path, cwd: Path, data: dict[str, Any],
+                   notes: list[str]) -> list[SpecProblem]:
+    problems = []
+    output_root = get_settings().output_root_abs
+    for key in PATH_FIELDS:
+        raw = data.get(key)
+        if not isinstance(raw, str) or not raw.strip():
+            continue
+        try:
+            prefer = output_root if key == "output_dir" else None
+            data[key], note = resolve_spec_path(raw.strip(), spec_dir, cwd, prefer)
+        except PathProblem as error:
+            problems.append(SpecProblem(label, key, str(error), "export the variable or write the path out."))
+            continue
+        if note:
+            notes.append(f"{label}: `{key}` {note}")
+    return problems
+
+
+def _validate(label: str, data: dict[str, Any], problems: list[SpecProblem]) -> JobSpec | None:
+    cls = SPEC_CLASSES.get(data.get("task"))  # type: ignore[arg-type]
+    if cls is None:
+        if "task" in data:
+            problems.append(SpecProblem(label, "task", f"must be 'image' or 'llm', got {data['task']!r}.",
+                                        "write `task: image` or `task: llm`."))
+        return None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        problems.extend(problems_from_validation(label, error))
+        return None
+
+
+def _duplicate_name_problems(loaded: list[LoadedSpec]) -> list[SpecProblem]:
+    seen: dict[tuple[str | None, str], Path] = {}
+    problems = []
+    for item in loaded:
+        key = (item.spec.batch, item.spec.name)
+        if key in seen:
+            problems.append(SpecProblem(str(item.source), "name",
+                                        f"{item.spec.name!r} is also the name of {seen[key]}.",
+                                        "give each job of a batch its own name."))
+        seen.setdefault(key, item.source)
+    return problems

@@ -1,0 +1,170 @@
+"""The job spec: one LoRA training, as a user writes it in YAML (pydantic models).
+
+The lora-scripts fields (``train_data_dir, metadata_path, base_model, lora_rank, batch_size,
+epochs, learning_rate, output_dir, save_steps``) keep their names and meaning, so existing
+configs submit unchanged. Paths reach these models already absolute (see ``loader``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s?)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``3600``, ``"90m"``, ``"6h"``, ``"1h30m"``, ``"2d"`` -> seconds; other input passes on."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    match = _DURATION.match(value)
+    if not value.strip() or not match or not any(match.groups()):
+        raise ValueError(f"is not a duration, got {value!r}; write seconds or a duration such as "
+                         "'90m', '6h' or '1h30m'")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+Seconds = Annotated[int, BeforeValidator(parse_duration)]
+SafeName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class JobSpec(BaseModel):
+    """Fields every LoRA job has, image or LLM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+
+    # identity and scheduling
+    name: SafeName = Field(description="job name; file names and storage keys derive from it "
+                           "(default: the YAML file's stem)")
+    task: Literal["image", "llm"]
+    batch: SafeName | None = Field(None, description="batch this job belongs to (CLI --batch wins)")
+    tags: list[str] = Field(default_factory=list, description="free-form labels shown by status")
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+    gpus: int = Field(1, ge=1, le=16, description=">1: one DDP job over that many whole cards")
+    vram_gb: float | None = Field(None, gt=0, le=2048, description="override the VRAM estimate")
+    max_retries: int = Field(2, ge=0, le=50, description="retries after a crash or OOM")
+    timeout: Seconds | None = Field(24 * 3600, gt=0, le=90 * 24 * 3600,
+                                    description="wall-clock limit per attempt ('6h', '90m', s)")
+
+    # what to train on (lora-scripts names)
+    base_model: Path = Field(description="diffusers folder, single-file .safetensors checkpoint, "
+                             "or transformers causal-LM folder")
+    train_data_dir: Path = Field(description="image folder, or a .jsonl/.csv file or folder (llm)")
+    output_dir: Path | None = Field(None, description="where outputs go; inside the output root "
+                                    "(default: the output root, LORAFARM_OUTPUT_ROOT)")
+    resume_from: Path | None = Field(None, description="an existing LoRA to continue training")
+
+    # the adapter
+    lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank (kohya network_dim)")
+    lora_alpha: float | None = Field(None, gt=0, le=4096,
+                                     description="LoRA alpha (kohya network_alpha); default = rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1,
+                                             description="module names to adapt (default per task)")
+
+    # the optimisation
+    batch_size: int = Field(1, ge=1, le=4096, description="micro-batch per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    epochs: int = Field(10, ge=1, le=100_000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000,
+                                  description="optimizer steps; overrides epochs when set")
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
+                          "cosine_with_restarts", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, le=10_000_000)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="clip LoRA grads; 0 = off")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 where the GPU has it, else fp16; fp32 on CPU")
+    gradient_checkpointing: bool = False
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    num_workers: int = Field(2, ge=0, le=64, description="data-loading processes")
+    save_steps: int = Field(500, ge=1, le=10_000_000, description="checkpoint every N steps")
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="checkpoints kept (newest)")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_short(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not tag or len(tag) > 64:
+                raise ValueError(f"each tag must be 1-64 characters, got {tag!r}")
+        return tags
+
+    @model_validator(mode="after")
+    def _paths_absolute(self) -> "JobSpec":
+        for field in PATH_FIELDS:
+            value = getattr(self, field, None)
+            if isinstance(value, Path) and not value.is_absolute():
+                setattr(self, field, value.expanduser().absolute())
+        return self
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.gpus
+
+    def config_hash(self) -> str:
+        """Stable over key order and formatting; the batch is the scope, not part of the hash."""
+        payload = self.model_dump(mode="json", exclude={"batch"})
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain data (absolute paths, every default filled in)."""
+        return self.model_dump(mode="json")
+
+
+class ImageJobSpec(JobSpec):
+    """A Stable Diffusion (1.x / 2.x / SDXL) LoRA trained with diffusers + peft."""
+
+    task: Literal["image"] = "image"
+    metadata_path: Path | None = Field(None, description="metadata.csv with file_name,text "
+                                       "(default: <train_data_dir>/metadata.csv, else sidecars)")
+    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_.-]{1,16}$")
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8)
+    center_crop: bool = True
+    random_flip: bool = False
+    cache_latents: bool = False
+    train_text_encoder: bool = Field(False, description="also put LoRA on the text encoder(s)")
+    base_model_config: Path | None = Field(
+        None, description="diffusers folder with the configs/tokenizers of a single-file checkpoint")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+
+
+class LlmJobSpec(JobSpec):
+    """A causal-LM LoRA trained with transformers + peft."""
+
+    task: Literal["llm"] = "llm"
+    max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example (truncated)")
+    text_field: str = Field("text", min_length=1, description="record field with the training text")
+
+
+AnySpec = Annotated[Union[ImageJobSpec, LlmJobSpec], Field(discriminator="task")]
+PATH_FIELDS = ("base_model", "train_data_dir", "output_dir", "resume_from", "metadata_path",
+               "base_model_config")
+SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "llm": LlmJobSpec}
+
+
+def spec_from_dict(data: dict[str, Any]) -> ImageJobSpec | LlmJobSpec:
+    """Validate already-resolved data (e.g. a ``config.resolved.yaml``) into a spec."""
+    task = data.get("task")
+    if task not in SPEC_CLASSES:
+        raise ValueError(f"`task` must be 'image' or 'llm', got {task!r}")
+    return SPEC_CLASSES[task].model_validate(data)  # type: ignore[return-value]
+
+
+def valid_keys(task: str | None) -> list[str]:
+    """Every key a spec of this task accepts (both tasks when unknown)."""
+    classes = [SPEC_CLASSES[task]] if task in SPEC_CLASSES else list(SPEC_CLASSES.values())
+    return sorted({key for cls in classes for key in cls.model_fields})

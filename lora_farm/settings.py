@@ -1,0 +1,56 @@
+"""Farm settings from the environment (``LORAFARM_*``), with embedded defaults.
+
+Secrets (S3 keys, the Redis password inside the URL) are read here and nowhere else; they are
+never written to the ledger, a log or an error message.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFARM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("lorafarm", description="prefix of every Redis key the farm writes")
+    output_root: Path = Field(Path("output"), description="where job folders live (shared FS)")
+    gpus: str = Field("", description="declared inventory 'name:memory,...' when there is no NVML")
+    headroom: float = Field(0.2, ge=0, lt=1, description="fraction of each card kept free")
+    visibility_timeout: int = Field(7 * 24 * 3600, description="seconds before Redis redelivers")
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 60.0
+    cancel_grace_seconds: float = 20.0
+    keep_checkpoints: int = 3
+    s3_bucket: str = ""
+    s3_prefix: str = "lora-farm"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    # storage tuning (shipping); keys come from the standard boto3 chain, never from here
+    storage_dir: Path | None = Field(None, description="local storage root when no S3 bucket is "
+                                     "set (default: <output_root>/_storage)")
+    s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this go multipart")
+    s3_multipart_chunksize_mb: int = Field(64, ge=5, description="multipart part size (S3 min 5)")
+    s3_max_attempts: int = Field(5, ge=1, le=50, description="botocore retries per request")
+    upload_retry_seconds: float = Field(30.0, gt=0, description="first wait before an upload "
+                                        "that hit a storage outage is tried again (doubles)")
+    upload_retry_max_seconds: float = Field(600.0, gt=0, description="cap of that wait")
+
+    @property
+    def output_root_abs(self) -> Path:
+        return self.output_root.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Re-read the environment (tests and long-lived processes that change it)."""
+    get_settings.cache_clear()
+    return get_settings()

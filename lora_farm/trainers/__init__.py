@@ -1,0 +1,1 @@
+"""Trainer processes: one LoRA training per process (heavy imports live only here)."""

@@ -1,0 +1,171 @@
+"""Job specs: the lora-scripts fields, YAML quirks, paths, errors that name file/field/value/fix."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lora_farm.cli import app
+from lora_farm.errors import SpecError
+from lora_farm.jobs.loader import load_spec_file, load_spec_files, write_resolved
+from lora_farm.jobs.spec import ImageJobSpec, LlmJobSpec, parse_duration, spec_from_dict
+from lora_farm.settings import reload_settings
+
+SPECS = Path(__file__).parent / "specs"
+REPO = Path(__file__).parent.parent
+BROKEN = sorted((SPECS / "broken").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def output_root_is_repo_output(monkeypatch):
+    monkeypatch.setenv("LORAFARM_OUTPUT_ROOT", str(REPO / "output"))
+    monkeypatch.chdir(REPO)
+    reload_settings()
+    yield
+    reload_settings()
+
+
+def expected_field(path: Path) -> str:
+    first = path.read_bytes().split(b"\n", 1)[0].decode("ascii")
+    match = re.match(r"# expect: (\S+)", first)
+    assert match, f"{path} must start with '# expect: <field>'"
+    return match.group(1)
+
+
+def test_there_are_at_least_25_broken_specs():
+    assert len(BROKEN) >= 25
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_each_broken_spec_fails_naming_its_field(path):
+    field = expected_field(path)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert str(path) in result.output
+    if field != "FILE":
+        assert f"`{field}`" in result.output
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    problem = caught.value.problems[0]
+    assert problem.file == str(path)
+    assert problem.field == ("" if field == "FILE" else field)
+    assert problem.fix, f"{path}: the error must say how to fix it"
+
+
+def test_all_problems_of_all_files_in_one_run_and_no_traceback():
+    files = [str(p) for p in BROKEN] + [str(SPECS / "valid" / "llm.yaml")]
+    run = subprocess.run([sys.executable, "-m", "lora_farm", "validate", *files],
+                         capture_output=True, text=True, cwd=REPO, env=os.environ | {"COLUMNS": "300"})
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr + run.stdout
+    for path in BROKEN:
+        assert str(path) in run.stderr
+    assert f"in {len(BROKEN)} of {len(files)} file(s)" in run.stderr
+
+
+def test_valid_specs_validate():
+    loaded = load_spec_files(sorted((SPECS / "valid").glob("*.yaml")))
+    assert {item.spec.task for item in loaded} == {"image", "llm"}
+
+
+def test_lora_scripts_config_submits_unchanged_with_yaml_1_1_float():
+    item = load_spec_file(SPECS / "valid" / "lora_scripts.yaml")
+    spec = item.spec
+    assert isinstance(spec, ImageJobSpec)
+    assert spec.learning_rate == pytest.approx(2e-4)
+    assert (spec.lora_rank, spec.batch_size, spec.epochs, spec.save_steps) == (8, 2, 10, 100)
+    assert spec.name == "lora_scripts"
+    assert spec.train_data_dir == REPO / "tests/specs/data/images"
+    assert spec.output_dir == REPO / "output"
+    assert any("current directory" in note for note in item.notes), "validate must say it used the cwd"
+
+
+def test_paths_resolve_beside_the_yaml_first(tmp_path):
+    spec = load_spec_file(SPECS / "valid" / "llm.yaml").spec
+    assert spec.base_model == SPECS / "models" / "llm"
+    assert spec.base_model.is_absolute()
+
+
+def test_home_and_env_vars_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEC_MODELS", str(SPECS / "models"))
+    monkeypatch.setenv("HOME", str(SPECS / "data"))
+    path = tmp_path / "envjob.yaml"
+    path.write_text("base_model: $SPEC_MODELS/llm\ntrain_data_dir: ~/text.jsonl\n")
+    spec = load_spec_file(path).spec
+    assert spec.base_model == SPECS / "models" / "llm"
+    assert spec.train_data_dir == SPECS / "data" / "text.jsonl"
+
+
+def test_yaml_1_2_scalars(tmp_path):
+    path = tmp_path / "quirks.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+                    "learning_rate: 5e-5\ntags: [no, on, 1:30]\ntimeout: 1h30m\n")
+    spec = load_spec_file(path).spec
+    assert spec.learning_rate == pytest.approx(5e-5)
+    assert spec.tags == ["no", "on", "1:30"]  # YAML 1.1 would give False, True, 90
+    assert spec.timeout == 5400
+
+
+def test_task_is_inferred_and_unclear_task_is_an_error(tmp_path):
+    assert isinstance(load_spec_file(SPECS / "valid" / "llm.yaml").spec, LlmJobSpec)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "unclear.yaml"
+    path.write_text("base_model: ./nothing\ntrain_data_dir: ./data\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    assert "task" in {problem.field for problem in caught.value.problems}
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(SPECS / "broken" / "unknown_key.yaml")
+    assert "`lora_rank`" in caught.value.problems[0].fix
+
+
+def test_config_hash_is_stable_over_order_and_formatting(tmp_path):
+    base = f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+    one, two = tmp_path / "a" / "job.yaml", tmp_path / "b" / "job.yaml"
+    one.parent.mkdir(), two.parent.mkdir()
+    one.write_text(base + "lora_rank: 8\nlearning_rate: 0.0002\n")
+    two.write_text("learning_rate: 2e-4   # same\nlora_rank: 8\n" + base)
+    first, second = load_spec_file(one).spec, load_spec_file(two).spec
+    assert first.config_hash() == second.config_hash()
+    second.lora_rank = 16
+    assert first.config_hash() != second.config_hash()
+
+
+def test_resolved_spec_round_trips(tmp_path):
+    spec = load_spec_file(SPECS / "valid" / "full_image.yaml").spec
+    resolved = write_resolved(spec, tmp_path / "config.resolved.yaml")
+    again = load_spec_file(resolved).spec
+    assert again == spec
+    assert again.config_hash() == spec.config_hash()
+
+
+def test_duplicate_names_in_one_submit_are_an_error(tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.yaml").write_text(
+            f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_files([tmp_path / "x" / "same.yaml", tmp_path / "y" / "same.yaml"])
+    assert caught.value.problems[0].field == "name"
+
+
+@pytest.mark.parametrize("text,seconds", [("90m", 5400), ("6h", 21600), ("1h30m", 5400),
+                                          ("2d", 172800), ("45s", 45), ("3600", 3600), (120, 120)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_spec_from_dict_requires_a_task():
+    with pytest.raises(ValueError, match="task"):
+        spec_from_dict({"name": "x"})

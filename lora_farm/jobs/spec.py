@@ -67,25 +67,28 @@ class JobSpec(BaseModel):
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank (kohya network_dim)")
     lora_alpha: float | None = Field(None, gt=0, le=4096,
                                      description="LoRA alpha (kohya network_alpha); default = rank")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
     target_modules: list[str] | None = Field(None, min_length=1,
                                              description="module names to adapt (default per task)")
 
     # the optimisation
     batch_size: int = Field(1, ge=1, le=4096, description="micro-batch per step")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    epochs: int = Field(10, ge=1, le=100_000)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="micro-batches per "
+                                             "optimizer step (effective batch = batch_size x this)")
+    epochs: int = Field(10, ge=1, le=100_000, description="passes over the dataset")
     max_steps: int | None = Field(None, ge=1, le=10_000_000,
                                   description="optimizer steps; overrides epochs when set")
-    learning_rate: float = Field(1e-4, gt=0, le=1)
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate of the LoRA weights")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine",
-                          "cosine_with_restarts", "polynomial"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0, le=10_000_000)
+                          "cosine_with_restarts", "polynomial"] = Field(
+        "constant", description="learning-rate schedule (after the warmup)")
+    lr_warmup_steps: int = Field(0, ge=0, le=10_000_000, description="linear warmup, in steps")
     max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="clip LoRA grads; 0 = off")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 where the GPU has it, else fp16; fp32 on CPU")
-    gradient_checkpointing: bool = False
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less VRAM, "
+                                         "~20% slower")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="seeds data order, noise and init")
     num_workers: int = Field(2, ge=0, le=64, description="data-loading processes")
     save_steps: int = Field(500, ge=1, le=10_000_000, description="checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="checkpoints kept (newest)")
@@ -131,15 +134,18 @@ class ImageJobSpec(JobSpec):
     task: Literal["image"] = "image"
     metadata_path: Path | None = Field(None, description="metadata.csv with file_name,text "
                                        "(default: <train_data_dir>/metadata.csv, else sidecars)")
-    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_.-]{1,16}$")
-    resolution: int = Field(512, ge=64, le=4096, multiple_of=8)
-    center_crop: bool = True
-    random_flip: bool = False
-    cache_latents: bool = False
+    caption_extension: str = Field(".txt", pattern=r"^\.[A-Za-z0-9_.-]{1,16}$",
+                                   description="sidecar caption suffix (image.png -> image.txt)")
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=8,
+                            description="images are resized and cropped to this square")
+    center_crop: bool = Field(True, description="crop the centre (false: a random crop)")
+    random_flip: bool = Field(False, description="flip images horizontally at random")
+    cache_latents: bool = Field(False, description="encode each image with the VAE once")
     train_text_encoder: bool = Field(False, description="also put LoRA on the text encoder(s)")
     base_model_config: Path | None = Field(
         None, description="diffusers folder with the configs/tokenizers of a single-file checkpoint")
-    noise_offset: float = Field(0.0, ge=0, le=1)
+    noise_offset: float = Field(0.0, ge=0, le=1, description="offset noise (darker/brighter "
+                                "images); 0 = off")
 
 
 class LlmJobSpec(JobSpec):

@@ -1,1 +1,5 @@
-"""Fixtures live in plugin modules, one per concern."""
+"""Fixtures live in plugin modules, one per concern, so each area owns its own file."""
+
+pytest_plugins = [
+    "tests.fixtures_models",
+]

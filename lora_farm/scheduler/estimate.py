@@ -1,0 +1,264 @@
+"""Peak VRAM of a job on one card, before it is queued, without loading the model (torch-free).
+
+Interface::
+
+    estimate_vram(spec, correction=None) -> VramEstimate(total_mb, parts, source, model_mb)
+
+``spec.vram_gb`` overrides everything (source ``override``). Otherwise the estimate is the sum of
+the parts below, in MiB (source ``estimate``); ``correction`` (a measured peak/estimate ratio from
+``calibration.correction``) scales every part but the CUDA context (source ``calibrated``).
+``model_mb`` is always the uncorrected model figure: calibration compares peaks against it, so
+corrections never compound. For ``gpus: N`` the figure is per card (DDP replicates the model).
+
+The model, part by part (shapes from the safetensors headers, sizes from the configs):
+
+- ``frozen_weights``: every parameter of the base model (UNet, text encoders, VAE; or the LM) at
+  the training dtype: 2 bytes when ``mixed_precision`` is fp16/bf16/auto (auto = bf16 or fp16 on
+  a GPU), 4 when ``no``. EMA copies in single-file checkpoints are not counted (never loaded).
+- ``lora_params``: rank x (in + out) per targeted layer, read from the weight shapes in the
+  header, x 16 bytes: fp32 weights 4 + grads 4 + Adam's two moments 8.
+- ``activations``: image: ``batch x (resolution/512)^2 x`` a per-family figure for one 512 px
+  sample (IMAGE_ACTIVATION_MB), scaled by the UNet's width (sum of ``block_out_channels``)
+  relative to the real model's, so tiny test models estimate tiny. LLM: ``batch x seq_len x
+  hidden x (34 bytes x layers)`` (Korthikanti et al. 2022, with flash/SDPA attention) plus the
+  logits ``batch x seq_len x vocab x 10 bytes``. fp32 (``no``) doubles them; gradient
+  checkpointing keeps ~1/3 of them (image) or one layer plus each layer's input (LLM).
+- ``cuda_context``: ~500 MiB per process (CUDA context + cuBLAS workspace + kernels); it is not in
+  the trainer's ``peak_vram_mb`` (``torch.cuda.max_memory_reserved``).
+
+The per-family constants are from published SD 1.5 / SDXL LoRA training measurements (512 px
+batch 1 fp16 without checkpointing: ~6 GB all-in for SD 1.5; SDXL at 1024 px: ~18 GB); the
+calibration loop corrects them per job shape from real peaks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from lora_farm.errors import ModelLoadError
+from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model, read_safetensors_header
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+
+MIB = 1024 * 1024
+CUDA_CONTEXT_MB = 500.0
+LORA_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + Adam exp_avg + exp_avg_sq
+# one 512x512 sample, fp16, no checkpointing, the real model's width (sum of block_out_channels)
+IMAGE_ACTIVATION_MB = {"sd1": 3000.0, "sd2": 3200.0, "sdxl": 2400.0}
+IMAGE_REFERENCE_WIDTH = {"sd1": 3520, "sd2": 3520, "sdxl": 2240}
+IMAGE_CHECKPOINTING_KEEPS = 0.35
+LLM_BYTES_PER_TOKEN_LAYER_HIDDEN = 34  # mixed precision, flash/SDPA attention
+LLM_LOGIT_BYTES = 10  # fp16 logits + fp32 upcast for the loss + its grad
+# parameter counts when a model ships no safetensors (.bin only): header shapes unavailable
+FAMILY_PARAMS = {"sd1": 1.07e9, "sd2": 1.30e9, "sdxl": 3.47e9}
+FAMILY_LORA_PARAMS_PER_RANK = {"sd1": 2.0e5, "sd2": 2.5e5, "sdxl": 7.0e5}
+
+IMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# what peft adapts when target_modules is unset, for the common causal-LM architectures
+LLM_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32|ema|non_ema)\.")
+
+Source = Literal["estimate", "override", "calibrated"]
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    total_mb: float
+    parts: dict[str, float] = field(default_factory=dict)
+    source: Source = "estimate"
+    model_mb: float = 0.0  # the uncorrected model figure (calibration compares peaks with it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_mb": self.total_mb, "parts": dict(self.parts), "source": self.source,
+                "model_mb": self.model_mb}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    component: str  # unet | text_encoder | vae | lm
+    name: str
+    shape: tuple[int, ...]
+
+
+def estimate_vram(spec: JobSpec, correction: float | None = None) -> VramEstimate:
+    """The peak VRAM ``spec`` needs on each of its cards (see the module docstring)."""
+    if spec.vram_gb is not None:
+        total = round(spec.vram_gb * 1024, 1)
+        return VramEstimate(total, {"override": total}, "override", total)
+    parts = _model_parts(spec)
+    model_mb = _round_up(sum(parts.values()))
+    if correction is None:
+        return VramEstimate(model_mb, parts, "estimate", model_mb)
+    scaled = {k: round(v if k == "cuda_context" else v * correction, 1) for k, v in parts.items()}
+    return VramEstimate(_round_up(sum(scaled.values())), scaled, "calibrated", model_mb)
+
+
+def base_model_info(spec: JobSpec) -> BaseModelInfo:
+    """``inspect_base_model`` with an error that tells the user what to do."""
+    try:
+        return _inspect(Path(spec.base_model))
+    except UnknownModelFormat as error:
+        raise ModelLoadError(
+            f"cannot estimate the VRAM of `{spec.name}`: `base_model` {error}. Fix: point "
+            "`base_model` at a diffusers/transformers folder or an SD .safetensors file, or set "
+            "`vram_gb` to skip the estimate.") from error
+
+
+def _model_parts(spec: JobSpec) -> dict[str, float]:
+    info = base_model_info(spec)
+    width = 4 if spec.mixed_precision == "no" else 2
+    tensors = _tensors(info)
+    if isinstance(spec, ImageJobSpec):
+        frozen = _frozen_mb(tensors, width, FAMILY_PARAMS.get(info.family, 1e9))
+        lora = _image_lora_params(spec, info, tensors)
+        activations = _image_activations_mb(spec, info)
+    elif isinstance(spec, LlmJobSpec):
+        config = _llm_config(info)
+        frozen = _frozen_mb(tensors, width, _llm_params_from_config(config))
+        lora = _llm_lora_params(spec, tensors, config)
+        activations = _llm_activations_mb(spec, config)
+    else:
+        raise TypeError(f"no VRAM model for task {spec.task!r}")
+    return {"frozen_weights": round(frozen, 1),
+            "lora_params": round(lora * LORA_BYTES_PER_PARAM / MIB, 1),
+            "activations": round(activations, 1),
+            "cuda_context": CUDA_CONTEXT_MB}
+
+
+# ---- reading shapes ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def _inspect(path: Path) -> BaseModelInfo:
+    return inspect_base_model(path)
+
+
+def _tensors(info: BaseModelInfo) -> list[_Tensor]:
+    """Every weight of the model with its component, from the safetensors headers ([] if none)."""
+    return list(_tensors_cached(info.path, info.kind))
+
+
+@lru_cache(maxsize=64)
+def _tensors_cached(path: Path, kind: str) -> tuple[_Tensor, ...]:
+    if kind == "single_file":
+        return tuple(_single_file_tensors(path))
+    if kind == "diffusers":
+        found: list[_Tensor] = []
+        for folder in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            component = "text_encoder" if folder.startswith("text_encoder") else folder
+            found += _folder_tensors(path / folder, component)
+        return tuple(found)
+    return tuple(_folder_tensors(path, "lm"))
+
+
+def _folder_tensors(folder: Path, component: str) -> list[_Tensor]:
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    files = [f for f in files if not f.name.startswith("adapter_model")]
+    plain = [f for f in files if not _VARIANT.search(f.name)]
+    if any(f.name.startswith("model-") for f in plain):  # sharded; consolidated.* duplicates it
+        plain = [f for f in plain if not f.name.startswith("consolidated")]
+    chosen = plain or files[:1]
+    return [_Tensor(component, name, tuple(entry.get("shape", ())))
+            for f in chosen for name, entry in read_safetensors_header(f).items()
+            if name != "__metadata__"]
+
+
+def _single_file_tensors(path: Path) -> list[_Tensor]:
+    prefixes = (("model.diffusion_model.", "unet"), ("cond_stage_model.", "text_encoder"),
+                ("conditioner.", "text_encoder"), ("first_stage_model.", "vae"))
+    found = []
+    for name, entry in read_safetensors_header(path).items():
+        for prefix, component in prefixes:
+            if name.startswith(prefix):  # model_ema.* and others are never loaded
+                found.append(_Tensor(component, name[len(prefix):], tuple(entry.get("shape", ()))))
+                break
+    return found
+
+
+def _frozen_mb(tensors: list[_Tensor], width: int, fallback_params: float) -> float:
+    params = sum(math.prod(t.shape) for t in tensors) if tensors else fallback_params
+    return params * width / MIB
+
+
+def _lora_params(tensors: Iterable[_Tensor], targets: Iterable[str], rank: int) -> int:
+    """rank x (in + out) per weight whose module name ends with a target (as peft matches)."""
+    suffixes = tuple("." + t for t in targets)
+    total = 0
+    for tensor in tensors:
+        if not tensor.name.endswith(".weight") or len(tensor.shape) < 2:
+            continue
+        module = tensor.name[: -len(".weight")]
+        if module.endswith(suffixes) or module in targets:
+            fan_in = math.prod(tensor.shape[1:])
+            total += rank * (fan_in + tensor.shape[0])
+    return total
+
+
+# ---- image ------------------------------------------------------------------------------------
+
+def _image_lora_params(spec: ImageJobSpec, info: BaseModelInfo, tensors: list[_Tensor]) -> float:
+    targets = tuple(spec.target_modules or IMAGE_TARGETS)
+    if not tensors:
+        return FAMILY_LORA_PARAMS_PER_RANK.get(info.family, 2e5) * spec.lora_rank
+    unet = _lora_params((t for t in tensors if t.component == "unet"), targets, spec.lora_rank)
+    if not spec.train_text_encoder:
+        return unet
+    encoder_targets = tuple(spec.target_modules or TEXT_ENCODER_TARGETS)
+    return unet + _lora_params((t for t in tensors if t.component == "text_encoder"),
+                               encoder_targets, spec.lora_rank)
+
+
+def _image_activations_mb(spec: ImageJobSpec, info: BaseModelInfo) -> float:
+    family = info.family if info.family in IMAGE_ACTIVATION_MB else "sd1"
+    per_sample = IMAGE_ACTIVATION_MB[family] * (spec.resolution / 512) ** 2
+    channels = info.details.get("unet", {}).get("block_out_channels")
+    if channels:  # a narrower UNet keeps proportionally smaller feature maps
+        per_sample *= sum(channels) / IMAGE_REFERENCE_WIDTH[family]
+    if spec.gradient_checkpointing:
+        per_sample *= IMAGE_CHECKPOINTING_KEEPS
+    if spec.mixed_precision == "no":
+        per_sample *= 2
+    return spec.batch_size * per_sample
+
+
+# ---- llm --------------------------------------------------------------------------------------
+
+def _llm_config(info: BaseModelInfo) -> dict[str, int]:
+    config = info.details.get("config", {})
+    config = config.get("text_config", config) if "hidden_size" not in config else config
+    def first(*keys: str, default: int) -> int:
+        return int(next((config[k] for k in keys if isinstance(config.get(k), int)), default))
+    return {"hidden": first("hidden_size", "n_embd", "d_model", default=4096),
+            "layers": first("num_hidden_layers", "n_layer", "num_layers", default=32),
+            "vocab": first("vocab_size", default=32000)}
+
+
+def _llm_params_from_config(config: dict[str, int]) -> float:
+    hidden, layers, vocab = config["hidden"], config["layers"], config["vocab"]
+    return 12 * layers * hidden * hidden + 2 * vocab * hidden
+
+
+def _llm_lora_params(spec: LlmJobSpec, tensors: list[_Tensor], config: dict[str, int]) -> float:
+    if tensors:
+        return _lora_params(tensors, tuple(spec.target_modules or LLM_TARGETS), spec.lora_rank)
+    per_layer = len(spec.target_modules or ("q_proj", "v_proj")) * spec.lora_rank * 2 * config["hidden"]
+    return config["layers"] * per_layer
+
+
+def _llm_activations_mb(spec: LlmJobSpec, config: dict[str, int]) -> float:
+    tokens = spec.batch_size * spec.max_seq_len
+    per_layer = LLM_BYTES_PER_TOKEN_LAYER_HIDDEN * config["hidden"]
+    if spec.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
+        layer_bytes = 2 * config["hidden"] * config["layers"] + per_layer
+    else:
+        layer_bytes = per_layer * config["layers"]
+    scale = 2 if spec.mixed_precision == "no" else 1
+    return tokens * (layer_bytes * scale + config["vocab"] * LLM_LOGIT_BYTES) / MIB
+
+
+def _round_up(mb: float) -> float:
+    return float(math.ceil(mb))

@@ -1,0 +1,259 @@
+"""Placement: which queued jobs go to which cards now. Pure: no I/O, no clock (``now`` is given).
+
+Interface::
+
+    place(jobs: list[QueuedJob], gpus: list[GpuSnapshot], reservations: list[Reservation],
+          policy: Policy, now: float) -> list[Placement]
+    check_fits_farm(estimate_mb, gpus_needed, gpus, policy) -> None   # raises NoCapacity at submit
+
+All memory is MiB. ``estimate_mb`` is per card (a ``gpus: N`` DDP job needs it on each card).
+
+**Capacity of a card.** Two views, and a job must fit both (the stricter wins)::
+
+    planned  = total * (1 - headroom) - sum(reservations on the card)
+    measured = free  - total * headroom
+
+``planned`` is our own books: it holds a card for a job from the moment it is placed, before the
+process has allocated anything. ``measured`` is NVML's free memory, which already excludes what
+our running jobs use *and* what anything else on the card uses (a notebook, another farm). So
+``free`` must not have our reservations subtracted again: a running job at its peak would be
+counted twice. Taking the minimum covers both failure modes: placement overruns neither its own
+promises nor memory that is really gone. The one gap: a foreign process *and* a job of ours still
+ramping up at the same time can overcommit by up to the smaller of the two; the headroom absorbs
+that, and the pass after the job reaches its peak sees it in ``free``. Declared cards report
+``free == total`` so only ``planned`` binds. The ``cpu`` slot is never limited by VRAM, only by
+``policy.cpu_slot_jobs``.
+
+**Order and packing.** Jobs go by (priority desc, submitted_at asc, job_id). A single-card job
+takes the card that is already in use and fullest while still fitting (best fit), so small jobs
+pack onto the fewest cards and whole cards stay free for large and multi-card jobs. A job that
+does not fit is skipped and later jobs may fill the gaps (backfill). A ``gpus: N`` job takes N
+idle whole cards on one host (the host with the fewest such cards that still suffices).
+
+**No starvation.** A job that has waited longer than ``policy.starvation_seconds`` goes before
+every job that has not. The first such job that does not fit holds back the card(s) that would
+fit it soonest (smallest shortfall now): nothing new is placed there, so they drain and it runs.
+One hold at a time keeps the rest of the farm busy (EASY backfilling).
+
+A queued job that already has a reservation (the ledger lagging behind dispatch) is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from lora_farm.errors import NoCapacity
+from lora_farm.scheduler.policy import Policy
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    priority: int
+    submitted_at: float
+    estimate_mb: float
+    gpus: int = 1
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    uuid: str
+    host: str
+    total_mb: float
+    free_mb: float
+    cpu: bool = False  # the `cpu` slot of a host without cards: no VRAM limit
+
+
+@dataclass(frozen=True)
+class Reservation:
+    job_id: str
+    gpu_uuid: str
+    mb: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: str
+    gpu_uuids: list[str]
+
+
+class _Card:
+    """A card's state during one pass (capacity shrinks as jobs are placed on it)."""
+
+    __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held")
+
+    def __init__(self, snapshot: GpuSnapshot, policy: Policy):
+        self.uuid, self.host, self.cpu = snapshot.uuid, snapshot.host, snapshot.cpu
+        self.usable = math.inf if self.cpu else snapshot.total_mb * (1 - policy.headroom)
+        self.planned = self.usable
+        self.measured = math.inf if self.cpu else snapshot.free_mb - snapshot.total_mb * policy.headroom
+        self.jobs = 0
+        self.slots = policy.cpu_slot_jobs if self.cpu else policy.max_jobs_per_gpu
+        self.held = False
+
+    @property
+    def capacity(self) -> float:
+        return min(self.planned, self.measured)
+
+    @property
+    def idle(self) -> bool:
+        return self.jobs == 0
+
+    def takes(self, mb: float) -> bool:
+        return not self.held and self.jobs < self.slots and self.capacity >= mb
+
+    def add(self, mb: float) -> None:
+        self.planned -= mb
+        self.measured -= mb
+        self.jobs += 1
+
+
+def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
+          reservations: Iterable[Reservation], policy: Policy, now: float) -> list[Placement]:
+    """The jobs that start now and their cards, in the order they were decided."""
+    cards = _cards(gpus, reservations, policy)
+    reserved_jobs = {r.job_id for r in reservations}
+    waiting = sorted((j for j in jobs if j.job_id not in reserved_jobs),
+                     key=lambda j: (-j.priority, j.submitted_at, j.job_id))
+    starving = [j for j in waiting if now - j.submitted_at > policy.starvation_seconds]
+    others = [j for j in waiting if now - j.submitted_at <= policy.starvation_seconds]
+    placements: list[Placement] = []
+    holding = False
+    for job, is_starving in [(j, True) for j in starving] + [(j, False) for j in others]:
+        chosen = _choose(job, cards)
+        if chosen:
+            for card in chosen:
+                card.add(job.estimate_mb)
+            placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
+        elif is_starving and not holding:
+            holding = _hold_for(job, cards)
+    return placements
+
+
+def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
+           policy: Policy) -> list[_Card]:
+    cards = {snapshot.uuid: _Card(snapshot, policy) for snapshot in gpus}
+    seen: set[tuple[str, str]] = set()
+    for reservation in reservations:
+        card = cards.get(reservation.gpu_uuid)
+        if card is None:
+            continue  # a card that left the inventory; its reservation is the reaper's business
+        card.planned -= reservation.mb
+        if (reservation.job_id, reservation.gpu_uuid) not in seen:
+            seen.add((reservation.job_id, reservation.gpu_uuid))
+            card.jobs += 1
+    return list(cards.values())
+
+
+def _choose(job: QueuedJob, cards: list[_Card]) -> list[_Card]:
+    if job.gpus == 1:
+        card = _best_single(job.estimate_mb, cards)
+        return [card] if card else []
+    return _whole_cards(job.estimate_mb, job.gpus, cards)
+
+
+def _best_single(mb: float, cards: list[_Card]) -> _Card | None:
+    best, best_key = None, None
+    for card in cards:
+        if card.takes(mb):
+            key = (card.idle, card.capacity - mb, card.uuid)
+            if best_key is None or key < best_key:
+                best, best_key = card, key
+    return best
+
+
+def _whole_cards(mb: float, count: int, cards: list[_Card]) -> list[_Card]:
+    by_host: dict[str, list[_Card]] = {}
+    for card in cards:
+        if not card.cpu and card.idle and card.takes(mb):
+            by_host.setdefault(card.host, []).append(card)
+    hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
+    if not hosts:
+        return []
+    found = sorted(by_host[hosts[0][1]], key=lambda card: (card.capacity, card.uuid))
+    return found[:count]
+
+
+def _hold_for(job: QueuedJob, cards: list[_Card]) -> bool:
+    """Hold the card(s) that would fit ``job`` soonest; False when none ever could."""
+    def shortfall(card: _Card) -> float:
+        return max(0.0, job.estimate_mb - card.capacity)
+
+    def soonest(card: _Card) -> tuple:
+        # a multi-card job needs idle cards: fewest jobs to drain first, then least shortfall
+        if job.gpus > 1:
+            return (card.jobs, shortfall(card), card.uuid)
+        return (shortfall(card), card.jobs, card.uuid)
+
+    ever = [c for c in cards if not c.held and c.usable >= job.estimate_mb
+            and (job.gpus == 1 or not c.cpu)]
+    by_host: dict[str, list[_Card]] = {}
+    for card in ever:
+        by_host.setdefault(card.host, []).append(card)
+    options = []
+    for host, found in by_host.items():
+        if len(found) >= job.gpus:
+            chosen = sorted(found, key=soonest)[:job.gpus]
+            options.append((sum(soonest(c)[0] for c in chosen), host, chosen))
+    if not options:
+        return False
+    for card in min(options, key=lambda option: option[:2])[2]:
+        card.held = True
+    return True
+
+
+def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnapshot],
+                    policy: Policy, overridden: bool = False) -> None:
+    """Refuse, with the figures, a job no host of the farm could ever run (even when empty).
+
+    ``overridden``: the figure is the job's own ``vram_gb``, so the fix offered is to lower it.
+    """
+    snapshots = list(gpus)
+    by_host: dict[str, list[GpuSnapshot]] = {}
+    for snapshot in snapshots:
+        by_host.setdefault(snapshot.host, []).append(snapshot)
+    for found in by_host.values():
+        if gpus_needed == 1 and any(s.cpu for s in found):
+            return
+        usable = [s for s in found if not s.cpu and s.total_mb * (1 - policy.headroom) >= estimate_mb]
+        if len(usable) >= gpus_needed:
+            return
+    raise NoCapacity(_no_capacity_message(estimate_mb, gpus_needed, snapshots, policy, overridden))
+
+
+def _no_capacity_message(estimate_mb: float, gpus_needed: int, snapshots: list[GpuSnapshot],
+                         policy: Policy, overridden: bool) -> str:
+    cards = [s for s in snapshots if not s.cpu]
+    pct = f"{policy.headroom:.0%}"
+    if overridden:
+        fix = "Fix: lower `vram_gb` if the job needs less, or add larger cards."
+    else:
+        fix = ("Fix: lower batch_size, resolution or max_seq_len, turn on gradient_checkpointing, "
+               "or add larger cards; if the estimate is wrong for this job, set `vram_gb`.")
+    if not cards:
+        return (f"the job needs {gpus_needed} GPUs on one host but this farm has only CPU slots. "
+                "Fix: set `gpus: 1`, or run it on a farm with GPUs (or LORAFARM_GPUS).")
+    largest = max(cards, key=lambda s: s.total_mb)  # the first of equals: gpu0 before gpu1
+    per_card = "" if gpus_needed == 1 else f" on each of {gpus_needed} cards of one host"
+    text = (f"the job needs {_gb(estimate_mb)}{per_card}; largest card {largest.uuid} "
+            f"({largest.host}) has {_gb(largest.total_mb)} of which "
+            f"{_gb(largest.total_mb * (1 - policy.headroom))} usable with {pct} headroom")
+    if gpus_needed > 1:
+        best = max(_count_by_host(cards, estimate_mb, policy).items(), key=lambda kv: kv[1],
+                   default=("-", 0))
+        text += f"; the most cards that fit it on one host is {best[1]} ({best[0]})"
+    return f"{text}. {fix}"
+
+
+def _count_by_host(cards: list[GpuSnapshot], estimate_mb: float, policy: Policy) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for card in cards:
+        fits = card.total_mb * (1 - policy.headroom) >= estimate_mb
+        counts[card.host] = counts.get(card.host, 0) + int(fits)
+    return counts
+
+
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.1f} GB"

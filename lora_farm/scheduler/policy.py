@@ -1,0 +1,85 @@
+"""The placement policy: headroom, jobs per card, starvation, CPU slot (``scheduler/policy.yaml``).
+
+``load_policy()`` reads the file named by ``LORAFARM_POLICY``, else ``scheduler/policy.yaml``
+in the current directory, else the one next to the package (a source checkout); with no file
+the defaults below hold. ``LORAFARM_HEADROOM`` in the environment overrides the file's
+``headroom`` (one knob to turn on one host without editing the shared file).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_farm.errors import ConfigError
+
+_REPO_POLICY = Path(__file__).resolve().parents[2] / "scheduler" / "policy.yaml"
+
+
+@dataclass(frozen=True)
+class Policy:
+    headroom: float = 0.2  # fraction of each card's total memory never planned for
+    max_jobs_per_gpu: int = 8  # processes sharing one card (each has its own CUDA context)
+    starvation_seconds: float = 600.0  # after this wait, a job that does not fit holds cards
+    cpu_slot_jobs: int = 1  # concurrent jobs on the `cpu` slot of a host without cards
+
+    def __post_init__(self) -> None:
+        checks = [("headroom", 0 <= self.headroom < 1, "a fraction in [0, 1), e.g. 0.2"),
+                  ("max_jobs_per_gpu", self.max_jobs_per_gpu >= 1, "an integer >= 1"),
+                  ("starvation_seconds", self.starvation_seconds >= 0, "seconds >= 0"),
+                  ("cpu_slot_jobs", self.cpu_slot_jobs >= 1, "an integer >= 1")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"policy `{name}` must be {expected}, got {getattr(self, name)!r}. "
+                                  f"Fix: correct it in {policy_path()} (or LORAFARM_HEADROOM).")
+
+
+def policy_path() -> Path:
+    """Where the policy is read from (it need not exist)."""
+    if os.environ.get("LORAFARM_POLICY"):
+        return Path(os.environ["LORAFARM_POLICY"]).expanduser()
+    local = Path("scheduler") / "policy.yaml"
+    return local if local.is_file() else _REPO_POLICY
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """The policy from ``path`` (default: ``policy_path()``), with LORAFARM_HEADROOM applied."""
+    path = path or policy_path()
+    values = _read_yaml(path) if path.is_file() else {}
+    if os.environ.get("LORAFARM_HEADROOM"):
+        values["headroom"] = _headroom_from_env(os.environ["LORAFARM_HEADROOM"])
+    known = {f.name for f in fields(Policy)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown policy key(s) {unknown}. Fix: use only {sorted(known)}.")
+    return Policy(**{name: _typed(path, name, value) for name, value in values.items()})
+
+
+def _typed(path: Path, name: str, value: Any) -> float | int:
+    kind = int if name in ("max_jobs_per_gpu", "cpu_slot_jobs") else float
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind(value) != value:
+        raise ConfigError(f"{path}: policy `{name}` must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r}. Fix: correct it in the policy file.")
+    return kind(value)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the policy ({error}). Fix: correct the YAML.") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the policy must be a mapping of key: value, got {type(data).__name__}.")
+    return data
+
+
+def _headroom_from_env(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"LORAFARM_HEADROOM={text!r} is not a number. Fix: set a fraction "
+                          "such as 0.2 (20% of each card kept free).") from None

@@ -1,1 +1,86 @@
-"""lorafarm train commands."""
+"""``lorafarm train SPEC.yaml``: one job in the foreground, no Redis (lora-scripts' ``train.py``).
+
+The training runs in a child process (``python -m lora_farm.trainers``), exactly as on the farm, so
+exit codes, checkpoints and signal handling are the same; its output is shown and kept in
+``job_dir/train.log``. Ctrl-C or SIGTERM: the trainer checkpoints and stops; run the same
+command again to resume.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lora_farm.cli.app import app, console, fail
+from lora_farm.errors import SpecError
+from lora_farm.trainers.entry import default_job_dir
+from lora_farm.trainers.exitcodes import ExitCode
+
+_ENDINGS = {
+    ExitCode.INTERRUPTED: "interrupted; a checkpoint was written. Run the same command again to resume.",
+    ExitCode.OUT_OF_MEMORY: "out of memory. Lower `batch_size` (raise `gradient_accumulation_steps` "
+                            "to keep the effective batch) or set `gradient_checkpointing: true`, "
+                            "then run again: it resumes from the last checkpoint.",
+    ExitCode.BAD_INPUT: "the spec, data or model is unusable (see the error above).",
+    ExitCode.CRASH: "the trainer crashed; the traceback is above and in train.log.",
+}
+
+
+@app.command()
+def train(
+    spec: Path = typer.Argument(..., help="job spec YAML"),
+    job_dir: Optional[Path] = typer.Option(None, "--job-dir",
+                                           help="job folder (default: <output_dir>/<name>)"),
+) -> None:
+    """Train one job in the foreground (no Redis, no workers) and print where the outputs are."""
+    from lora_farm.jobs.loader import load_spec_file
+
+    try:
+        loaded = load_spec_file(spec)
+    except SpecError as error:
+        fail(str(error), code=ExitCode.BAD_INPUT)
+    folder = (job_dir or default_job_dir(loaded.spec)).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    code = run_trainer(spec, folder)
+    _report(code, folder, loaded.spec.task, loaded.spec.name)
+    raise typer.Exit(code)
+
+
+def run_trainer(spec: Path, folder: Path) -> int:
+    """Run the trainer process to its end, showing its output and appending it to train.log."""
+    command = [sys.executable, "-m", "lora_farm.trainers", str(spec), "--job-dir", str(folder)]
+    # its own session: a Ctrl-C reaches the trainer once, through us, and never twice
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1, start_new_session=True)
+    forward = lambda number, _frame: child.send_signal(number)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(folder / "train.log", "a", encoding="utf-8") as log:
+            assert child.stdout is not None
+            for line in child.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _report(code: int, folder: Path, task: str, name: str) -> None:
+    if code != ExitCode.SUCCESS:
+        ending = _ENDINGS.get(code, f"the trainer ended with exit code {code}.")
+        console.print(f"[bold red]training stopped:[/] {ending}\njob folder: {folder}", highlight=False, soft_wrap=True)
+        return
+    weights = folder / "adapter" if task == "llm" else folder / f"{name}.safetensors"
+    console.print(f"[bold green]done.[/] job folder: {folder}\n"
+                  f"  weights:     {weights}\n"
+                  f"  events:      {folder / 'events.jsonl'}\n"
+                  f"  log:         {folder / 'train.log'}\n"
+                  f"  tensorboard: tensorboard --logdir {folder / 'tensorboard'}", highlight=False, soft_wrap=True)

@@ -1,0 +1,138 @@
+"""The trainer process: ``python -m lora_farm.trainers JOB_FILE [--job-dir DIR] [--events PATH]``.
+
+Loads the spec, picks the program by task, runs the runtime, and turns how it ended into an exit
+code (``exitcodes.ExitCode``) plus a last ``error`` event. This module imports torch lazily, so the
+CLI can use ``default_job_dir`` without paying for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lora_farm.errors import LoraFarmError
+from lora_farm.trainers.exitcodes import ExitCode
+from lora_farm.trainers.progress import EventWriter
+
+PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
+            "image": ("lora_farm.trainers.image", "ImageProgram")}
+
+
+def default_job_dir(spec: Any) -> Path:
+    """``<output_dir or LORAFARM_OUTPUT_ROOT>/<name>/`` (the foreground ``lorafarm train`` layout)."""
+    from lora_farm.settings import get_settings
+
+    root = Path(spec.output_dir) if spec.output_dir else get_settings().output_root_abs
+    return root.expanduser().absolute() / spec.name
+
+
+class _Events:
+    """The event file, opened as soon as its path is known (a bad spec may fail before that)."""
+
+    def __init__(self, path: str | None):
+        self.writer = EventWriter(path) if path else None
+
+    def open_default(self, path: Path) -> None:
+        if self.writer is None:
+            self.writer = EventWriter(path)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.writer is not None:
+            self.writer.emit(event, **fields)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lora_farm.trainers",
+                                     description="Run one LoRA training job in this process.")
+    parser.add_argument("job_file", help="job spec YAML (a user's or a config.resolved.yaml)")
+    parser.add_argument("--job-dir", help="job folder (default: <output_dir>/<name>)")
+    parser.add_argument("--events", help="events file (default: <job_dir>/events.jsonl)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # a deprecation notice peft triggers inside transformers on every load: noise in train.log
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    events = _Events(args.events)
+    from lora_farm.trainers.runtime import StopFlag, TrainingInterrupted
+
+    early_stop = StopFlag()
+    try:
+        with early_stop.installed():  # a signal while loading stops at once: nothing to save yet
+            return _run(args, events)
+    except TrainingInterrupted as stop:
+        events.emit("error", kind="interrupted", message=str(stop), step=stop.step)
+        print(f"trainer: {stop}", file=sys.stderr, flush=True)
+        return ExitCode.INTERRUPTED
+    except BaseException as error:  # noqa: BLE001 - this is the process's last word
+        return _classify(error, events)
+    finally:
+        if events.writer is not None:
+            events.writer.close()
+
+
+def _run(args: argparse.Namespace, events: _Events) -> int:
+    from lora_farm.jobs.loader import load_spec_file, write_resolved
+    from lora_farm.trainers.checkpoint import latest_checkpoint
+    from lora_farm.trainers.device import choose_device, choose_precision, device_label
+    from lora_farm.trainers.runtime import Runtime
+
+    loaded = load_spec_file(Path(args.job_file))
+    spec = loaded.spec
+    job_dir = Path(args.job_dir).absolute() if args.job_dir else default_job_dir(spec)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    events.open_default(job_dir / "events.jsonl")
+    if not (job_dir / "config.resolved.yaml").exists():
+        write_resolved(spec, job_dir / "config.resolved.yaml")
+    device = choose_device()
+    precision = choose_precision(spec.mixed_precision, device)
+    resume = latest_checkpoint(job_dir / "checkpoints")
+    events.emit("start", pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                device=device_label(device), attempt_resume_step=resume.step if resume else 0,
+                job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name)
+    for note in loaded.notes:
+        print(f"note: {note}", flush=True)
+    print(f"job {spec.name} ({spec.task}) on {device_label(device)}, {precision.name}, "
+          f"folder {job_dir}", flush=True)
+    program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
+    assert events.writer is not None
+    Runtime(program, events.writer, precision).run()
+    return ExitCode.SUCCESS
+
+
+def _program_class(task: str) -> Any:
+    import importlib
+
+    module_name, class_name = PROGRAMS[task]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _classify(error: BaseException, events: _Events) -> int:
+    """Map how the run died to (event kind, exit code); only a crash prints a traceback."""
+    from lora_farm.trainers.device import is_out_of_memory
+
+    if is_out_of_memory(error):
+        events.emit("error", kind="oom", message=_first_line(error))
+        print(f"trainer: out of memory: {_first_line(error)}", file=sys.stderr, flush=True)
+        return ExitCode.OUT_OF_MEMORY
+    if isinstance(error, LoraFarmError):
+        events.emit("error", kind="bad_input", message=str(error))
+        print(f"trainer: error: {error}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
+    if isinstance(error, KeyboardInterrupt):
+        events.emit("error", kind="interrupted", message="interrupted before training started")
+        return ExitCode.INTERRUPTED
+    traceback.print_exception(error, file=sys.stderr)
+    events.emit("error", kind="crash", message=f"{type(error).__name__}: {_first_line(error)}")
+    return ExitCode.CRASH
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__

@@ -1,0 +1,330 @@
+"""Image LoRA (SD 1.x / 2.x / SDXL) with diffusers + peft: the program the runtime drives.
+
+The runtime owns the loop (optimizer, schedule, accumulation, clipping, autocast, checkpoints);
+this module owns what one step means: latents, noise, the UNet's prediction and the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lora_farm.errors import ModelLoadError
+from lora_farm.jobs.spec import ImageJobSpec
+from lora_farm.trainers import export as exporter
+from lora_farm.trainers.base import TrainingProgram
+from lora_farm.trainers.image_data import (ImageDataset, check_examples, collate, epoch_order,
+                                           find_examples)
+from lora_farm.trainers.image_model import (ImageModel, encode_prompts, load_image_model,
+                                            pipeline_class, sdxl_time_ids)
+
+ADAPTER = "default"
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class ImageProgram(TrainingProgram):
+    """Train a LoRA on a Stable Diffusion UNet (and optionally its text encoders)."""
+
+    spec: ImageJobSpec
+
+    def __init__(self, spec: ImageJobSpec, job_dir: Path, device: torch.device, dtype: torch.dtype):
+        super().__init__(spec, job_dir, device, dtype)
+        self.model: ImageModel | None = None
+        self.adapted: dict[str, torch.nn.Module] = {}  # component name -> module carrying LoRA
+        self.trained: list[str] = []  # components whose LoRA the optimizer updates
+        self.dataset: ImageDataset | None = None
+        self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
+        self._loader: _EpochLoader | None = None
+        self.notes: list[str] = []
+
+    # -- load -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.model = load_image_model(self.spec.base_model, self.spec.base_model_config, self.dtype)
+        self.model.to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed)  # LoRA init draws from the global RNG: same seed, same init
+            if self.spec.resume_from is not None:
+                self._load_existing_lora(self.spec.resume_from)
+            else:
+                self.model.unet.add_adapter(self._lora_config(self.spec.target_modules or UNET_TARGETS))
+                self.adapted["unet"] = self.model.unet
+            if self.spec.train_text_encoder:
+                self._add_text_encoder_lora()
+        self.trained = ["unet"] + (self.model.text_encoder_names if self.spec.train_text_encoder else [])
+        self._mark_trainable()
+        if self.spec.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+
+    def _lora_config(self, targets: list[str]) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.alpha, lora_dropout=self.spec.lora_dropout,
+                          init_lora_weights="gaussian", target_modules=targets)
+
+    def _add_text_encoder_lora(self) -> None:
+        assert self.model is not None
+        for name, encoder in zip(self.model.text_encoder_names, self.model.text_encoders):
+            if name not in self.adapted:  # a resumed LoRA may already carry one
+                encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
+                self.adapted[name] = encoder
+
+    def _load_existing_lora(self, path: Path) -> None:
+        """Continue a kohya or diffusers LoRA: its own ranks, alphas and modules are kept."""
+        assert self.model is not None
+        cls = pipeline_class(self.model.family)
+        try:
+            state, alphas, metadata = cls.lora_state_dict(str(path), unet_config=self.model.unet.config,
+                                                          return_lora_metadata=True)
+            if not any(key.startswith("unet.") for key in state):
+                raise ValueError("it holds no UNet LoRA weights")
+            cls.load_lora_into_unet(state, alphas, self.model.unet, adapter_name=ADAPTER, metadata=metadata)
+            self.adapted["unet"] = self.model.unet
+            for name, encoder in zip(self.model.text_encoder_names, self.model.text_encoders):
+                if any(key.startswith(f"{name}.") for key in state):
+                    cls.load_lora_into_text_encoder(state, alphas, encoder, prefix=name,
+                                                    adapter_name=ADAPTER, metadata=metadata)
+                    self.adapted[name] = encoder
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(
+                f"`resume_from`: cannot load the LoRA {path} into {self.spec.base_model}: {error}. "
+                "Fix: point it at a kohya or diffusers LoRA .safetensors trained on this base model "
+                "family.") from error
+        ranks = {rank for rank, _ in exporter.lora_ranks_and_alphas(self.model.unet).values()}
+        if ranks != {self.spec.lora_rank}:
+            self.notes.append(f"resume_from: kept the LoRA's rank(s) {sorted(ranks)}; "
+                              f"`lora_rank` {self.spec.lora_rank} is ignored")
+
+    def _mark_trainable(self) -> None:
+        """LoRA weights of the trained components learn, in float32; everything else stays frozen."""
+        for name, module in self.adapted.items():
+            for param_name, param in module.named_parameters():
+                if "lora_" in param_name:
+                    param.requires_grad_(name in self.trained)
+                    if name in self.trained:
+                        param.data = param.data.float()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        assert self.model is not None
+        self.model.unet.enable_gradient_checkpointing()
+        for name in self.trained:
+            if name != "unet":
+                encoder = self.adapted[name]
+                # transformers 5 renamed it; older releases only have the old name
+                enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                enable()
+
+    # -- data -------------------------------------------------------------------------------
+
+    def check_data(self) -> None:
+        """Every image exists and decodes, every caption is non-empty (before the model loads)."""
+        spec = self.spec
+        examples = find_examples(spec.train_data_dir, spec.metadata_path, spec.caption_extension)
+        check_examples(examples, spec.metadata_path or spec.train_data_dir)
+        self.dataset = ImageDataset(examples, spec.resolution, spec.center_crop, spec.seed)
+
+    def prepare(self) -> None:
+        if self.dataset is None:
+            self.check_data()
+        if self.spec.cache_latents:
+            self._cache_latents()
+
+    @torch.no_grad()
+    def _cache_latents(self) -> None:
+        """Encode every image once; the latent *distribution* is kept, so sampling stays per step."""
+        assert self.dataset is not None and self.model is not None
+        vae = self.model.vae
+        for index in range(len(self.dataset)):
+            for flip in ([False, True] if self.spec.random_flip else [False]):
+                pixels = self.dataset[(index, flip, 0)]["pixel_values"][None]
+                parameters = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.parameters
+                self.latent_cache[(index, flip)] = parameters[0]
+
+    def micro_batches_per_epoch(self) -> int:
+        assert self.dataset is not None, "prepare() first"
+        return math.ceil(len(self.dataset) / self.spec.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """Cheap handles (which examples, which flips); pixels load in ``compute_loss``.
+
+        The runtime re-reads an epoch from its start for every optimizer step and skips ahead, so
+        skipping must cost nothing; a handle that arrives in order is served by one DataLoader
+        pass over the epoch (``num_workers`` processes loading ahead).
+        """
+        assert self.dataset is not None, "prepare() first"
+        order = epoch_order(len(self.dataset), self.spec.batch_size, self.spec.seed, epoch,
+                            self.spec.random_flip)
+        for position, keys in enumerate(order):
+            yield {"epoch": epoch, "position": position, "keys": keys,
+                   "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
+
+    def materialize(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A handle from ``batches()`` -> a batch with pixels (or cached latents) and sizes."""
+        if "pixel_values" in batch or "latent_parameters" in batch:
+            return batch
+        if self.latent_cache:
+            return self._cached_batch(batch["keys"])
+        if self._loader is None or self._loader.epoch != batch["epoch"]:
+            self._loader = _EpochLoader(self.dataset, batch["epoch"], self._order_of(batch["epoch"]),
+                                        self.spec.num_workers)
+        return self._loader.get(batch["position"])
+
+    def _order_of(self, epoch: int) -> list[list[tuple[int, bool, int]]]:
+        assert self.dataset is not None
+        return epoch_order(len(self.dataset), self.spec.batch_size, self.spec.seed, epoch, self.spec.random_flip)
+
+    def _cached_batch(self, keys: list[tuple[int, bool, int]]) -> dict[str, Any]:
+        assert self.dataset is not None
+        size = (self.spec.resolution, self.spec.resolution)
+        return {"index": [i for i, _, _ in keys], "flip": [f for _, f, _ in keys],
+                "latent_parameters": torch.stack([self.latent_cache[(i, f)] for i, f, _ in keys]),
+                "caption": [self.dataset.examples[i].caption for i, _, _ in keys],
+                # the cached crop is the centre/epoch-0 crop of the resized image
+                "original_size": [size] * len(keys), "crop_top_left": [(0, 0)] * len(keys)}
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        assert self.model is not None
+        model = self.model
+        batch = self.materialize(batch)
+        latents = self._latents(batch, generator)
+        noise = _randn(latents.shape, generator, latents.device)
+        if self.spec.noise_offset:
+            noise = noise + self.spec.noise_offset * _randn((*latents.shape[:2], 1, 1), generator, latents.device)
+        steps = model.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator,
+                                  device=generator.device).to(self.device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden, extra = self._conditioning(batch)
+        prediction = model.unet(noisy.to(self.dtype), timesteps, hidden.to(self.dtype),
+                                added_cond_kwargs=extra).sample
+        return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
+
+    def _latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.model.vae  # type: ignore[union-attr]
+        with torch.no_grad():
+            if "latent_parameters" in batch:
+                distribution = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.device))
+            else:
+                distribution = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
+            latents = distribution.sample(generator=generator).float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def _conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        model = self.model
+        assert model is not None
+        text_trained = len(self.trained) > 1
+        with torch.set_grad_enabled(text_trained and torch.is_grad_enabled()):
+            hidden, pooled = encode_prompts(model, list(batch["caption"]), self.device)
+        if not model.is_sdxl:
+            return hidden, None
+        size = (self.spec.resolution, self.spec.resolution)
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], size, self.device, self.dtype)
+        return hidden, {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        scheduler = self.model.noise_scheduler  # type: ignore[union-attr]
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return scheduler.get_velocity(latents, noise, timesteps)
+        raise ModelLoadError(f"`base_model`: scheduler prediction_type {kind!r} is not supported. "
+                             "Fix: use a model trained with 'epsilon' or 'v_prediction'.")
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name in self.trained for p in self.adapted[name].parameters() if p.requires_grad]
+
+    def train_mode(self, training: bool) -> None:
+        for module in self.adapted.values():
+            module.train(training)
+
+    def peft_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The LoRA weights per component, peft keys without the adapter name."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {name: get_peft_model_state_dict(module, adapter_name=ADAPTER, save_embedding_layers=False)
+                for name, module in self.adapted.items()}
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": value.detach().to("cpu").clone()
+                for name, state in self.peft_states().items() for key, value in state.items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        for name, module in self.adapted.items():
+            part = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
+            result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER)
+            expected = set(self.peft_states()[name])
+            if set(part) != expected or getattr(result, "unexpected_keys", None):
+                raise ModelLoadError(
+                    f"checkpoint LoRA for `{name}` does not match the model ({len(part)} tensors, "
+                    f"expected {len(expected)}). Fix: delete {self.job_dir / 'checkpoints'} to start over.")
+
+    # -- export -----------------------------------------------------------------------------
+
+    def export(self) -> list[tuple[Path, str]]:
+        assert self.model is not None
+        states = self.peft_states()
+        alphas = {name: exporter.lora_ranks_and_alphas(module) for name, module in self.adapted.items()}
+        tensors = exporter.kohya_state_dict(states, alphas, self.model.is_sdxl)
+        facts = {**self._rank_and_alpha(alphas), "examples": len(self.dataset or []),
+                 "text_encoder_trained": len(self.adapted) > 1,
+                 "prediction_type": self.model.noise_scheduler.config.prediction_type}
+        metadata = exporter.kohya_metadata(self.spec, self.model.family, self.model.base_model_version, facts)
+        kohya = exporter.write_kohya(self.job_dir / f"{self.spec.name}.safetensors", tensors, metadata)
+        configs = {name: module.peft_config[ADAPTER].to_dict() for name, module in self.adapted.items()}
+        diffusers = exporter.write_diffusers(self.job_dir / "diffusers", pipeline_class(self.model.family),
+                                             states, configs)
+        return [(kohya, "kohya"), (diffusers, "diffusers")]
+
+    @staticmethod
+    def _rank_and_alpha(alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, Any]:
+        """kohya keeps one dim/alpha per network: the UNet's most common pair."""
+        pairs = list(alphas.get("unet", {}).values())
+        rank, alpha = max(set(pairs), key=pairs.count)
+        return {"rank": rank, "alpha": alpha}
+
+    def describe(self) -> dict[str, Any]:
+        model = self.model
+        trainable = sum(p.numel() for p in self.trainable_parameters()) if model else 0
+        return {"family": model.family if model else None, "kind": model.kind if model else None,
+                "adapted": sorted(self.adapted), "trainable_parameters": trainable,
+                "examples": len(self.dataset) if self.dataset else 0,
+                "cached_latents": len(self.latent_cache), "notes": list(self.notes)}
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Noise drawn on the generator's device (same numbers on any card), then moved."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class _EpochLoader:
+    """One in-order DataLoader pass over an epoch; a jump (a resume mid-epoch) starts a new pass."""
+
+    def __init__(self, dataset: ImageDataset | None, epoch: int, order: list[list[tuple[int, bool, int]]],
+                 num_workers: int):
+        self.dataset, self.epoch, self.order, self.num_workers = dataset, epoch, order, num_workers
+        self.next_position = len(order)
+        self._iterator: Iterator[dict[str, Any]] = iter(())
+
+    def get(self, position: int) -> dict[str, Any]:
+        if position != self.next_position:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.order[position:],
+                                                 num_workers=self.num_workers, collate_fn=collate)
+            self._iterator, self.next_position = iter(loader), position
+        self.next_position += 1
+        return next(self._iterator)

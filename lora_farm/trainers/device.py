@@ -26,9 +26,10 @@ class Precision:
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast_dtype, "fp32")
 
 
-def choose_device() -> torch.device:
-    """The first visible CUDA device (the runner pins it with CUDA_VISIBLE_DEVICES), else CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+def choose_device(local_rank: int = 0) -> torch.device:
+    """Visible CUDA device ``local_rank`` (the runner pins the job's cards with
+    CUDA_VISIBLE_DEVICES; rank r of a ``gpus: N`` job takes the r-th), else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def choose_precision(mixed_precision: str, device: torch.device) -> Precision:

@@ -34,12 +34,13 @@ def default_job_dir(spec: Any) -> Path:
 class _Events:
     """The event file, opened as soon as its path is known (a bad spec may fail before that)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, enabled: bool = True):
+        self.enabled = enabled  # ranks other than 0 of a gpus: N job write no events
         self.writer = EventWriter(path) if path else None
 
     def open_default(self, path: Path) -> None:
         if self.writer is None:
-            self.writer = EventWriter(path)
+            self.writer = EventWriter(path if self.enabled else None)
 
     def emit(self, event: str, **fields: Any) -> None:
         if self.writer is not None:
@@ -57,15 +58,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    world = _ranks_to_launch(args)
+    if world > 1:
+        from lora_farm.trainers.distributed import launch_ranks
+
+        return launch_ranks(sys.argv[1:] if argv is None else argv, world)
     # a deprecation notice peft triggers inside transformers on every load: noise in train.log
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    events = _Events(args.events)
+    from lora_farm.trainers.distributed import DistContext
+
+    dist = DistContext.from_env()
+    events = _Events(args.events if dist.is_main else None, enabled=dist.is_main)
     from lora_farm.trainers.runtime import StopFlag, TrainingInterrupted
 
     early_stop = StopFlag()
     try:
         with early_stop.installed():  # a signal while loading stops at once: nothing to save yet
-            return _run(args, events)
+            return _run(args, events, dist)
     except TrainingInterrupted as stop:
         events.emit("error", kind="interrupted", message=str(stop), step=stop.step)
         print(f"trainer: {stop}", file=sys.stderr, flush=True)
@@ -73,11 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:  # noqa: BLE001 - this is the process's last word
         return _classify(error, events)
     finally:
+        dist.close()
         if events.writer is not None:
             events.writer.close()
 
 
-def _run(args: argparse.Namespace, events: _Events) -> int:
+def _ranks_to_launch(args: argparse.Namespace) -> int:
+    """``spec.gpus`` when this process must launch the ranks of a multi-card job, else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return 1  # already a rank
+    from lora_farm.jobs.loader import load_spec_file
+
+    try:
+        return load_spec_file(Path(args.job_file), check_files=False).spec.gpus
+    except LoraFarmError:
+        return 1  # the single process reports the spec problem properly
+
+
+def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
     from lora_farm.jobs.loader import load_spec_file, write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
     from lora_farm.trainers.device import choose_device, choose_precision, device_label
@@ -88,21 +110,23 @@ def _run(args: argparse.Namespace, events: _Events) -> int:
     job_dir = Path(args.job_dir).absolute() if args.job_dir else default_job_dir(spec)
     job_dir.mkdir(parents=True, exist_ok=True)
     events.open_default(job_dir / "events.jsonl")
-    if not (job_dir / "config.resolved.yaml").exists():
+    if dist.is_main and not (job_dir / "config.resolved.yaml").exists():
         write_resolved(spec, job_dir / "config.resolved.yaml")
-    device = choose_device()
+    device = choose_device(dist.local_rank)
     precision = choose_precision(spec.mixed_precision, device)
+    dist.init(device)
     resume = latest_checkpoint(job_dir / "checkpoints")
     events.emit("start", pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 device=device_label(device), attempt_resume_step=resume.step if resume else 0,
-                job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name)
+                job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name,
+                world_size=dist.world)
     for note in loaded.notes:
         print(f"note: {note}", flush=True)
     print(f"job {spec.name} ({spec.task}) on {device_label(device)}, {precision.name}, "
           f"folder {job_dir}", flush=True)
     program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
     assert events.writer is not None
-    Runtime(program, events.writer, precision).run()
+    Runtime(program, events.writer, precision, dist=dist).run()
     return ExitCode.SUCCESS
 
 

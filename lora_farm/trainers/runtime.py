@@ -26,6 +26,7 @@ import torch
 from lora_farm.errors import DatasetError, ModelLoadError
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
+from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.device import Precision, autocast, make_grad_scaler, peak_vram_mb, reset_peak_vram
 from lora_farm.trainers.progress import EventWriter, progress_line
 
@@ -126,7 +127,8 @@ class Runtime:
     """Runs one program from load to export in this process."""
 
     def __init__(self, program: TrainingProgram, events: EventWriter, precision: Precision,
-                 out: IO[str] | None = None, progress_interval: float = 1.0):
+                 out: IO[str] | None = None, progress_interval: float = 1.0,
+                 dist: DistContext | None = None):
         self.program = program
         self.spec = program.spec
         self.device = program.device
@@ -134,6 +136,7 @@ class Runtime:
         self.precision = precision
         self.out = out if out is not None else sys.stdout
         self.progress_interval = progress_interval
+        self.dist = dist or DistContext()  # gpus: N -> this process is one of N ranks
         self.stop = StopFlag()
         self.phase_seconds: dict[str, float] = {}
         self.checkpoint_root = Path(program.job_dir) / "checkpoints"
@@ -152,13 +155,13 @@ class Runtime:
             with self._phase("prepare"):
                 self.program.prepare()
                 plan = make_plan(self.program.micro_batches_per_epoch(),
-                                 self.spec.gradient_accumulation_steps, self.spec.epochs,
-                                 self.spec.max_steps)
+                                 self.spec.gradient_accumulation_steps * self.dist.world,
+                                 self.spec.epochs, self.spec.max_steps)
             with self._phase("train"):
                 self._train(plan)
             with self._phase("export"):
                 self.program.train_mode(False)
-                for path, kind in self.program.export():
+                for path, kind in self.program.export() if self.dist.is_main else ():
                     self.events.emit("artifact", path=str(path), kind=kind)
         return self._summary(plan)
 
@@ -203,7 +206,7 @@ class Runtime:
                 step += 1
                 self.step_losses[step] = loss
                 reporter.step_done(step, loss, scheduler.get_last_lr()[0])
-                stopping = self.stop.requested
+                stopping = self.dist.any(self.stop.requested)  # every rank stops at one step
                 if stopping or step % self.spec.save_steps == 0:
                     self._save(plan, step, optimizer, scheduler, scaler, loss)
                     reporter.flush()
@@ -221,10 +224,13 @@ class Runtime:
         if not micro:
             raise DatasetError(f"epoch {epoch + 1} yielded fewer batches than "
                                f"micro_batches_per_epoch()={plan.micro_per_epoch} said")
+        mine = [(offset, batch) for offset, batch in enumerate(micro)
+                if offset % self.dist.world == self.dist.rank]  # rank r: micro-batches r, r+N, ...
         total = 0.0
-        for offset, batch in enumerate(micro):
+        for offset, batch in mine:
             global_micro = epoch * plan.micro_per_epoch + first + offset
             total += self._micro_step(batch, global_micro, len(micro), scaler)
+        self.dist.sum_gradients(params)
         scaler.unscale_(optimizer)
         if self.spec.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.spec.max_grad_norm)
@@ -232,7 +238,7 @@ class Runtime:
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return total / len(micro)
+        return self.dist.mean(total / max(len(mine), 1), weight=len(mine))
 
     def _micro_step(self, batch: Any, global_micro: int, count: int, scaler: Any) -> float:
         generator = torch.Generator(self.device).manual_seed(micro_seed(self.spec.seed, global_micro, 0))
@@ -249,6 +255,8 @@ class Runtime:
     # -- checkpoints --------------------------------------------------------------------------
     def _save(self, plan: StepPlan, step: int, optimizer: Any, scheduler: Any, scaler: Any,
               loss: float) -> None:
+        if not self.dist.is_main:
+            return
         trainer_state = {"epoch": plan.epoch_of(step - 1) + 1, "total_steps": plan.total_steps,
                          "loss": loss, "config_hash": self.spec.config_hash(), "time": time.time()}
         tensor_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -278,7 +286,8 @@ class Runtime:
         return found.step
 
     def _say(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        if self.dist.is_main:
+            print(line, file=self.out, flush=True)
 
 
 class _EpochCursor:
@@ -322,8 +331,10 @@ class _Reporter:
         self.window: list[float] = []
         self.pending: tuple[int, float] | None = None
         # purge_step drops what a crashed attempt logged after the checkpoint we resume from
-        self.board = SummaryWriter(log_dir=str(Path(runtime.program.job_dir) / "tensorboard"),
-                                   purge_step=start_step + 1 if start_step else None)
+        self.board: Any = _NullBoard()  # only rank 0 writes TensorBoard events
+        if runtime.dist.is_main:
+            self.board = SummaryWriter(log_dir=str(Path(runtime.program.job_dir) / "tensorboard"),
+                                       purge_step=start_step + 1 if start_step else None)
 
     def step_done(self, step: int, loss: float, lr: float) -> None:
         self.board.add_scalar("train/loss", loss, step)
@@ -357,3 +368,13 @@ class _Reporter:
     def close(self) -> None:
         self.flush()
         self.board.close()
+
+
+class _NullBoard:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def add_scalar(self, *_args: Any) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,133 @@
+"""``gpus: N`` — one job over N cards as N rank processes, LoRA gradients averaged (data parallel).
+
+The trainer entry launches the ranks itself rather than through torchrun, so the runner still
+spawns one process group, reads one events file and gets one exit code with our meaning
+(``exitcodes``). Rank ``r`` sees all N pinned cards and uses ``cuda:r``; on a CPU the ranks talk
+over gloo, so the same path is tested without GPUs. Only rank 0 writes events, checkpoints,
+TensorBoard and the exported adapter; every rank reads the checkpoint it resumes from.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from lora_farm.trainers.exitcodes import ExitCode
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# which code wins when ranks disagree: the one that says most about what went wrong
+_SEVERITY = [ExitCode.OUT_OF_MEMORY, ExitCode.BAD_INPUT, ExitCode.CRASH, ExitCode.INTERRUPTED]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: Any) -> None:
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world)
+
+    def sum_gradients(self, params: list[Any]) -> None:
+        """All-reduce the LoRA gradients to their sum over ranks (a rank with no batch adds 0).
+
+        Each micro-batch's loss is already divided by the step's global micro-batch count, so
+        the sum is the step's mean gradient, exactly as one process accumulating them all."""
+        if not self.enabled:
+            return
+        import torch
+        import torch.distributed as dist
+
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+
+    def mean(self, value: float, weight: float = 1.0) -> float:
+        """The weighted mean of a float over ranks (e.g. the step loss)."""
+        if not self.enabled:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        pair = torch.tensor([value * weight, weight], dtype=torch.float64)
+        dist.all_reduce(pair, op=dist.ReduceOp.SUM)
+        return float(pair[0] / pair[1]) if pair[1] > 0 else value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (e.g. a SIGTERM seen by one rank)."""
+        return self.mean(1.0 if flag else 0.0) > 0 if self.enabled else flag
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def launch_ranks(argv: list[str], world: int) -> int:
+    """Run ``python -m lora_farm.trainers argv`` as ``world`` ranks; forward signals; one exit code."""
+    port = _free_port()
+    children = [subprocess.Popen([sys.executable, "-m", "lora_farm.trainers", *argv],
+                                 env=_rank_env(rank, world, port)) for rank in range(world)]
+
+    def forward(number: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(number)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return combine_exit_codes(codes)
+
+
+def combine_exit_codes(codes: list[int]) -> int:
+    """Success only when every rank succeeded; else the most telling failure."""
+    failed = {code for code in codes if code != ExitCode.SUCCESS}
+    if not failed:
+        return ExitCode.SUCCESS
+    for code in _SEVERITY:
+        if code in failed:
+            return code
+    return ExitCode.CRASH  # a rank killed by a signal (negative code) or an unknown code
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

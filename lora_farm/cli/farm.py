@@ -1,1 +1,231 @@
-"""lorafarm farm commands."""
+"""lorafarm farm commands: submit, status, logs, cancel, retry, gpus, workers, worker."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.live import Live
+from rich.markup import escape
+
+from lora_farm.cli.app import app, console, err_console
+from lora_farm.errors import SpecError
+from lora_farm.jobs.state import TERMINAL, JobState
+
+
+RECENT_FINISHED = 200
+
+
+def _ledger():
+    from lora_farm.ledger import Ledger
+
+    return Ledger.from_settings()
+
+
+@app.command()
+def submit(
+    files: list[Path] = typer.Argument(..., help="Job spec YAML files.", show_default=False),
+    batch: str = typer.Option(None, "--batch", "-b", help="Batch name (default: the spec's, else 'default')."),
+    priority: int = typer.Option(None, "--priority", "-p", help="Override the specs' priority (higher first)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until every job has finished."),
+) -> None:
+    """Validate every file, then queue them all (or nothing). Identical resubmits are no-ops."""
+    from lora_farm.submit import submit_files
+
+    ledger = _ledger()
+    try:
+        report = submit_files(files, ledger, batch=batch, priority=priority)
+    except SpecError as error:
+        for problem in error.problems:
+            err_console.print(f"[red]✗[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        err_console.print(f"{len(error.problems)} problem(s); nothing was queued.", highlight=False)
+        raise typer.Exit(1) from None
+    for job in report.jobs:
+        r = job.record
+        if job.created:
+            console.print(f"[green]queued[/] {r.id} {r.name} (batch {r.batch}, priority {r.priority}, "
+                          f"estimate {r.estimate_mb / 1024:.1f} GB)", highlight=False)
+        else:
+            console.print(f"[yellow]unchanged[/] {r.name}: identical spec already in batch {r.batch} "
+                          f"as {r.id} ({r.state}); nothing queued", highlight=False)
+    if report.dispatch and report.dispatch.placed:
+        console.print(f"{len(report.dispatch.placed)} job(s) placed on cards now.")
+    if wait:
+        _wait_for(ledger, [job.record.id for job in report.jobs])
+
+
+def _wait_for(ledger, job_ids: list[str], poll: float = 2.0) -> None:
+    from lora_farm.cli.status_view import status_table
+
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            records = ledger.records(job_ids)
+            live.update(status_table(records))
+            if all(JobState(r.state) in TERMINAL for r in records):
+                break
+            time.sleep(poll)
+    failed = [r for r in records if r.state != JobState.SUCCEEDED.value]
+    if failed:
+        err_console.print(f"{len(failed)} of {len(records)} job(s) did not succeed.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    job: str = typer.Argument(None, help="A job id (or unique prefix) for its full record."),
+    batch: str = typer.Option(None, "--batch", "-b", help="Only this batch."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every 2 s until Ctrl-C."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
+    show_all: bool = typer.Option(False, "--all", "-a", help="Every finished job too (default: "
+                                  f"unfinished ones + the newest {RECENT_FINISHED} finished)."),
+) -> None:
+    """The ledger as a table: state, card, progress, loss, ETA, duration, peak VRAM."""
+    from lora_farm.cli import status_view as view
+
+    ledger = _ledger()
+    if job:
+        _show_one(ledger, ledger.find(job), as_json, as_csv)
+        return
+    records = (lambda: ledger.list_jobs(batch=batch, with_spec=False))
+    if as_json:
+        sys.stdout.write(view.to_json(records()) + "\n")
+    elif as_csv:
+        sys.stdout.write(view.to_csv(records()))
+    elif watch:
+        with Live(console=console, refresh_per_second=1) as live:
+            while True:
+                found = records()
+                shown, _ = view.recent_view(found, len(found) if show_all else RECENT_FINISHED)
+                live.update(view.status_table(shown, title=view.summary_line(found)))
+                time.sleep(2)
+    else:
+        view.print_status(console, records(), show_all, RECENT_FINISHED)
+
+
+def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:
+    import json
+
+    from lora_farm.cli import status_view as view
+
+    timeline = ledger.timeline(record.id)
+    if as_json:
+        sys.stdout.write(json.dumps(record.to_public() | {"timeline": timeline}, indent=2, default=str) + "\n")
+        return
+    if as_csv:
+        sys.stdout.write(view.to_csv([record]))
+        return
+    console.print(view.status_table([record]))
+    for entry in timeline:
+        stamp = time.strftime("%H:%M:%S", time.localtime(entry["t"]))
+        extra = "".join(f" {k}={entry[k]}" for k in ("gpus", "reserved_mb", "released_mb") if k in entry)
+        console.print(f"  {stamp} {entry.get('from') or '-'} -> {entry['to']}  {entry.get('reason', '')}{extra}",
+                      highlight=False, markup=False)
+
+
+@app.command()
+def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines.")) -> None:
+    """Print a job's train.log (the trainer's output, one header per attempt)."""
+    from lora_farm.settings import get_settings
+    from lora_farm.workers.runner import job_dir_for
+
+    ledger = _ledger()
+    record = ledger.find(job)
+    path = Path(record.job_dir or job_dir_for(record, get_settings())) / "train.log"
+    if not path.exists() and not follow:
+        raise typer.Exit(_no_log(record, path))
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as stream:
+                stream.seek(offset)
+                sys.stdout.write(stream.read())
+                sys.stdout.flush()
+                offset = stream.tell()
+        if not follow or JobState(ledger.get(record.id).state) in TERMINAL:
+            return
+        time.sleep(1)
+
+
+def _no_log(record, path: Path) -> int:
+    err_console.print(f"job {record.id} ({record.state}) has no log yet at {path}.", highlight=False)
+    return 1
+
+
+@app.command()
+def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefixes)."),
+           batch: str = typer.Option(None, "--batch", "-b", help="Cancel every unfinished job of a batch.")) -> None:
+    """Cancel jobs: queued ones at once; running ones stop their trainer (SIGTERM, grace, SIGKILL)."""
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.scheduler.dispatch import dispatch_once
+
+    ledger = _ledger()
+    if not jobs and not batch:
+        raise typer.BadParameter("name one or more jobs, or --batch NAME")
+    records = [ledger.find(j) for j in jobs or []] + (ledger.list_jobs(batch=batch) if batch else [])
+    for record in records:
+        console.print(f"{record.id} {record.name}: {tr.cancel(ledger, record.id)}", highlight=False)
+    dispatch_once(ledger)  # reservations freed by cancelled scheduled jobs go to others
+
+
+@app.command()
+def retry(job: str = typer.Argument(..., help="A failed or cancelled job.")) -> None:
+    """Queue a failed or cancelled job again (fresh retry budget; resumes from its checkpoint)."""
+    from lora_farm.errors import LoraFarmError
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.scheduler.dispatch import dispatch_once
+
+    ledger = _ledger()
+    record = ledger.find(job)
+    if tr.retry(ledger, record.id) is None:
+        raise LoraFarmError(f"job {record.id} is `{ledger.get(record.id).state}`; only failed or "
+                            "cancelled jobs can be retried (an uploading one: `lorafarm retry-upload`).")
+    console.print(f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})")
+    dispatch_once(ledger)
+
+
+@app.command()
+def gpus() -> None:
+    """The farm's cards: memory, reservations, the jobs on each, and whether a worker serves it."""
+    from lora_farm.cli.status_view import gpus_table
+    from lora_farm.scheduler.dispatch import read_gpu_snapshots
+    from lora_farm.settings import get_settings
+
+    ledger = _ledger()
+    cards = read_gpu_snapshots(ledger)
+    if not cards:
+        console.print("no worker has published a card yet; start one with `lorafarm worker`.")
+        return
+    reservations = ledger.reservations()
+    names = {r.id: r.name for r in ledger.records(reservations)}
+    console.print(gpus_table(cards, reservations, names, get_settings().stale_after_seconds))
+
+
+@app.command()
+def workers() -> None:
+    """Online workers: their queues, slots, active jobs and heartbeat age."""
+    from lora_farm.cli.status_view import workers_table
+    from lora_farm.settings import get_settings
+    from lora_farm.workers.presence import read_workers
+
+    found = read_workers(_ledger())
+    if not found:
+        console.print("no worker online; start one with `lorafarm worker`.")
+        return
+    console.print(workers_table(found, get_settings().stale_after_seconds))
+
+
+@app.command()
+def worker(
+    gpus_option: str = typer.Option(None, "--gpus", "--gpu", help="Cards to serve (uuids, comma-separated; default: all)."),
+    pool: str = typer.Option("prefork", "--pool", help="Celery pool (prefork, threads, solo)."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+) -> None:
+    """Start one Celery worker per card of this host, each on its queue gpu.<uuid>; Ctrl-C stops all."""
+    from lora_farm.workers.launch import run_workers
+
+    selected = [g.strip() for g in gpus_option.split(",") if g.strip()] if gpus_option else None
+    raise typer.Exit(run_workers(selected, pool=pool, loglevel=loglevel))

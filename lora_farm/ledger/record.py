@@ -1,0 +1,123 @@
+"""The job record as Python sees it; stored as a flat Redis hash of strings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lora_farm.jobs.state import JobState
+
+_JSON_FIELDS = ("artifacts", "plan", "spec", "gpus")
+_INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps", "epoch",
+               "epochs", "seq", "gpus_needed", "exit_code", "upload_tries")
+_FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
+                 "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
+                 "next_upload_at")
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    batch: str
+    task: str
+    config_hash: str
+    state: str = JobState.QUEUED.value
+    attempt: int = 1
+    priority: int = 0
+    max_retries: int = 2
+    timeout: float | None = None
+    gpus_needed: int = 1
+    estimate_mb: float = 0.0
+    seq: int = 0
+    host: str = ""
+    gpus: list[str] = field(default_factory=list)  # uuids of the cards it is on
+    pid: int | None = None
+    submitted: float | None = None
+    scheduled_at: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    updated: float | None = None
+    heartbeat: float | None = None
+    phase: str = ""
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    eta_s: float | None = None
+    peak_vram_mb: float | None = None
+    gpu_util: float | None = None
+    exit_code: int | None = None
+    exit_reason: str = ""
+    token: str = ""  # the dispatch token: a message whose token differs is stale
+    cancel_requested: str = ""
+    job_dir: str = ""
+    manifest_uri: str = ""
+    upload_tries: int = 0
+    next_upload_at: float | None = None  # when the reaper tries a failed upload again
+    artifacts: dict[str, str] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # degraded-plan overrides of the spec
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def job_state(self) -> JobState:
+        return JobState(self.state)
+
+    @property
+    def gpu(self) -> str:
+        return ",".join(self.gpus)
+
+    def effective_spec(self) -> dict[str, Any]:
+        """The spec with the degraded plan applied (what the next attempt trains)."""
+        return {**self.spec, **self.plan}
+
+    def duration(self, now: float) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or now) - self.started
+
+    def to_public(self) -> dict[str, Any]:
+        """Everything but the spec, JSON-ready (status --json)."""
+        data = asdict(self)
+        data.pop("spec")
+        return data
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> "JobRecord":
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in data.items():
+            if key in known:
+                values[key] = decode_field(key, raw)
+        return cls(**values)
+
+
+def decode_field(key: str, raw: str) -> Any:
+    if key in _JSON_FIELDS:
+        return json.loads(raw) if raw else ({} if key != "gpus" else [])
+    if raw == "":
+        return None if key in _INT_FIELDS or key in _FLOAT_FIELDS else ""
+    if key in _INT_FIELDS:
+        return int(float(raw))
+    if key in _FLOAT_FIELDS:
+        return float(raw)
+    return raw
+
+
+def encode_fields(values: dict[str, Any]) -> dict[str, str]:
+    """Python values -> hash strings (None -> "", dict/list -> JSON)."""
+    encoded: dict[str, str] = {}
+    for key, value in values.items():
+        if key in _JSON_FIELDS:
+            encoded[key] = json.dumps(value, sort_keys=True, default=str)
+        elif value is None:
+            encoded[key] = ""
+        elif isinstance(value, JobState):
+            encoded[key] = value.value
+        elif isinstance(value, bool):
+            encoded[key] = "1" if value else ""
+        else:
+            encoded[key] = str(value)
+    return encoded

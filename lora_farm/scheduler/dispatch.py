@@ -1,0 +1,148 @@
+"""Dispatch: one placement pass under a Redis lock, routing each placed job to ``gpu.<uuid>``.
+
+Triggered by submit, by the end of every job (its card is free) and periodically by every
+worker. Passes never overlap: a trigger that finds the lock taken leaves a "dirty" mark, and the
+holder runs one more pass before it lets go, so no trigger is lost.
+
+Only cards whose worker heartbeat is fresh are placed on: a job is never routed to a queue no
+worker listens to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lora_farm.ledger import Ledger
+from lora_farm.ledger import transitions as tr
+from lora_farm.scheduler.place import GpuSnapshot, Placement, QueuedJob, Reservation, place
+from lora_farm.scheduler.policy import Policy, load_policy
+from lora_farm.settings import Settings, get_settings
+from lora_farm.workers.joblock import RedisLock
+
+log = logging.getLogger(__name__)
+
+# send(job_id, token, queue): puts the run message on the card's queue (Celery in production)
+Sender = Callable[[str, str, str], None]
+MAX_PASSES = 5
+QUEUE_WINDOW = 5000  # queued jobs one pass looks at (the rest wait their turn)
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    placed: list[Placement]
+    ran: bool  # False: another pass held the lock (it will run again for us)
+
+
+def celery_sender(job_id: str, token: str, queue: str) -> None:
+    from lora_farm.workers.app import send_run_job
+
+    send_run_job(job_id, token, queue)
+
+
+def dispatch_once(ledger: Ledger, send: Sender = celery_sender, *, settings: Settings | None = None,
+                  policy: Policy | None = None, now: float | None = None) -> DispatchResult:
+    """Run placement passes until nobody asked for another one; never blocks on the lock."""
+    settings = settings or get_settings()
+    policy = policy or load_policy()
+    keys = ledger.keys
+    lock = RedisLock(ledger.client, keys.dispatch_lock, ttl_seconds=60)
+    if not lock.acquire():
+        ledger.client.set(keys.dispatch_dirty, "1", ex=120)
+        return DispatchResult([], ran=False)
+    placed: list[Placement] = []
+    with lock:
+        for _ in range(MAX_PASSES):
+            ledger.client.delete(keys.dispatch_dirty)
+            placed += placement_pass(ledger, send, settings, policy, now)
+            lock.refresh()
+            if not ledger.client.exists(keys.dispatch_dirty):
+                break
+    return DispatchResult(placed, ran=True)
+
+
+def placement_pass(ledger: Ledger, send: Sender, settings: Settings, policy: Policy,
+                   now: float | None = None) -> list[Placement]:
+    now = now or time.time()
+    jobs = queued_jobs(ledger)
+    if not jobs:
+        return []
+    gpus = live_gpus(ledger, settings, now)
+    placements = place(jobs, gpus, reservations(ledger), policy, now)
+    estimates = {job.job_id: job.estimate_mb for job in jobs}
+    done = []
+    for placement in placements:
+        if _route(ledger, placement, estimates[placement.job_id], send):
+            done.append(placement)
+    return done
+
+
+def _route(ledger: Ledger, placement: Placement, mb: float, send: Sender) -> bool:
+    """Reserve in the ledger first, then send; a failed send gives the job back to the queue."""
+    token = uuid.uuid4().hex[:16]
+    record = tr.schedule(ledger, placement.job_id, placement.gpu_uuids, mb, token)
+    if record is None:
+        return False  # cancelled since the pass read the queue
+    queue = f"gpu.{placement.gpu_uuids[0]}"
+    try:
+        send(placement.job_id, token, queue)
+    except Exception as error:  # the broker refused: never leave a job scheduled with no message
+        log.error("job %s: could not send to %s (%s); back to the queue", placement.job_id, queue, error)
+        tr.unschedule(ledger, placement.job_id, f"send to {queue} failed: {error}", token)
+        return False
+    log.info("job %s -> %s (%.0f MiB reserved)", placement.job_id, queue, mb)
+    return True
+
+
+def queued_jobs(ledger: Ledger, limit: int = QUEUE_WINDOW) -> list[QueuedJob]:
+    ids = ledger.queued_ids(limit)
+    pipe = ledger.client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(ledger.keys.job(job_id), "priority", "submitted", "estimate_mb", "gpus_needed")
+    jobs = []
+    for job_id, (priority, submitted, estimate, gpus) in zip(ids, pipe.execute()):
+        if submitted is None:
+            continue  # a record deleted under us
+        jobs.append(QueuedJob(job_id, int(priority or 0), float(submitted), float(estimate or 0),
+                              int(gpus or 1)))
+    return jobs
+
+
+def reservations(ledger: Ledger) -> list[Reservation]:
+    return [Reservation(job_id, gpu, float(held["mb"]))
+            for job_id, held in ledger.reservations().items() for gpu in held["gpus"]]
+
+
+def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapshot]:
+    """Cards whose worker published a heartbeat within ``stale_after_seconds``."""
+    snapshots = []
+    for card in read_gpu_snapshots(ledger):
+        if now - float(card.get("heartbeat", 0)) <= settings.stale_after_seconds:
+            snapshots.append(GpuSnapshot(uuid=card["uuid"], host=card["host"],
+                                         total_mb=float(card["total_mb"]),
+                                         free_mb=float(card["free_mb"]),
+                                         cpu=card.get("source") == "cpu"))
+    return snapshots
+
+
+def read_gpu_snapshots(ledger: Ledger) -> list[dict]:
+    uuids = sorted(ledger.client.smembers(ledger.keys.gpus))
+    pipe = ledger.client.pipeline(transaction=False)
+    for gpu in uuids:
+        pipe.hgetall(ledger.keys.gpu(gpu))
+    return [card for card in pipe.execute() if card.get("uuid")]
+
+
+def publish_gpu(ledger: Ledger, info: dict, worker: str, slots: int, now: float | None = None) -> None:
+    """A worker's view of its card (GpuInfo.to_dict()) + heartbeat, for dispatch and `lorafarm gpus`."""
+    flat = {key: json.dumps(value) if isinstance(value, (list, dict)) else
+            ("" if value is None else str(value)) for key, value in info.items()}
+    flat.update(worker=worker, slots=str(slots), heartbeat=str(now or time.time()))
+    pipe = ledger.client.pipeline(transaction=True)
+    pipe.hset(ledger.keys.gpu(info["uuid"]), mapping=flat)
+    pipe.sadd(ledger.keys.gpus, info["uuid"])
+    pipe.execute()

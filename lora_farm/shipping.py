@@ -1,0 +1,185 @@
+"""Shipping a finished job: archive its logs, upload, verify, mark complete, prune checkpoints.
+
+Order matters and is the contract other parts rely on:
+
+1. ``logs.tar.gz`` is (re)written and every file to ship is hashed into ``manifest.json``;
+2. the old ``_COMPLETE`` marker of this job (a previous attempt) is withdrawn;
+3. each file is uploaded with its sha256 in the object metadata, then verified (size + sha256);
+   a file already stored with the same size and hash is not sent again (a retry resumes);
+4. ``manifest.json`` is uploaded and verified, and ``_COMPLETE`` is written last;
+5. only then are the checkpoints pruned. Weights are never deleted locally.
+
+Keys are ``<prefix>/<batch>/<job_id>/<path>``: a retried upload overwrites its own attempt and
+nothing else. Any storage failure raises ``StorageError``; the job then waits in ``uploading``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_farm.archive import ARCHIVE_NAME, prune_checkpoints, write_log_archive
+from lora_farm.errors import ArtifactMissing, StorageError
+from lora_farm.settings import Settings, get_settings
+from lora_farm.storage import Storage, sha256_of, storage_from_settings
+
+MANIFEST_NAME = "manifest.json"
+COMPLETE_NAME = "_COMPLETE"
+RESOLVED_CONFIG = "config.resolved.yaml"
+WEIGHT_FOLDERS = ("diffusers", "adapter")  # image: diffusers/ ; llm: adapter/
+DEFAULT_BATCH = "default"
+
+
+@dataclass(frozen=True)
+class ShipResult:
+    """Where the job's files now live: ``uris`` maps each relative path to its URI."""
+
+    uris: dict[str, str]
+    manifest_uri: str
+
+
+def job_prefix(batch: str | None, job_id: str, settings: Settings | None = None) -> str:
+    prefix = (settings or get_settings()).s3_prefix.strip("/")
+    parts = [prefix, batch or DEFAULT_BATCH, job_id]
+    return "/".join(p for p in parts if p)
+
+
+def weight_files(job_dir: Path) -> list[Path]:
+    """Top-level ``*.safetensors`` and everything under diffusers/ and adapter/."""
+    found = sorted(p for p in job_dir.glob("*.safetensors") if p.is_file())
+    for folder in WEIGHT_FOLDERS:
+        found += sorted(p for p in (job_dir / folder).rglob("*") if p.is_file())
+    return found
+
+
+def files_to_ship(job_dir: Path) -> list[Path]:
+    weights = weight_files(job_dir)
+    if not weights:
+        raise ArtifactMissing(
+            f"{job_dir} holds no weights (*.safetensors, diffusers/ or adapter/); the trainer did "
+            "not export, so there is nothing to ship: read train.log in that folder")
+    extras = [job_dir / name for name in (RESOLVED_CONFIG, ARCHIVE_NAME) if (job_dir / name).is_file()]
+    return weights + extras
+
+
+def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | None, name: str,
+                   storage: Storage, base_key: str) -> dict:
+    entries = []
+    for path in files:
+        rel = path.relative_to(job_dir).as_posix()
+        key = f"{base_key}/{rel}"
+        entries.append({"path": rel, "key": key, "size": path.stat().st_size,
+                        "sha256": sha256_of(path), "uri": storage.uri(key)})
+    return {"format": 1, "job_id": job_id, "batch": batch or DEFAULT_BATCH, "name": name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_uri": storage.uri(f"{base_key}/{MANIFEST_NAME}").rsplit("/", 1)[0],
+            "files": entries}
+
+
+def upload_verified(storage: Storage, path: Path, key: str, size: int, sha256: str) -> None:
+    """Upload one file unless an identical copy is stored; then prove it arrived whole."""
+    stored = storage.head(key)
+    if not _matches(stored, size, sha256):
+        storage.put_file(path, key, sha256)
+        stored = storage.head(key)
+    if not _matches(stored, size, sha256):
+        got = "nothing" if stored is None else f"size {stored.size}, sha256 {stored.sha256}"
+        raise StorageError(f"verification of {storage.uri(key)} failed: expected size {size}, "
+                           f"sha256 {sha256}, storage reports {got}; the local file is kept, "
+                           "run `lorafarm retry-upload JOB`")
+
+
+def _matches(stored, size: int, sha256: str) -> bool:
+    return stored is not None and stored.size == size and stored.sha256 == sha256
+
+
+def ship_job(job_dir: Path, job_id: str, batch: str | None, name: str, *,
+             storage: Storage | None = None, settings: Settings | None = None,
+             prune: bool = True) -> ShipResult:
+    """Archive, upload, verify and mark one finished job complete (see the module docstring)."""
+    settings = settings or get_settings()
+    storage = storage or storage_from_settings(settings)
+    job_dir = Path(job_dir)
+    write_log_archive(job_dir)
+    base_key = job_prefix(batch, job_id, settings)
+    manifest = build_manifest(job_dir, files_to_ship(job_dir), job_id, batch, name, storage, base_key)
+    manifest_bytes = json.dumps(manifest, indent=2).encode()
+    (job_dir / MANIFEST_NAME).write_bytes(manifest_bytes)
+
+    storage.delete(f"{base_key}/{COMPLETE_NAME}")
+    for entry in manifest["files"]:
+        upload_verified(storage, job_dir / entry["path"], entry["key"], entry["size"], entry["sha256"])
+    manifest_key = f"{base_key}/{MANIFEST_NAME}"
+    upload_verified(storage, job_dir / MANIFEST_NAME, manifest_key, len(manifest_bytes),
+                    sha256_of(job_dir / MANIFEST_NAME))
+    marker = {"manifest_sha256": sha256_of(job_dir / MANIFEST_NAME), "completed": manifest["created"]}
+    storage.put_bytes(f"{base_key}/{COMPLETE_NAME}", json.dumps(marker).encode())
+    if prune:
+        prune_checkpoints(job_dir)
+    return ShipResult({e["path"]: e["uri"] for e in manifest["files"]}, storage.uri(manifest_key))
+
+
+def ship_with_retry(job_dir: Path, job_id: str, batch: str | None, name: str, *,
+                    storage: Storage | None = None, settings: Settings | None = None,
+                    on_wait: Callable[[StorageError, float, int], None] | None = None,
+                    sleep: Callable[[float], None] = time.sleep,
+                    max_tries: int | None = None) -> ShipResult:
+    """``ship_job`` until it succeeds: storage being down never fails a trained job.
+
+    ``on_wait(error, seconds, tries)`` is told before each wait (the runner records it in the
+    ledger); ``sleep`` may raise to abandon (a cancel). ``max_tries=None`` retries forever.
+    """
+    settings = settings or get_settings()
+    delay, tries = settings.upload_retry_seconds, 0
+    while True:
+        try:
+            return ship_job(job_dir, job_id, batch, name, storage=storage, settings=settings)
+        except StorageError as error:
+            tries += 1
+            if max_tries is not None and tries >= max_tries:
+                raise
+            if on_wait is not None:
+                on_wait(error, delay, tries)
+            sleep(delay)
+            delay = min(delay * 2, settings.upload_retry_max_seconds)
+
+
+def read_manifest(storage: Storage, batch: str | None, job_id: str,
+                  settings: Settings | None = None) -> dict:
+    """The stored manifest of a job whose upload completed (its ``_COMPLETE`` marker checks it)."""
+    base_key = job_prefix(batch, job_id, settings)
+    marker = storage.head(f"{base_key}/{COMPLETE_NAME}")
+    if marker is None:
+        raise StorageError(f"job {job_id} has no complete upload in {storage.describe()} "
+                           f"(no {storage.uri(base_key + '/' + COMPLETE_NAME)}); if it is waiting in "
+                           f"`uploading`, run `lorafarm retry-upload {job_id}`")
+    expected = json.loads(storage.get_bytes(f"{base_key}/{COMPLETE_NAME}"))["manifest_sha256"]
+    raw = storage.get_bytes(f"{base_key}/{MANIFEST_NAME}")
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise StorageError(f"the manifest of job {job_id} in {storage.describe()} does not match "
+                           f"its _COMPLETE marker; run `lorafarm retry-upload {job_id}`")
+    return json.loads(raw)
+
+
+def fetch_job(storage: Storage, batch: str | None, job_id: str, dest: Path,
+              settings: Settings | None = None) -> list[Path]:
+    """Download every file of a job's manifest into ``dest`` and check each sha256."""
+    manifest = read_manifest(storage, batch, job_id, settings)
+    dest = Path(dest).resolve()
+    fetched = []
+    for entry in manifest["files"]:
+        target = (dest / entry["path"]).resolve()
+        if not target.is_relative_to(dest):
+            raise StorageError(f"manifest entry {entry['path']!r} of job {job_id} escapes {dest}")
+        storage.get_file(entry["key"], target)
+        if target.stat().st_size != entry["size"] or sha256_of(target) != entry["sha256"]:
+            target.unlink()
+            raise StorageError(f"{entry['uri']} arrived corrupted (size or sha256 differs from "
+                               f"the manifest); deleted the copy, run `lorafarm fetch` again")
+        fetched.append(target)
+    return fetched

@@ -1,0 +1,93 @@
+"""Submit: validate every file -> estimate VRAM -> refuse what no card could hold -> ledger ->
+dispatch. Nothing is queued unless every file is valid and every job fits some card.
+
+Resubmitting an identical spec into the same batch is a no-op (the ledger's config-hash index),
+so a nightly cron line can run the same `lorafarm submit` again safely. The CLI's ``--priority``
+and ``--batch`` do not change a job's identity: the config hash is the spec's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_farm.errors import NoCapacity
+from lora_farm.jobs.loader import load_spec_files
+from lora_farm.jobs.spec import JobSpec
+from lora_farm.ledger import JobRecord, Ledger, NewJob
+from lora_farm.redis_conn import bytes_client
+from lora_farm.scheduler.calibration import calibrated_estimate
+from lora_farm.scheduler.dispatch import (DispatchResult, Sender, celery_sender, dispatch_once,
+                                          read_gpu_snapshots)
+from lora_farm.scheduler.gpus import read_gpus, to_snapshot
+from lora_farm.scheduler.place import GpuSnapshot, check_fits_farm
+from lora_farm.scheduler.policy import Policy, load_policy
+from lora_farm.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH = "default"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    record: JobRecord
+    created: bool  # False: the same spec was already in this batch; nothing was queued
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class SubmitReport:
+    jobs: list[Submitted]
+    dispatch: DispatchResult | None
+
+
+def submit_files(paths: Sequence[Path], ledger: Ledger, *, batch: str | None = None,
+                 priority: int | None = None, settings: Settings | None = None,
+                 send: Sender = celery_sender) -> SubmitReport:
+    """Load + validate all files (``SpecError`` with every problem), then :func:`submit_specs`."""
+    loaded = load_spec_files([Path(p) for p in paths])
+    report = submit_specs([item.spec for item in loaded], ledger, batch=batch, priority=priority,
+                          settings=settings, send=send)
+    jobs = [Submitted(job.record, job.created, item.source) for job, item in zip(report.jobs, loaded)]
+    return SubmitReport(jobs, report.dispatch)
+
+
+def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None = None,
+                 priority: int | None = None, settings: Settings | None = None,
+                 policy: Policy | None = None, send: Sender = celery_sender) -> SubmitReport:
+    settings = settings or get_settings()
+    policy = policy or load_policy()
+    raw = bytes_client(ledger.client)
+    estimates = [calibrated_estimate(raw, ledger.keys.prefix, spec).total_mb for spec in specs]
+    refuse_what_never_fits(specs, estimates, farm_cards(ledger, settings), policy)
+    new = [NewJob(spec, batch or spec.batch or DEFAULT_BATCH,
+                  spec.priority if priority is None else priority, mb)
+           for spec, mb in zip(specs, estimates)]
+    created = ledger.create_jobs(new)
+    dispatched = dispatch_once(ledger, send, settings=settings, policy=policy) if any(
+        c.created for c in created) else None
+    return SubmitReport([Submitted(c.record, c.created) for c in created], dispatched)
+
+
+def refuse_what_never_fits(specs: Sequence[JobSpec], estimates: Sequence[float],
+                           cards: list[GpuSnapshot], policy: Policy) -> None:
+    """``NoCapacity`` listing every job that no card of the farm could hold, with the figures."""
+    problems = []
+    for spec, mb in zip(specs, estimates):
+        try:
+            check_fits_farm(mb, spec.gpus, cards, policy)
+        except NoCapacity as error:
+            problems.append(f"{spec.name}: {error}")
+    if problems:
+        raise NoCapacity("nothing was submitted; these jobs fit no card of the farm:\n"
+                         + "\n".join(problems))
+
+
+def farm_cards(ledger: Ledger, settings: Settings) -> list[GpuSnapshot]:
+    """Every card a worker has published (online or not); else this host's own inventory."""
+    published = [GpuSnapshot(uuid=c["uuid"], host=c["host"], total_mb=float(c["total_mb"]),
+                             free_mb=float(c["free_mb"]), cpu=c.get("source") == "cpu")
+                 for c in read_gpu_snapshots(ledger)]
+    return published or [to_snapshot(info) for info in read_gpus(settings)]

@@ -1,0 +1,100 @@
+"""Locks in Redis: ``SET key token NX PX ttl``, kept alive by a heartbeat, released only by the
+holder (compare-and-delete in Lua, so a lock that expired and was taken by someone else is never
+deleted by the old holder).
+
+The per-job lock is what makes a redelivered Celery message harmless: the second copy finds the
+lock taken and drops out. The dispatch lock serialises placement passes across all workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_REFRESH = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def owner_token() -> str:
+    """Who holds a lock: host, pid and a random part (readable in `redis-cli GET`)."""
+    import os
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class RedisLock:
+    def __init__(self, client: redis.Redis, key: str, ttl_seconds: float, token: str | None = None):
+        self.client = client
+        self.key = key
+        self.ttl_ms = max(1, int(ttl_seconds * 1000))
+        self.token = token or owner_token()
+
+    def acquire(self) -> bool:
+        return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+
+    def refresh(self) -> bool:
+        """Extend the TTL; False when the lock is no longer ours (expired, taken over)."""
+        return bool(self.client.eval(_REFRESH, 1, self.key, self.token, self.ttl_ms))
+
+    def release(self) -> bool:
+        return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
+
+    def holder(self) -> str | None:
+        return self.client.get(self.key)
+
+    def __enter__(self) -> "RedisLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.release()
+        except redis.RedisError as error:  # the TTL frees it anyway
+            log.warning("could not release lock %s: %s", self.key, error)
+
+
+class Heartbeat(threading.Thread):
+    """Calls ``beat()`` every ``interval`` seconds until stopped; Redis outages are survived.
+
+    ``beat`` returns False when the lock was lost, which sets ``lost`` (the runner then stops
+    writing as if it owned the job).
+    """
+
+    def __init__(self, beat: Callable[[], bool], interval: float, name: str = "heartbeat"):
+        super().__init__(name=name, daemon=True)
+        self._beat = beat
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.lost = threading.Event()
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            try:
+                if not self._beat():
+                    self.lost.set()
+                self.failures = 0
+            except redis.RedisError as error:
+                # Redis restarting: keep the trainer running, try again next beat
+                self.failures += 1
+                log.warning("heartbeat failed (%d in a row): %s", self.failures, error)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=self._interval + 5)

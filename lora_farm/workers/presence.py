@@ -1,0 +1,92 @@
+"""What a worker's main process does besides Celery: every ``heartbeat_seconds`` it publishes its
+card's snapshot and its own heartbeat, then runs a dispatch pass and a reaper sweep (both under
+locks, so with many workers one of each runs at a time).
+
+Started on Celery's ``worker_ready`` (after the pool has forked) and stopped on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import redis
+
+from lora_farm.errors import GpuInventoryError
+from lora_farm.ledger import Ledger
+from lora_farm.scheduler.dispatch import dispatch_once, publish_gpu
+from lora_farm.scheduler.gpus import GpuInfo, read_gpus
+from lora_farm.scheduler.policy import load_policy
+from lora_farm.settings import Settings, get_settings
+from lora_farm.workers.reaper import reap
+
+log = logging.getLogger(__name__)
+GPU_ENV = "LORAFARM_WORKER_GPU"
+
+
+def slots_for(info: GpuInfo) -> int:
+    """How many jobs may share the card: the policy's limit (the placement enforces the same)."""
+    policy = load_policy()
+    return policy.cpu_slot_jobs if info.source == "cpu" else policy.max_jobs_per_gpu
+
+
+def find_card(uuid: str, settings: Settings) -> GpuInfo:
+    for info in read_gpus(settings):
+        if info.uuid == uuid:
+            return info
+    known = ", ".join(info.uuid for info in read_gpus(settings))
+    raise GpuInventoryError(f"this worker serves card `{uuid}` but this host has only: {known}. "
+                            "Fix: `lorafarm gpus` lists the cards; start the worker with one of them.")
+
+
+class Presence(threading.Thread):
+    def __init__(self, ledger: Ledger, gpu_uuid: str, worker_name: str, queues: list[str],
+                 settings: Settings | None = None):
+        super().__init__(name="lorafarm-presence", daemon=True)
+        self.ledger, self.gpu_uuid, self.worker_name, self.queues = ledger, gpu_uuid, worker_name, queues
+        self.settings = settings or get_settings()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except (redis.RedisError, OSError) as error:
+                log.warning("presence tick failed (will retry): %s", error)
+            except Exception:  # a bug here must not kill the worker's heartbeat for good
+                log.exception("presence tick failed")
+            if self._stop_event.wait(self.settings.heartbeat_seconds):
+                return
+
+    def tick(self) -> None:
+        info = find_card(self.gpu_uuid, self.settings)
+        slots = slots_for(info)
+        publish_gpu(self.ledger, info.to_dict(), self.worker_name, slots)
+        self.publish_worker(slots)
+        dispatch_once(self.ledger, settings=self.settings)
+        reap(self.ledger, self.settings)
+
+    def publish_worker(self, slots: int) -> None:
+        active = [job_id for job_id, held in self.ledger.reservations().items()
+                  if self.gpu_uuid in held["gpus"]]
+        record = {"name": self.worker_name, "host": socket.gethostname(), "pid": os.getpid(),
+                  "gpu": self.gpu_uuid, "queues": self.queues, "slots": slots, "jobs": active,
+                  "heartbeat": time.time(), "torch_imported": "torch" in sys.modules}
+        self.ledger.client.hset(self.ledger.keys.workers, self.worker_name, json.dumps(record))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        try:
+            self.ledger.client.hdel(self.ledger.keys.workers, self.worker_name)
+        except redis.RedisError:
+            pass
+
+
+def read_workers(ledger: Ledger) -> list[dict]:
+    return sorted((json.loads(raw) for raw in ledger.client.hgetall(ledger.keys.workers).values()),
+                  key=lambda worker: worker["name"])

@@ -1,0 +1,276 @@
+"""The runner: executes one scheduled job on this worker's card, from lock to release.
+
+take the job lock -> scheduled->running -> write config.resolved.yaml -> spawn the trainer pinned
+to the card -> copy its progress events into the ledger while watching for cancel, timeout and a
+lost lock -> classify the exit from evidence -> next state (uploading/retrying/failed/cancelled),
+which releases the card's reservation in the same pipeline -> ship -> trigger a dispatch.
+
+Torch-free: the trainer is another process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from lora_farm.jobs.spec import spec_from_dict
+from lora_farm.jobs.state import JobState
+from lora_farm.ledger import JobRecord, Ledger
+from lora_farm.ledger import transitions as tr
+from lora_farm.scheduler.gpus import pinned_env
+from lora_farm.settings import Settings, get_settings
+from lora_farm.trainers.progress import EventTail
+from lora_farm.workers import trainer_process as tp
+from lora_farm.workers.joblock import Heartbeat, RedisLock
+from lora_farm.workers.outcome import (Outcome, RunEvidence, Verdict, classify, degraded_plan,
+                                       retries_left)
+from lora_farm.workers.upload import ship_and_finish
+
+log = logging.getLogger(__name__)
+S = JobState
+ArgvFactory = Callable[[Path, Path, Path], list[str]]
+_PROGRESS_KEYS = {"step": "step", "total_steps": "total_steps", "epoch": "epoch",
+                  "epochs": "epochs", "loss": "loss", "eta_s": "eta_s",
+                  "peak_vram_mb": "peak_vram_mb"}
+
+
+@dataclass
+class RunnerOptions:
+    settings: Settings = field(default_factory=get_settings)
+    trainer_argv: ArgvFactory = tp.trainer_argv  # tests of exit classification swap this only
+    after_release: Callable[[], Any] | None = None  # a dispatch once the card is free
+    poll_seconds: float = 0.5
+
+
+def job_dir_for(record: JobRecord, settings: Settings) -> Path:
+    """``<output_dir or LORAFARM_OUTPUT_ROOT>/<batch>/<job_id>/`` (docs/internals.md)."""
+    root = Path(record.spec.get("output_dir") or settings.output_root_abs)
+    return root / record.batch / record.id
+
+
+def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | None = None) -> str:
+    """Run one delivery of a job; returns what happened (``duplicate``/``stale`` or an outcome)."""
+    options = options or RunnerOptions()
+    lock = RedisLock(ledger.client, ledger.keys.job_lock(job_id), options.settings.stale_after_seconds)
+    if not lock.acquire():
+        log.info("job %s: lock held by %s; this delivery is a duplicate", job_id, lock.holder())
+        return "duplicate"
+    try:
+        record = tr.start(ledger, job_id, token, socket.gethostname())
+        if record is None:
+            log.info("job %s: not scheduled with token %s any more; dropping the message", job_id, token)
+            return "stale"
+        verdict = _supervise(ledger, record, lock, options)
+        _retrying_redis(lambda: _conclude(ledger, record, verdict, options), options.settings)
+        return verdict.outcome.value
+    finally:
+        lock.release()
+        if options.after_release is not None:
+            _safely(options.after_release, "dispatch after job end")
+
+
+class _Watch:
+    """State of one trainer run while it is watched."""
+
+    def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path):
+        self.ledger, self.record, self.job_dir = ledger, record, job_dir
+        self.tail = EventTail(job_dir / "events.jsonl")
+        self.tail.read_new()  # skip the events of earlier attempts
+        self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
+        self.artifacts: dict[str, str] = {}
+
+    def absorb_events(self) -> None:
+        update: dict[str, Any] = {}
+        for event in self.tail.read_new():
+            kind = event.get("event")
+            if kind == "phase":
+                update["phase"] = event.get("phase", "")
+            elif kind == "progress":
+                update.update({key: event[src] for src, key in _PROGRESS_KEYS.items() if src in event})
+            elif kind == "summary":
+                self.evidence.exported = True
+                update["loss"] = event.get("final_loss", update.get("loss"))
+                if event.get("peak_vram_mb") is not None:
+                    update["peak_vram_mb"] = event["peak_vram_mb"]
+            elif kind == "artifact":
+                self.evidence.exported = True
+                self.artifacts[event.get("kind", "file")] = str(event.get("path", ""))
+            elif kind == "error":
+                self.evidence.last_error = event
+        if update:
+            self.ledger.update(self.record.id, update)
+
+
+def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, options: RunnerOptions) -> Verdict:
+    settings = options.settings
+    job_dir = job_dir_for(record, settings)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    resolved = _write_resolved(record, job_dir)
+    watch = _Watch(ledger, record, job_dir)
+    _log_header(job_dir / "train.log", record)
+    process = tp.spawn(options.trainer_argv(resolved, job_dir, job_dir / "events.jsonl"),
+                       tp.trainer_env(pinned_env(record.gpus), {"LORAFARM_JOB_ID": record.id,
+                                                               "LORAFARM_ATTEMPT": str(record.attempt)}),
+                       job_dir / "train.log", cwd=job_dir)
+    ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
+    heartbeat = Heartbeat(lambda: _beat(ledger, record, lock), settings.heartbeat_seconds,
+                          name=f"heartbeat-{record.id}")
+    heartbeat.start()
+    try:
+        _watch_until_exit(process, watch, heartbeat, lock, options)
+    finally:
+        heartbeat.stop()
+    _safely(watch.absorb_events, "reading the last events")
+    watch.record.artifacts = watch.artifacts
+    return classify(watch.evidence)
+
+
+def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heartbeat,
+                      lock: RedisLock, options: RunnerOptions) -> None:
+    started = time.monotonic()
+    timeout = watch.record.timeout
+    evidence = watch.evidence
+    while process.poll() is None:
+        time.sleep(options.poll_seconds)
+        _safely(watch.absorb_events, "reading progress events")
+        if heartbeat.lost.is_set() and not _reacquire(lock):
+            evidence.lost = True
+        elif _cancel_requested(watch):
+            evidence.cancelled = True
+        elif timeout and time.monotonic() - started > timeout:
+            evidence.timed_out = True
+        else:
+            continue
+        evidence.returncode = tp.stop_group(process, options.settings.cancel_grace_seconds)
+        return
+    evidence.returncode = process.returncode
+    tp.stop_group(process, grace_seconds=2)  # children the trainer left behind
+
+
+def _cancel_requested(watch: _Watch) -> bool:
+    try:
+        return watch.ledger.cancel_requested(watch.record.id)
+    except redis.RedisError:
+        return False  # Redis is away: keep training, ask again next tick
+
+
+def _reacquire(lock: RedisLock) -> bool:
+    """After Redis came back without our lock: take it again unless another runner has it."""
+    try:
+        return lock.acquire() or lock.refresh()
+    except redis.RedisError:
+        return True  # still unreachable: nobody else can take it either
+
+
+def _beat(ledger: Ledger, record: JobRecord, lock: RedisLock) -> bool:
+    if not lock.refresh():
+        return False
+    values: dict[str, Any] = {"heartbeat": time.time()}
+    util = ledger.client.hget(ledger.keys.gpu(record.gpus[0]), "util_pct") if record.gpus else None
+    if util:
+        values["gpu_util"] = float(util)
+    ledger.update(record.id, values)
+    return True
+
+
+def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: RunnerOptions) -> None:
+    """Move the job on; every branch leaves ``running`` and so releases the reservation."""
+    job_id, token, outcome = record.id, record.token, verdict.outcome
+    code = verdict.extra.get("returncode")
+    if outcome == Outcome.LOST:
+        log.warning("job %s: lost its lock; leaving the ledger to the new owner", job_id)
+        return
+    if outcome == Outcome.SUCCEEDED:
+        _calibrate(ledger, job_id)
+        job_dir = job_dir_for(record, options.settings)
+        if tr.begin_upload(ledger, job_id, token, str(job_dir)) is not None:
+            if options.after_release is not None:  # the card is free while we upload
+                _safely(options.after_release, "dispatch before upload")
+            ship_and_finish(ledger, job_id, job_dir, local_artifacts=record.artifacts)
+        return
+    if outcome == Outcome.CANCELLED:
+        tr.finish_cancelled(ledger, job_id, expect={S.RUNNING}, token=token)
+        return
+    if outcome in (Outcome.OOM, Outcome.CRASHED, Outcome.INTERRUPTED):
+        _retry_or_fail(ledger, record, verdict)
+        return
+    tr.fail(ledger, job_id, verdict.reason, expect={S.RUNNING}, token=token, exit_code=code)
+
+
+def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict) -> None:
+    current = ledger.get(record.id)
+    plan: dict[str, Any] | None = None
+    reason = verdict.reason
+    if verdict.outcome == Outcome.OOM:
+        plan = degraded_plan(current.spec, current.plan)
+        if plan is None:
+            reason += "; nothing left to degrade (batch_size 1 with gradient checkpointing)"
+    if retries_left(current.attempt, current.max_retries) and not (
+            verdict.outcome == Outcome.OOM and plan is None):
+        log.info("job %s: %s; requeued for attempt %d", record.id, reason, current.attempt + 1)
+        tr.requeue(ledger, record.id, reason, expect={S.RUNNING}, plan=plan, token=record.token,
+                   exit_code=verdict.extra.get("returncode"))
+        return
+    if retries_left(current.attempt, current.max_retries) is False:
+        reason += f"; no retries left ({current.max_retries} allowed)"
+    tr.fail(ledger, record.id, reason, expect={S.RUNNING}, token=record.token,
+            exit_code=verdict.extra.get("returncode"))
+
+
+def _calibrate(ledger: Ledger, job_id: str) -> None:
+    """Teach the estimate what this job really peaked at (scheduler/calibration.py)."""
+    from lora_farm.redis_conn import bytes_client
+    from lora_farm.scheduler.calibration import record_peak
+
+    record = ledger.get(job_id)
+    try:
+        record_peak(bytes_client(ledger.client), ledger.keys.prefix,
+                    spec_from_dict(record.effective_spec()), record.estimate_mb, record.peak_vram_mb)
+    except (redis.RedisError, ValueError) as error:
+        log.warning("job %s: calibration not recorded: %s", job_id, error)
+
+
+def _write_resolved(record: JobRecord, job_dir: Path) -> Path:
+    """The spec with the degraded plan applied, as the trainer will read it."""
+    from lora_farm.jobs.loader import write_resolved
+
+    spec = spec_from_dict(record.effective_spec())
+    return write_resolved(spec, job_dir / "config.resolved.yaml")
+
+
+def _log_header(log_path: Path, record: JobRecord) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(log_path, "a", encoding="utf-8") as stream:
+        stream.write(f"\n=== lorafarm: job {record.id} ({record.name}) attempt {record.attempt} "
+                     f"on {record.gpu or '-'} at {stamp} plan={record.plan or 'as specified'} ===\n")
+
+
+def _retrying_redis(action: Callable[[], Any], settings: Settings) -> Any:
+    """Run ``action``, waiting out a Redis restart (up to ~``stale_after_seconds`` x 4). If Redis
+    stays away the error propagates; the reaper then requeues the job from its checkpoint."""
+    deadline = time.monotonic() + settings.stale_after_seconds * 4
+    wait = 0.5
+    while True:
+        try:
+            return action()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable (%s); retrying in %.1fs", error, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
+
+
+def _safely(action: Callable[[], Any], what: str) -> None:
+    try:
+        action()
+    except redis.RedisError as error:
+        log.warning("%s failed (Redis): %s", what, error)

@@ -1,0 +1,261 @@
+"""The farm end to end: real Redis, real `celery worker` processes on a declared 2-card inventory
+(LORAFARM_GPUS=gpu0:24GiB,gpu1:24GiB), the real trainers on tiny models, the real CLI.
+
+Jobs declare `vram_gb` so the packing is known: 8 GB jobs share a card two at a time (16 <= 19.2
+usable with 20% headroom); a 12 GB job does not fit next to them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_farm.jobs.state import TERMINAL, JobState
+from lora_farm.ledger import transitions as tr
+from lora_farm.settings import get_settings
+from lora_farm.submit import submit_files
+from lora_farm.trainers.progress import read_events
+from lora_farm.workers.app import send_run_job
+from lora_farm.workers.trainer_process import group_exists
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+USABLE_MB = 24 * 1024 * 0.8
+
+
+def write_spec(folder: Path, name: str, model: Path, data: Path, task: str, **extra) -> Path:
+    spec = {"name": name, "task": task, "base_model": str(model), "train_data_dir": str(data),
+            "max_steps": 2, "save_steps": 1, "num_workers": 0, "batch_size": 1, **extra}
+    if task == "image":
+        spec["resolution"] = 64
+    else:
+        spec["max_seq_len"] = 32
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_until(condition, timeout: float, what: str, pool=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{pool.logs()}" if pool else ""))
+
+
+def all_done(ledger, ids):
+    records = ledger.records(ids)
+    return records if all(JobState(r.state) in TERMINAL for r in records) else None
+
+
+def start_events(record):
+    return [e for e in read_events(Path(record.job_dir) / "events.jsonl") if e["event"] == "start"]
+
+
+def reservation_intervals(ledger, job_ids):
+    """(card, mb, reserved_at, released_at) from each job's timeline."""
+    intervals = []
+    for job_id in job_ids:
+        open_ = None
+        for entry in ledger.timeline(job_id):
+            if "reserved_mb" in entry:
+                open_ = (entry["gpus"][0], entry["reserved_mb"], entry["t"])
+            elif "released_mb" in entry and open_:
+                intervals.append((*open_, entry["t"]))
+                open_ = None
+    return intervals
+
+
+def peak_reserved(intervals, card):
+    """The most VRAM ever reserved at once on ``card`` (checked at every reservation instant)."""
+    mine = [iv for iv in intervals if iv[0] == card]
+    return max((sum(mb for _, mb, start, end in mine if start <= t < end) for _, _, t, _ in mine),
+               default=0)
+
+
+def torch_mapped(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def worker_pids(process: subprocess.Popen) -> list[int]:
+    import psutil
+    parent = psutil.Process(process.pid)
+    return [parent.pid] + [child.pid for child in parent.children(recursive=False)]
+
+
+def test_batch_packs_two_cards_and_pins_each_trainer(farm_env, ledger, celery_workers, tiny_llm,
+                                                     tiny_sd, image_dataset, text_dataset, tmp_path):
+    specs = [write_spec(tmp_path, "img-a", tiny_sd, image_dataset, "image", vram_gb=8),
+             write_spec(tmp_path, "llm-a", tiny_llm, text_dataset, "llm", vram_gb=8),
+             write_spec(tmp_path, "llm-b", tiny_llm, text_dataset, "llm", vram_gb=8, lora_rank=4),
+             write_spec(tmp_path, "llm-big", tiny_llm, text_dataset, "llm", vram_gb=12)]
+    workers = [celery_workers.start("gpu0"), celery_workers.start("gpu1")]
+    report = submit_files(specs, ledger, batch="nightly")
+    ids = [job.record.id for job in report.jobs]
+    records = wait_until(lambda: all_done(ledger, ids), 600, "the batch to finish", celery_workers)
+
+    assert [r.state for r in records] == ["succeeded"] * 4, [r.exit_reason for r in records]
+    for record in records:
+        (start,) = start_events(record)
+        assert start["cuda_visible_devices"] == record.gpu  # the card the ledger says
+        weights = f"{record.name}.safetensors" if record.task == "image" else "adapter/adapter_model.safetensors"
+        assert weights in record.artifacts and record.manifest_uri.endswith("manifest.json")
+        assert record.loss is not None and record.step == 2  # progress reached the ledger
+    intervals = reservation_intervals(ledger, ids)
+    assert len(intervals) == 4 and ledger.reservations() == {}
+    for card in ("gpu0", "gpu1"):
+        assert peak_reserved(intervals, card) <= USABLE_MB
+    assert max(peak_reserved(intervals, card) for card in ("gpu0", "gpu1")) == 16 * 1024  # shared
+    for process in workers:
+        assert not any(torch_mapped(pid) for pid in worker_pids(process))
+    for name in celery_workers.processes:
+        assert celery_workers.worker_record(name)["torch_imported"] is False
+    again = submit_files(specs, ledger, batch="nightly")  # the nightly cron runs again
+    assert not any(job.created for job in again.jobs) and len(ledger.list_jobs()) == 4
+
+
+def test_higher_priority_job_overtakes_the_queue(farm_env, ledger, celery_workers, tiny_llm,
+                                                 text_dataset, tmp_path):
+    celery_workers.start("gpu0")
+    low = [write_spec(tmp_path, f"low-{i}", tiny_llm, text_dataset, "llm", vram_gb=16, seed=i)
+           for i in range(3)]
+    low_ids = [j.record.id for j in submit_files(low, ledger, batch="b").jobs]
+    wait_until(lambda: ledger.get(low_ids[0]).state == "running", 120, "the first job to run",
+               celery_workers)
+    high = write_spec(tmp_path, "urgent", tiny_llm, text_dataset, "llm", vram_gb=16, priority=50)
+    high_id = submit_files([high], ledger, batch="b").jobs[0].record.id
+    records = wait_until(lambda: all_done(ledger, low_ids + [high_id]), 600, "all jobs",
+                         celery_workers)
+    started = {r.id: r.started for r in records}
+    assert all(r.state == "succeeded" for r in records)
+    assert started[low_ids[0]] < started[high_id] < min(started[low_ids[1]], started[low_ids[2]])
+
+
+def test_cancel_mid_training_frees_the_card_for_the_next_job(farm_env, ledger, celery_workers,
+                                                             tiny_llm, text_dataset, tmp_path):
+    celery_workers.start("gpu0")
+    long = write_spec(tmp_path, "long", tiny_llm, text_dataset, "llm", vram_gb=16, max_steps=100000,
+                      save_steps=1000)
+    nxt = write_spec(tmp_path, "next", tiny_llm, text_dataset, "llm", vram_gb=16)
+    long_id, next_id = (j.record.id for j in submit_files([long, nxt], ledger, batch="c").jobs)
+    wait_until(lambda: (ledger.get(long_id).step or 0) >= 2, 180, "training to start", celery_workers)
+    assert ledger.get(next_id).state == "queued"  # the card is full
+    pid = ledger.get(long_id).pid
+    gpus = cli_run(farm_env, "gpus")
+    assert long_id in gpus and "gpu0" in gpus and "online" in gpus
+    assert "gpu.gpu0" in cli_run(farm_env, "workers")
+    assert "running" in cli_run(farm_env, "status", long_id)
+    cli = subprocess.run([sys.executable, "-m", "lora_farm", "cancel", long_id], env=farm_env,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and "stopping" in cli.stdout, cli.stderr
+    wait_until(lambda: not group_exists(pid), 30, "the trainer group to exit")
+    record = wait_until(lambda: ledger.get(long_id) if ledger.get(long_id).state == "cancelled"
+                        else None, 30, "the job to be cancelled", celery_workers)
+    assert record.exit_reason == "cancelled by user"
+    assert long_id not in ledger.reservations()
+    wait_until(lambda: ledger.get(next_id).state in ("scheduled", "running", "uploading",
+                                                     "succeeded"), 60, "the next job to start")
+    done = wait_until(lambda: all_done(ledger, [next_id]), 300, "the next job", celery_workers)
+    assert done[0].state == "succeeded"
+
+
+def cli_run(env, *args) -> str:
+    done = subprocess.run([sys.executable, "-m", "lora_farm", *args], env={**env, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_lorafarm_worker_starts_one_worker_per_named_card(farm_env, ledger, tmp_path):
+    import signal as sig
+
+    log = open(tmp_path / "lorafarm-worker.log", "wb")
+    launcher = subprocess.Popen([sys.executable, "-m", "lora_farm", "worker", "--gpus", "gpu1"],
+                                env=farm_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        workers = wait_until(lambda: ledger.client.hgetall(ledger.keys.workers), 90,
+                             "the worker to come online")
+        (record,) = [yaml.safe_load(raw) for raw in workers.values()]
+        assert record["gpu"] == "gpu1" and record["queues"] == ["farm", "gpu.gpu1"]
+        assert record["slots"] == 2 and record["torch_imported"] is False
+        launcher.send_signal(sig.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, sig.SIGKILL)
+
+
+def test_message_delivered_twice_runs_the_job_once(farm_env, ledger, celery_workers, tiny_llm,
+                                                   text_dataset, tmp_path):
+    from lora_farm.ledger import NewJob
+    from lora_farm.jobs.loader import load_spec_file
+
+    spec = load_spec_file(write_spec(tmp_path, "twice", tiny_llm, text_dataset, "llm")).spec
+    job_id = ledger.create_jobs([NewJob(spec, "d", 0, 100.0)])[0].record.id
+    tr.schedule(ledger, job_id, ["gpu0"], 100.0, token="tok")  # as dispatch would
+    send_run_job(job_id, "tok", "gpu.gpu0")
+    send_run_job(job_id, "tok", "gpu.gpu0")  # a redelivered copy
+    celery_workers.start("gpu0")
+    (record,) = wait_until(lambda: all_done(ledger, [job_id]), 300, "the job", celery_workers)
+    assert record.state == "succeeded"
+    assert len(start_events(record)) == 1
+    assert [e["to"] for e in ledger.timeline(job_id)].count("running") == 1
+    log = (Path(record.job_dir) / "train.log").read_text()
+    assert log.count("=== lorafarm: job") == 1
+
+
+def test_job_bigger_than_every_card_is_refused_at_submit(farm_env, ledger, tiny_llm, text_dataset,
+                                                         tmp_path):
+    ok = write_spec(tmp_path, "fits", tiny_llm, text_dataset, "llm", vram_gb=4)
+    huge = write_spec(tmp_path, "huge", tiny_llm, text_dataset, "llm", vram_gb=100)
+    cli = subprocess.run([sys.executable, "-m", "lora_farm", "submit", str(ok), str(huge)],
+                         env=farm_env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1
+    assert "huge" in cli.stderr and "100.0 GB" in cli.stderr and "24.0 GB" in cli.stderr
+    assert "19.2 GB usable" in cli.stderr and "nothing was submitted" in cli.stderr
+    assert ledger.list_jobs() == []  # not even the job that fits
+    first = subprocess.run([sys.executable, "-m", "lora_farm", "submit", str(ok), "--batch", "n"],
+                           env=farm_env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-m", "lora_farm", "submit", str(ok), "--batch", "n"],
+                            env=farm_env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "queued" in first.stdout and "unchanged" in second.stdout
+    assert len(ledger.list_jobs()) == 1
+    status = subprocess.run([sys.executable, "-m", "lora_farm", "status", "--csv"], env=farm_env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count("fits") == 1
+    assert os.environ["LORAFARM_KEY_PREFIX"] == get_settings().key_prefix
+
+
+def test_killed_worker_job_is_reaped_and_resumes_from_its_checkpoint(
+        farm_env, ledger, celery_workers, tiny_llm, text_dataset, tmp_path):
+    first = celery_workers.start("gpu0")
+    spec = write_spec(tmp_path, "survivor", tiny_llm, text_dataset, "llm", vram_gb=8,
+                      max_steps=60, save_steps=2)
+    job_id = submit_files([spec], ledger, batch="e").jobs[0].record.id
+    wait_until(lambda: (ledger.get(job_id).step or 0) >= 4, 180, "a checkpoint", celery_workers)
+    orphan = ledger.get(job_id).pid
+    celery_workers.kill(first)  # worker and runner die; the trainer is left orphaned
+    assert ledger.get(job_id).state == "running"  # nobody has told the ledger yet
+    celery_workers.start("gpu0")  # its reaper notices the stale heartbeat
+    wait_until(lambda: ledger.get(job_id).attempt == 2, 120, "the reaper", celery_workers)
+    wait_until(lambda: not group_exists(orphan), 5, "the orphaned trainer to be killed")
+    assert (ledger.get(job_id).step or 0) < 60  # it was killed mid-training, not finished
+    (record,) = wait_until(lambda: all_done(ledger, [job_id]), 400, "the job", celery_workers)
+    assert record.state == "succeeded" and record.attempt == 2
+    assert not group_exists(orphan)
+    reasons = [e.get("reason", "") for e in ledger.timeline(job_id)]
+    assert any("worker lost" in reason for reason in reasons)
+    starts = start_events(record)
+    assert len(starts) == 2 and starts[1]["attempt_resume_step"] >= 2

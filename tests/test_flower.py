@@ -1,0 +1,91 @@
+"""`lorafarm flower` against the test broker and a real Celery worker, read over Flower's HTTP API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from lora_farm.cli.ship import flower_argv
+from tests.fixtures_s3 import free_port
+
+pytestmark = pytest.mark.slow
+AUTH = "farmer:flower-test-password"
+
+
+def get(url: str, auth: str | None = AUTH, timeout: float = 30) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except OSError:
+        return 0, ""
+
+
+def wait_until(probe, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+@pytest.fixture
+def flower_server(farm_env, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "flower.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "lora_farm", "flower", "--port", str(port)],
+                               env={**farm_env, "FLOWER_BASIC_AUTH": AUTH}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: get(f"{base}/healthcheck", auth=None)[0] == 200 or process.poll(),
+                   what="flower /healthcheck")
+        assert process.poll() is None, (tmp_path / "flower.log").read_text()
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def test_flower_shows_the_gpu_worker_online(celery_workers, flower_server):
+    celery_workers.start("gpu0", concurrency=1)
+    (name,) = celery_workers.processes
+
+    def worker_listed():
+        status, body = get(f"{flower_server}/api/workers?refresh=1")
+        workers = json.loads(body) if status == 200 else {}
+        return workers.get(name)
+
+    info = wait_until(worker_listed, what=f"worker {name} in Flower's /api/workers")
+    queues = {queue["name"] for queue in info["active_queues"]}
+    assert "gpu.gpu0" in queues  # the queue says which card this worker drives
+    assert name.startswith("gpu-gpu0-")
+    assert info["stats"]["pid"] > 0  # it answered the inspect: it is online
+
+    status, _ = get(f"{flower_server}/api/workers", auth=None)
+    assert status == 401  # the API is closed without the basic-auth credentials
+
+
+def test_flower_argv_keeps_the_broker_password_off_the_command_line():
+    argv = flower_argv(5555, "0.0.0.0", "flower")
+    assert argv[1:6] == ["-m", "celery", "-A", "lora_farm.workers.app", "flower"]
+    assert "--url_prefix=flower" in argv and not any("redis://" in part for part in argv)

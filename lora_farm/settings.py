@@ -9,8 +9,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lora_farm.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -20,12 +22,11 @@ class Settings(BaseSettings):
     key_prefix: str = Field("lorafarm", description="prefix of every Redis key the farm writes")
     output_root: Path = Field(Path("output"), description="where job folders live (shared FS)")
     gpus: str = Field("", description="declared inventory 'name:memory,...' when there is no NVML")
-    headroom: float = Field(0.2, ge=0, lt=1, description="fraction of each card kept free")
+    # the placement policy (headroom, jobs per card) lives in scheduler/policy.yaml (LORAFARM_POLICY)
     visibility_timeout: int = Field(7 * 24 * 3600, description="seconds before Redis redelivers")
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 60.0
     cancel_grace_seconds: float = 20.0
-    keep_checkpoints: int = 3
     s3_bucket: str = ""
     s3_prefix: str = "lora-farm"
     s3_endpoint_url: str = ""
@@ -47,7 +48,16 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError("\n".join(_env_problem(item) for item in error.errors())) from None
+
+
+def _env_problem(item: dict) -> str:
+    name = "LORAFARM_" + "_".join(str(part) for part in item["loc"]).upper()
+    return (f"{name}={item.get('input')!r} is invalid: {item['msg']}. "
+            f"Fix: correct or unset {name} (the README lists the settings).")
 
 
 def reload_settings() -> Settings:

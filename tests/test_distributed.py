@@ -74,3 +74,19 @@ def test_exit_codes_of_ranks_combine_to_the_most_telling():
     assert combine_exit_codes([ExitCode.INTERRUPTED, ExitCode.CRASH]) == ExitCode.CRASH
     assert combine_exit_codes([ExitCode.INTERRUPTED, ExitCode.INTERRUPTED]) == ExitCode.INTERRUPTED
     assert combine_exit_codes([0, -9]) == ExitCode.CRASH
+
+
+def test_a_failing_rank_stops_its_peers_instead_of_hanging(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from lora_farm.trainers.distributed import _wait_all
+
+    crash = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    started = time.monotonic()
+    codes = _wait_all([crash, stuck], grace_seconds=5)
+    assert codes[0] == 1 and codes[1] != 0
+    assert time.monotonic() - started < 60
+    assert combine_exit_codes(codes) == ExitCode.CRASH

@@ -37,7 +37,7 @@ def make_finished_job(job_dir: Path, name: str = "cat", weight_bytes: int = 0) -
     (job_dir / "tensorboard" / "events.out.tfevents.1").write_bytes(b"tb")
     for step in ("step-000001", "step-000002"):
         (job_dir / "checkpoints" / step).mkdir(parents=True)
-        (job_dir / "checkpoints" / step / "state.pt").write_bytes(b"state")
+        (job_dir / "checkpoints" / step / "state.json").write_bytes(b"state")
     return job_dir
 
 
@@ -177,7 +177,7 @@ def test_storage_outage_mid_upload_waits_keeps_weights_and_recovers(monkeypatch,
         assert isinstance(waits[0], StorageUnavailable) and server.endpoint in str(waits[0])
         assert "result" not in outcome and "error" not in outcome  # still waiting, not failed
         assert local_hashes(job_dir) == weights
-        assert (job_dir / "checkpoints" / "step-000002" / "state.pt").is_file()
+        assert (job_dir / "checkpoints" / "step-000002" / "state.json").is_file()
 
         server.start()  # same port; an ephemeral store comes back empty
         server.client().create_bucket(Bucket=bucket)

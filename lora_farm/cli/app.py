@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lora_farm import __version__
 from lora_farm.errors import LoraFarmError
@@ -36,7 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def fail(message: str, code: int = 1) -> None:
     """Print a user error (no traceback) and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     try:
         app()
     except LoraFarmError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

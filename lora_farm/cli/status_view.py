@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from lora_farm.ledger import JobRecord
@@ -52,7 +53,7 @@ def status_table(records: Sequence[JobRecord], now: float | None = None, title: 
         table.add_row(r.id, r.name, state, r.gpu, progress_bar(r),
                       "" if r.loss is None else f"{r.loss:.4f}", eta,
                       "" if duration is None else format_duration(duration),
-                      _mb(r.peak_vram_mb), r.exit_reason if r.state != "succeeded" else "")
+                      _mb(r.peak_vram_mb), escape(r.exit_reason) if r.state != "succeeded" else "")
     return table
 
 

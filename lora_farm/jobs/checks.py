@@ -7,18 +7,19 @@ re-reads every example (e.g. decodes each image) before its first step.
 from __future__ import annotations
 
 import csv
-import json
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from lora_farm.errors import SpecProblem
+from lora_farm.errors import DatasetError, SpecProblem
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model
 from lora_farm.jobs.paths import is_inside
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
 from lora_farm.settings import get_settings
+# torch-free: validation reads data with the trainer's own rules
+from lora_farm.trainers.llm_data import DATA_SUFFIXES, find_data_files, read_records, to_example
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-TEXT_SUFFIXES = {".jsonl", ".json", ".csv"}
 MAX_LISTED = 5
 RECORDS_CHECKED = 100
 
@@ -34,7 +35,7 @@ def infer_task(data: dict[str, Any]) -> str | None:
     dataset = data.get("train_data_dir")
     if isinstance(dataset, Path):
         if dataset.is_file():
-            return "llm" if dataset.suffix in TEXT_SUFFIXES else None
+            return "llm" if dataset.suffix.lower() in DATA_SUFFIXES else None
         if dataset.is_dir():
             if list_images(dataset):
                 return "image"
@@ -43,8 +44,10 @@ def infer_task(data: dict[str, Any]) -> str | None:
     return None
 
 
-def check_spec(label: str, spec: JobSpec) -> list[SpecProblem]:
-    problems = _check_base_model(label, spec) + _check_output(label, spec)
+def check_spec(label: str, spec: JobSpec, *, check_output: bool = True) -> list[SpecProblem]:
+    """Every filesystem check; ``check_output=False`` where the caller already chose the job
+    folder (a trainer started with ``--job-dir``: the output root was checked at submit)."""
+    problems = _check_base_model(label, spec) + (_check_output(label, spec) if check_output else [])
     problems += _check_optional_paths(label, spec)
     if isinstance(spec, ImageJobSpec):
         problems += check_image_dataset(label, spec)
@@ -96,7 +99,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
 
 
 def _listed(problems: list[SpecProblem], label: str, field: str, noun: str, items: list[str], fix: str
@@ -158,69 +161,19 @@ def _check_metadata(label: str, folder: Path, metadata: Path) -> list[SpecProble
 
 
 def check_text_dataset(label: str, spec: LlmJobSpec) -> list[SpecProblem]:
-    source = spec.train_data_dir
-    files = [source] if source.is_file() else (text_files(source) if source.is_dir() else [])
-    if not source.exists():
-        return [SpecProblem(label, "train_data_dir", f"does not exist: {str(source)!r}.",
-                            "point it at a .jsonl/.csv file or a folder of them.")]
-    if not files:
-        return [SpecProblem(label, "train_data_dir", f"holds no .jsonl, .json or .csv file: {str(source)!r}.",
-                            "point it at a .jsonl/.csv file or a folder of them.")]
-    problems = []
-    for file in files:
-        message = _text_file_problem(file, spec.text_field)
-        if message:
-            problems.append(SpecProblem(label, "train_data_dir", message,
-                                        f"each record needs `{spec.text_field}` or instruction + output."))
-    return problems
-
-
-def _text_file_problem(file: Path, text_field: str) -> str | None:
-    if file.suffix.lower() not in TEXT_SUFFIXES:
-        return f"{file} is a {file.suffix or 'suffix-less'} file; use .jsonl, .json or .csv."
+    """The first records of every data file, read by the trainer's own reader (same rules)."""
     try:
-        records = list(_first_records(file))
+        for file in find_data_files(spec.train_data_dir):
+            records = list(islice(read_records(file), RECORDS_CHECKED))
+            if not records:
+                raise DatasetError(f"{file}: the file holds no record")
+            for line, record in records:
+                to_example(record, f"{file}:{line}", spec.text_field)
+    except DatasetError as error:
+        return [SpecProblem(label, "train_data_dir", f"{error}.",
+                            f"each record needs a non-empty `{spec.text_field}` or instruction + "
+                            "output; files are .jsonl, .json (a list) or .csv.")]
     except (UnicodeDecodeError, csv.Error) as error:
-        return f"{file} is not readable UTF-8 ({error})."
-    except _BadJsonLine as error:
-        return f"{file} {error}"
-    if not records:
-        return f"{file} holds no records."
-    for number, record in enumerate(records, 1):
-        if not isinstance(record, dict):
-            return f"{file} record {number} is not an object, got {type(record).__name__}."
-        if not (record.get(text_field) or (record.get("instruction") and record.get("output") is not None)):
-            return f"{file} record {number} has neither `{text_field}` nor instruction/output (keys {sorted(record)})."
-    return None
-
-
-class _BadJsonLine(ValueError):
-    """A JSON/JSONL record that does not parse (the message names the line)."""
-
-
-def _first_records(file: Path):
-    if file.suffix.lower() == ".csv":
-        with open(file, newline="", encoding="utf-8-sig") as stream:
-            for number, row in enumerate(csv.DictReader(stream)):
-                if number >= RECORDS_CHECKED:
-                    return
-                yield row
-        return
-    text = file.read_text(encoding="utf-8-sig")
-    if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as error:
-            raise _BadJsonLine(f"is not valid JSON (line {error.lineno}): {error.msg}.") from None
-        yield from (data if isinstance(data, list) else [data])[:RECORDS_CHECKED]
-        return
-    count = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _BadJsonLine(f"line {number} is not JSON: {error.msg}.") from None
-            count += 1
-            if count >= RECORDS_CHECKED:
-                return
+        return [SpecProblem(label, "train_data_dir", f"is not readable UTF-8 text ({error}).",
+                            "save the data files as UTF-8.")]
+    return []

@@ -42,7 +42,8 @@ def load_spec_files(paths: list[Path], *, check_files: bool = True) -> list[Load
     return loaded
 
 
-def load_spec_file(path: Path, *, check_files: bool = True, cwd: Path | None = None) -> LoadedSpec:
+def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool = True,
+                   cwd: Path | None = None) -> LoadedSpec:
     """One file -> LoadedSpec, or SpecError with every problem found in it."""
     path = Path(path)
     label = str(path)
@@ -64,7 +65,8 @@ def load_spec_file(path: Path, *, check_files: bool = True, cwd: Path | None = N
     spec = _validate(label, data, problems)
     if spec is not None and check_files:
         reported = {problem.field for problem in problems}  # one message per field is enough
-        problems += [p for p in checks.check_spec(label, spec) if p.field not in reported]
+        found = checks.check_spec(label, spec, check_output=check_output)
+        problems += [p for p in found if p.field not in reported]
     if problems:
         raise SpecError(problems)
     assert spec is not None

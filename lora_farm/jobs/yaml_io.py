@@ -54,5 +54,14 @@ def parse_spec_yaml(text: str) -> Any:
     return yaml.load(text, Loader=SpecYamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+class SpecYamlDumper(yaml.SafeDumper):
+    """Quotes every string our loader would read as something else (``"1e5"``, ``"true"``)."""
+
+
+SpecYamlDumper.yaml_implicit_resolvers = SpecYamlLoader.yaml_implicit_resolvers
+
+
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    """YAML that ``parse_spec_yaml`` reads back to exactly ``data``."""
+    return yaml.dump(data, Dumper=SpecYamlDumper, sort_keys=False, allow_unicode=True,
+                     default_flow_style=False)

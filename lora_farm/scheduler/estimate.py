@@ -43,6 +43,7 @@ from typing import Any, Iterable, Literal
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model, read_safetensors_header
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 MIB = 1024 * 1024
 CUDA_CONTEXT_MB = 500.0
@@ -57,8 +58,6 @@ LLM_LOGIT_BYTES = 10  # fp16 logits + fp32 upcast for the loss + its grad
 FAMILY_PARAMS = {"sd1": 1.07e9, "sd2": 1.30e9, "sdxl": 3.47e9}
 FAMILY_LORA_PARAMS_PER_RANK = {"sd1": 2.0e5, "sd2": 2.5e5, "sdxl": 7.0e5}
 
-IMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # what peft adapts when target_modules is unset, for the common causal-LM architectures
 LLM_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
 _VARIANT = re.compile(r"\.(fp16|bf16|fp32|ema|non_ema)\.")
@@ -201,13 +200,13 @@ def _lora_params(tensors: Iterable[_Tensor], targets: Iterable[str], rank: int) 
 # ---- image ------------------------------------------------------------------------------------
 
 def _image_lora_params(spec: ImageJobSpec, info: BaseModelInfo, tensors: list[_Tensor]) -> float:
-    targets = tuple(spec.target_modules or IMAGE_TARGETS)
+    targets = tuple(spec.target_modules or UNET_TARGETS)
     if not tensors:
         return FAMILY_LORA_PARAMS_PER_RANK.get(info.family, 2e5) * spec.lora_rank
     unet = _lora_params((t for t in tensors if t.component == "unet"), targets, spec.lora_rank)
     if not spec.train_text_encoder:
         return unet
-    encoder_targets = tuple(spec.target_modules or TEXT_ENCODER_TARGETS)
+    encoder_targets = TEXT_ENCODER_TARGETS  # the trainer ignores target_modules here
     return unet + _lora_params((t for t in tensors if t.component == "text_encoder"),
                                encoder_targets, spec.lora_rank)
 

@@ -63,6 +63,11 @@ class TrainingProgram(ABC):
     def export(self) -> list[tuple[Path, str]]:
         """Write the final adapter files into ``job_dir``; return ``(path, kind)`` pairs."""
 
+    def loss_weight(self, batch: Any) -> float:
+        """How much a micro-batch counts in its optimizer step's mean loss (its examples, its
+        label tokens): accumulation then averages exactly as one big batch would."""
+        return 1.0
+
     def train_mode(self, training: bool) -> None:
         """Switch dropout etc. (default: nothing)."""
 

@@ -3,8 +3,8 @@
 A checkpoint folder holds
 - ``lora.safetensors``   the program's LoRA weights (``lora_state_dict()``),
 - ``trainer_state.json`` step, epoch, config hash, loss: JSON, readable by anyone (and the runner),
-- ``state.pt``           optimizer, lr scheduler, grad scaler and RNG states (tensors; local only,
-                         loaded with ``weights_only=True``).
+- ``state.json`` + ``state.safetensors``  optimizer, lr scheduler, grad scaler and RNG states:
+                         the structure as JSON, its tensors as safetensors (no pickle anywhere).
 
 It is written into a hidden temporary folder and renamed into place, so a folder named
 ``step-*`` is always complete; a process killed mid-write leaves only a ``.tmp-*`` folder, which
@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 LORA_FILE = "lora.safetensors"
 STATE_FILE = "trainer_state.json"
-TENSOR_STATE_FILE = "state.pt"
+TENSOR_STATE_FILE = "state.json"
+TENSOR_STATE_TENSORS = "state.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -45,7 +46,8 @@ class Checkpoint:
         return load_file(self.path / LORA_FILE)
 
     def tensor_state(self) -> dict[str, Any]:
-        return torch.load(self.path / TENSOR_STATE_FILE, map_location="cpu", weights_only=True)
+        tensors = load_file(self.path / TENSOR_STATE_TENSORS)
+        return _rebuild(json.loads((self.path / TENSOR_STATE_FILE).read_text(encoding="utf-8")), tensors)
 
 
 def step_dir_name(step: int) -> str:
@@ -76,7 +78,8 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (LORA_FILE, STATE_FILE, TENSOR_STATE_FILE))
+    return all((folder / name).is_file()
+               for name in (LORA_FILE, STATE_FILE, TENSOR_STATE_FILE, TENSOR_STATE_TENSORS))
 
 
 def save_checkpoint(root: Path, step: int, lora_state: dict[str, torch.Tensor],
@@ -91,7 +94,10 @@ def save_checkpoint(root: Path, step: int, lora_state: dict[str, torch.Tensor],
     # safetensors refuses views and shared storage: hand it plain contiguous CPU copies
     weights = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in lora_state.items()}
     save_file(weights, temporary / LORA_FILE, metadata={"step": str(step)})
-    torch.save(tensor_state, temporary / TENSOR_STATE_FILE)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(tensor_state, tensors)
+    save_file(tensors, temporary / TENSOR_STATE_TENSORS)
+    (temporary / TENSOR_STATE_FILE).write_text(json.dumps(structure), encoding="utf-8")
     (temporary / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2),
                                         encoding="utf-8")
     _fsync_folder(temporary)
@@ -141,3 +147,33 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def _python_rng_to_plain() -> list[Any]:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
+
+
+def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Nested state -> JSON, tensors moved into ``tensors``; int keys and tuples kept exact
+    (optimizer state is keyed by parameter index, Adam's betas are a tuple)."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        return {"__dict__": [[_flatten(key, tensors), _flatten(item, tensors)] for key, item in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_flatten(item, tensors) for item in value]}
+    if isinstance(value, list):
+        return [_flatten(item, tensors) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state holds a {type(value).__name__}, which has no JSON form")
+
+
+def _rebuild(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_rebuild(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__tuple__" in value:
+        return tuple(_rebuild(item, tensors) for item in value["__tuple__"])
+    return {_rebuild(key, tensors): _rebuild(item, tensors) for key, item in value["__dict__"]}

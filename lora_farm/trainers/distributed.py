@@ -14,11 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from lora_farm.trainers.exitcodes import ExitCode
 
+RANK_GRACE_SECONDS = 30.0  # a failed rank's peers get this long to stop before SIGKILL
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # which code wins when ranks disagree: the one that says most about what went wrong
 _SEVERITY = [ExitCode.OUT_OF_MEMORY, ExitCode.BAD_INPUT, ExitCode.CRASH, ExitCode.INTERRUPTED]
@@ -56,7 +58,7 @@ class DistContext:
     def sum_gradients(self, params: list[Any]) -> None:
         """All-reduce the LoRA gradients to their sum over ranks (a rank with no batch adds 0).
 
-        Each micro-batch's loss is already divided by the step's global micro-batch count, so
+        Each micro-batch's loss is already scaled by its share of the step (``loss_weight``), so
         the sum is the step's mean gradient, exactly as one process accumulating them all."""
         if not self.enabled:
             return
@@ -68,20 +70,20 @@ class DistContext:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
 
-    def mean(self, value: float, weight: float = 1.0) -> float:
-        """The weighted mean of a float over ranks (e.g. the step loss)."""
+    def sum(self, value: float) -> float:
+        """The sum of a float over ranks (e.g. each rank's share of the step loss)."""
         if not self.enabled:
             return value
         import torch
         import torch.distributed as dist
 
-        pair = torch.tensor([value * weight, weight], dtype=torch.float64)
-        dist.all_reduce(pair, op=dist.ReduceOp.SUM)
-        return float(pair[0] / pair[1]) if pair[1] > 0 else value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return float(total[0])
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (e.g. a SIGTERM seen by one rank)."""
-        return self.mean(1.0 if flag else 0.0) > 0 if self.enabled else flag
+        return self.sum(1.0 if flag else 0.0) > 0
 
     def close(self) -> None:
         if self.enabled:
@@ -104,11 +106,29 @@ def launch_ranks(argv: list[str], world: int) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [child.wait() for child in children]
+        codes = _wait_all(children)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return combine_exit_codes(codes)
+
+
+def _wait_all(children: list[subprocess.Popen], grace_seconds: float = RANK_GRACE_SECONDS) -> list[int]:
+    """Wait for every rank. When one fails, the others would block in a collective until the
+    backend's timeout (minutes, holding every card): stop them — SIGTERM, grace, SIGKILL."""
+    failed_at: float | None = None
+    while any(child.poll() is None for child in children):
+        if failed_at is None and any(child.returncode not in (None, 0) for child in children):
+            failed_at = time.monotonic()
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+        if failed_at is not None and time.monotonic() - failed_at > grace_seconds:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+        time.sleep(0.1)
+    return [child.returncode for child in children]
 
 
 def combine_exit_codes(codes: list[int]) -> int:

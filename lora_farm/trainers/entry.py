@@ -105,7 +105,9 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
     from lora_farm.trainers.device import choose_device, choose_precision, device_label
     from lora_farm.trainers.runtime import Runtime
 
-    loaded = load_spec_file(Path(args.job_file))
+    # with --job-dir the caller chose the folder (the runner: checked at submit against the
+    # farm's output root, which a relative LORAFARM_OUTPUT_ROOT would not reproduce from here)
+    loaded = load_spec_file(Path(args.job_file), check_output=args.job_dir is None)
     spec = loaded.spec
     job_dir = Path(args.job_dir).absolute() if args.job_dir else default_job_dir(spec)
     job_dir.mkdir(parents=True, exist_ok=True)

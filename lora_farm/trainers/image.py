@@ -16,16 +16,16 @@ import torch.nn.functional as F
 
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.spec import ImageJobSpec
+from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
+from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.image_data import (ImageDataset, check_examples, collate, epoch_order,
                                            find_examples)
 from lora_farm.trainers.image_model import (ImageModel, encode_prompts, load_image_model,
                                             pipeline_class, sdxl_time_ids)
 
 ADAPTER = "default"
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class ImageProgram(TrainingProgram):
@@ -53,7 +53,7 @@ class ImageProgram(TrainingProgram):
             if self.spec.resume_from is not None:
                 self._load_existing_lora(self.spec.resume_from)
             else:
-                self.model.unet.add_adapter(self._lora_config(self.spec.target_modules or UNET_TARGETS))
+                self.model.unet.add_adapter(self._lora_config(self.spec.target_modules or list(UNET_TARGETS)))
                 self.adapted["unet"] = self.model.unet
             if self.spec.train_text_encoder:
                 self._add_text_encoder_lora()
@@ -72,7 +72,7 @@ class ImageProgram(TrainingProgram):
         assert self.model is not None
         for name, encoder in zip(self.model.text_encoder_names, self.model.text_encoders):
             if name not in self.adapted:  # a resumed LoRA may already carry one
-                encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
+                encoder.add_adapter(self._lora_config(list(TEXT_ENCODER_TARGETS)))
                 self.adapted[name] = encoder
 
     def _load_existing_lora(self, path: Path) -> None:
@@ -164,6 +164,9 @@ class ImageProgram(TrainingProgram):
             yield {"epoch": epoch, "position": position, "keys": keys,
                    "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
 
+    def loss_weight(self, batch: dict[str, Any]) -> float:
+        return float(len(batch["keys"]))  # the loss is a mean over the micro-batch's images
+
     def materialize(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A handle from ``batches()`` -> a batch with pixels (or cached latents) and sizes."""
         if "pixel_values" in batch or "latent_parameters" in batch:
@@ -172,7 +175,7 @@ class ImageProgram(TrainingProgram):
             return self._cached_batch(batch["keys"])
         if self._loader is None or self._loader.epoch != batch["epoch"]:
             self._loader = _EpochLoader(self.dataset, batch["epoch"], self._order_of(batch["epoch"]),
-                                        self.spec.num_workers)
+                                        self.spec.num_workers, stride=DistContext.from_env().world)
         return self._loader.get(batch["position"])
 
     def _order_of(self, epoch: int) -> list[list[tuple[int, bool, int]]]:
@@ -313,18 +316,23 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.dev
 
 
 class _EpochLoader:
-    """One in-order DataLoader pass over an epoch; a jump (a resume mid-epoch) starts a new pass."""
+    """One in-order DataLoader pass over an epoch; a jump (a resume mid-epoch) starts a new pass.
+
+    Rank r of a ``gpus: N`` job asks for micro-batches r, r+N, ...: the pass walks that stride,
+    so each rank loads only its own images."""
 
     def __init__(self, dataset: ImageDataset | None, epoch: int, order: list[list[tuple[int, bool, int]]],
-                 num_workers: int):
+                 num_workers: int, stride: int = 1):
         self.dataset, self.epoch, self.order, self.num_workers = dataset, epoch, order, num_workers
+        self.stride = stride
         self.next_position = len(order)
         self._iterator: Iterator[dict[str, Any]] = iter(())
 
     def get(self, position: int) -> dict[str, Any]:
         if position != self.next_position:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.order[position:],
+            loader = torch.utils.data.DataLoader(self.dataset,
+                                                 batch_sampler=self.order[position::self.stride],
                                                  num_workers=self.num_workers, collate_fn=collate)
             self._iterator, self.next_position = iter(loader), position
-        self.next_position += 1
+        self.next_position += self.stride
         return next(self._iterator)

@@ -14,7 +14,8 @@ import torch
 from lora_farm.errors import DatasetError, ModelLoadError
 from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.trainers.base import TrainingProgram
-from lora_farm.trainers.llm_data import TextExample, collate, load_examples, tokenize_example
+from lora_farm.trainers.llm_data import (IGNORE_INDEX, TextExample, collate, load_examples,
+                                         tokenize_example)
 
 ADAPTER_DIR = "adapter"
 
@@ -96,6 +97,10 @@ class LlmProgram(TrainingProgram):
             yield collate([self.items[index] for index in chosen], pad_id)
 
     # -- train --------------------------------------------------------------------------------
+    def loss_weight(self, batch: dict[str, Any]) -> float:
+        """Label tokens the loss averages over (after the causal shift)."""
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         del generator  # LoRA dropout draws from the global RNG, which the runtime seeds per step
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}

@@ -224,12 +224,14 @@ class Runtime:
         if not micro:
             raise DatasetError(f"epoch {epoch + 1} yielded fewer batches than "
                                f"micro_batches_per_epoch()={plan.micro_per_epoch} said")
-        mine = [(offset, batch) for offset, batch in enumerate(micro)
-                if offset % self.dist.world == self.dist.rank]  # rank r: micro-batches r, r+N, ...
+        weights = [self.program.loss_weight(batch) for batch in micro]  # every rank sees all
+        step_weight = sum(weights) or 1.0
         total = 0.0
-        for offset, batch in mine:
+        for offset, batch in enumerate(micro):
+            if offset % self.dist.world != self.dist.rank:
+                continue  # rank r computes micro-batches r, r+N, ...
             global_micro = epoch * plan.micro_per_epoch + first + offset
-            total += self._micro_step(batch, global_micro, len(micro), scaler)
+            total += self._micro_step(batch, global_micro, weights[offset] / step_weight, scaler)
         self.dist.sum_gradients(params)
         scaler.unscale_(optimizer)
         if self.spec.max_grad_norm > 0:
@@ -238,9 +240,10 @@ class Runtime:
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return self.dist.mean(total / max(len(mine), 1), weight=len(mine))
+        return self.dist.sum(total)  # the step's weighted mean loss
 
-    def _micro_step(self, batch: Any, global_micro: int, count: int, scaler: Any) -> float:
+    def _micro_step(self, batch: Any, global_micro: int, share: float, scaler: Any) -> float:
+        """Forward + backward of one micro-batch counting ``share`` of its step; its weighted loss."""
         generator = torch.Generator(self.device).manual_seed(micro_seed(self.spec.seed, global_micro, 0))
         torch.manual_seed(micro_seed(self.spec.seed, global_micro, 1))  # dropout draws from here
         with autocast(self.device, self.precision):
@@ -249,8 +252,8 @@ class Runtime:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at micro-step {global_micro}; lower "
                                      "`learning_rate` or use `mixed_precision: bf16`/`no`")
-        scaler.scale(loss / count).backward()
-        return loss.item()
+        scaler.scale(loss * share).backward()
+        return loss.item() * share
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save(self, plan: StepPlan, step: int, optimizer: Any, scheduler: Any, scaler: Any,

@@ -169,3 +169,27 @@ def test_durations(text, seconds):
 def test_spec_from_dict_requires_a_task():
     with pytest.raises(ValueError, match="task"):
         spec_from_dict({"name": "x"})
+
+
+def test_resolved_spec_keeps_strings_that_look_like_numbers(tmp_path):
+    path = tmp_path / "tricky.yaml"
+    path.write_text(f"name: '1e5'\nbase_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+                    "tags: ['1e3', 'true', '0x1f']\n")
+    spec = load_spec_file(path).spec
+    again = load_spec_file(write_resolved(spec, tmp_path / "out" / "config.resolved.yaml")).spec
+    assert again.name == "1e5" and again.tags == ["1e3", "true", "0x1f"]
+    assert again == spec
+
+
+def test_trainer_side_load_skips_the_output_root_check(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+                    f"output_dir: {REPO / 'output'}\n")
+    elsewhere = tmp_path / "job_dir"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)  # a relative output root now points somewhere else
+    os.environ["LORAFARM_OUTPUT_ROOT"] = "output"
+    reload_settings()
+    with pytest.raises(SpecError):
+        load_spec_file(path)
+    assert load_spec_file(path, check_output=False).spec.output_dir == REPO / "output"

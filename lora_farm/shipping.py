@@ -82,16 +82,22 @@ def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | N
 
 
 def upload_verified(storage: Storage, path: Path, key: str, size: int, sha256: str) -> None:
-    """Upload one file unless an identical copy is stored; then prove it arrived whole."""
-    stored = storage.head(key)
-    if not _matches(stored, size, sha256):
-        storage.put_file(path, key, sha256)
+    """Upload one file unless an intact copy is stored; then prove it arrived whole."""
+    if _stored_intact(storage, key, size, sha256):
+        return
+    storage.put_file(path, key, sha256)
+    if not _stored_intact(storage, key, size, sha256):
         stored = storage.head(key)
-    if not _matches(stored, size, sha256):
         got = "nothing" if stored is None else f"size {stored.size}, sha256 {stored.sha256}"
         raise StorageError(f"verification of {storage.uri(key)} failed: expected size {size}, "
                            f"sha256 {sha256}, storage reports {got}; the local file is kept, "
                            "run `lorafarm retry-upload JOB`")
+
+
+def _stored_intact(storage: Storage, key: str, size: int, sha256: str) -> bool:
+    """Size and recorded sha256 match, and so does the sha256 of the bytes read back (the
+    recorded one is only what some writer claimed)."""
+    return _matches(storage.head(key), size, sha256) and storage.content_sha256(key) == sha256
 
 
 def _matches(stored, size: int, sha256: str) -> bool:

@@ -71,6 +71,10 @@ class Storage(ABC):
         """Size and recorded sha256 of an object, or None when it does not exist."""
 
     @abstractmethod
+    def content_sha256(self, key: str) -> str:
+        """The sha256 of the stored bytes, read back (verification trusts no metadata)."""
+
+    @abstractmethod
     def get_file(self, key: str, dest: Path) -> None: ...
 
     @abstractmethod
@@ -136,6 +140,10 @@ class LocalStorage(Storage):
                 return None
             # The real content hash, not a recorded one: local verification is end to end.
             return StoredObject(key, path.stat().st_size, sha256_of(path), self.uri(key))
+
+    def content_sha256(self, key: str) -> str:
+        with self._errors("reading", key):
+            return sha256_of(self.path_of(key))
 
     def get_file(self, key: str, dest: Path) -> None:
         with self._errors("fetching", key):
@@ -215,6 +223,14 @@ class S3Storage(Storage):
                 raise
         sha = (answer.get("Metadata") or {}).get(SHA256_META)
         return StoredObject(key, int(answer["ContentLength"]), sha, self.uri(key))
+
+    def content_sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with self._errors("reading back", key):
+            body = self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"]
+            for chunk in body.iter_chunks(4 * MB):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def get_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,19 @@ def test_fetch_rejects_a_corrupted_object(s3_env, s3_server, tmp_path):
     assert not (tmp_path / "fetched" / "cat.safetensors").exists()
 
 
+def test_a_stored_copy_counts_only_when_its_bytes_read_back(s3_env, s3_server, tmp_path):
+    job_dir = make_finished_job(tmp_path / "job")
+    ship_job(job_dir, "job-4", "b1", "cat")
+    key = "farm/b1/job-4/cat.safetensors"
+    good = (job_dir / "cat.safetensors").read_bytes()
+    client = s3_server.client()
+    # same size, the right sha256 in the metadata, wrong bytes: a head-only check would pass
+    client.put_object(Bucket=s3_env, Key=key, Body=bytes(len(good)),
+                      Metadata={"sha256": sha256_of(job_dir / "cat.safetensors")})
+    ship_job(job_dir, "job-4", "b1", "cat")
+    assert client.get_object(Bucket=s3_env, Key=key)["Body"].read() == good
+
+
 def test_an_incomplete_upload_is_not_listed(local_env, tmp_path):
     job_dir = make_finished_job(tmp_path / "job")
     ship_job(job_dir, "job-4", None, "cat")

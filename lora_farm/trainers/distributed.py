@@ -143,8 +143,11 @@ def combine_exit_codes(codes: list[int]) -> int:
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    # N ranks with one thread per core each would oversubscribe the CPU (torchrun caps it too)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
     return os.environ | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                         "OMP_NUM_THREADS": threads}
 
 
 def _free_port() -> int:

@@ -2,17 +2,20 @@
 
 ``write_log_archive`` runs at every end of a job (succeeded, failed, cancelled, timed out): the
 log, the resolved config, the progress events and the TensorBoard events are what one needs to
-understand a run afterwards, and they fit in one small file next to the weights.
+understand a run afterwards, and they fit in one small file next to the weights. Shipping writes
+it on success; :func:`archive_at_end` on every other end (runner, reaper, `lorafarm cancel`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tarfile
 import uuid
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 ARCHIVE_NAME = "logs.tar.gz"
 CHECKPOINTS_DIR = "checkpoints"
 # Files and folders (relative to job_dir) that go into the archive when present.
@@ -40,6 +43,19 @@ def write_log_archive(job_dir: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def archive_at_end(job_dir: str | os.PathLike[str] | None) -> Path | None:
+    """:func:`write_log_archive` for a job that ended without shipping (failed, cancelled, timed
+    out). A job that never ran has no folder: nothing to do. A disk error is logged, not raised:
+    the job must reach its final state all the same."""
+    if not job_dir or not Path(job_dir).is_dir():
+        return None
+    try:
+        return write_log_archive(Path(job_dir))
+    except OSError as error:
+        log.warning("log archive not written in %s: %s", job_dir, error)
+        return None
 
 
 def _regular_files_only(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

@@ -8,6 +8,9 @@
 - ``celery_workers``: ``start(gpu_uuid)`` launches ``celery -A lora_farm.workers.app worker -Q
   gpu.<uuid>`` and waits until it has published its heartbeat; every worker (and any trainer
   group a job left) is stopped at teardown.
+
+Helpers for the farm tests: ``write_spec``, ``wait_until``, ``all_done``, ``start_events``,
+``checkpoint_events``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import Ledger
 from lora_farm.redis_conn import make_client
 from lora_farm.settings import reload_settings
+from lora_farm.trainers.progress import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -116,6 +122,17 @@ class WorkerPool:
         process.wait(timeout=10)
         self.processes = {n: p for n, p in self.processes.items() if p is not process}
 
+    def shut_down(self, process: subprocess.Popen, whole_group: bool, timeout: float) -> int:
+        """SIGTERM a worker as `docker compose stop` / systemd (the main process) or `lorafarm
+        down` (its process group) does; returns its exit code (``TimeoutExpired`` if it hangs)."""
+        if whole_group:
+            _signal_group(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=timeout)
+        self.processes = {n: p for n, p in self.processes.items() if p is not process}
+        return code
+
     def stop_all(self) -> None:
         for process in self.processes.values():
             _signal_group(process.pid, signal.SIGTERM)
@@ -153,3 +170,43 @@ def celery_workers(farm_env, ledger, tmp_path) -> Iterator[WorkerPool]:
         yield pool
     finally:
         pool.stop_all()
+
+
+# ---- helpers of the farm tests (test_farm_e2e.py, test_cli_farm.py) -------------------------
+
+def write_spec(folder: Path, name: str, model: Path, data: Path, task: str, **extra) -> Path:
+    spec = {"name": name, "task": task, "base_model": str(model), "train_data_dir": str(data),
+            "max_steps": 2, "save_steps": 1, "num_workers": 0, "batch_size": 1, **extra}
+    if task == "image":
+        spec["resolution"] = 64
+    else:
+        spec["max_seq_len"] = 32
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_until(condition, timeout: float, what: str, pool=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{pool.logs()}" if pool else ""))
+
+
+def all_done(ledger, ids):
+    records = ledger.records(ids)
+    return records if all(JobState(r.state) in TERMINAL for r in records) else None
+
+
+def start_events(record):
+    return [e for e in read_events(Path(record.job_dir) / "events.jsonl") if e["event"] == "start"]
+
+
+def checkpoint_events(record):
+    if not record.job_dir:
+        return []
+    events = read_events(Path(record.job_dir) / "events.jsonl")
+    return [e for e in events if e["event"] == "checkpoint"]

@@ -10,53 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import transitions as tr
 from lora_farm.settings import get_settings
 from lora_farm.submit import submit_files
-from lora_farm.trainers.progress import read_events
 from lora_farm.workers.app import send_run_job
 from lora_farm.workers.trainer_process import group_exists
+from tests.fixtures_farm import (all_done, checkpoint_events, start_events, wait_until,
+                                 write_spec)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 USABLE_MB = 24 * 1024 * 0.8
-
-
-def write_spec(folder: Path, name: str, model: Path, data: Path, task: str, **extra) -> Path:
-    spec = {"name": name, "task": task, "base_model": str(model), "train_data_dir": str(data),
-            "max_steps": 2, "save_steps": 1, "num_workers": 0, "batch_size": 1, **extra}
-    if task == "image":
-        spec["resolution"] = 64
-    else:
-        spec["max_seq_len"] = 32
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def wait_until(condition, timeout: float, what: str, pool=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{pool.logs()}" if pool else ""))
-
-
-def all_done(ledger, ids):
-    records = ledger.records(ids)
-    return records if all(JobState(r.state) in TERMINAL for r in records) else None
-
-
-def start_events(record):
-    return [e for e in read_events(Path(record.job_dir) / "events.jsonl") if e["event"] == "start"]
 
 
 def reservation_intervals(ledger, job_ids):
@@ -259,3 +227,61 @@ def test_killed_worker_job_is_reaped_and_resumes_from_its_checkpoint(
     assert any("worker lost" in reason for reason in reasons)
     starts = start_events(record)
     assert len(starts) == 2 and starts[1]["attempt_resume_step"] >= 2
+
+
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group"])
+def test_worker_shutdown_checkpoints_and_requeues_without_charging_a_retry(
+        whole_group, farm_env, ledger, celery_workers, tiny_llm, text_dataset, tmp_path):
+    """SIGTERM to the worker (compose/systemd: its main process; `lorafarm down`: its group)
+    stops the training at a checkpoint instead of waiting for it. max_retries 0: had the
+    shutdown been charged as a retry, the job would have failed."""
+    worker = celery_workers.start("gpu0")
+    spec = write_spec(tmp_path, "long", tiny_llm, text_dataset, "llm", vram_gb=8, max_steps=400,
+                      save_steps=3, max_retries=0)
+    job_id = submit_files([spec], ledger, batch="s").jobs[0].record.id
+    wait_until(lambda: checkpoint_events(ledger.get(job_id)), 180, "a checkpoint", celery_workers)
+    trainer = ledger.get(job_id).pid
+    assert celery_workers.shut_down(worker, whole_group, timeout=60) == 0  # not 400 steps later
+    assert not group_exists(trainer)
+    record = ledger.get(job_id)
+    assert record.state == "queued" and ledger.reservations() == {}  # its card went away with it
+    assert (record.attempt, record.shutdowns, record.max_retries) == (2, 1, 0)
+    assert record.retries_used == 0
+    assert "shut down" in record.exit_reason and record.exit_code == 4
+    assert record.step < 400 and list((Path(record.job_dir) / "checkpoints").iterdir())
+    last_saved = max(e["step"] for e in checkpoint_events(record))
+    celery_workers.start("gpu0")
+    (record,) = wait_until(lambda: all_done(ledger, [job_id]), 600, "the job", celery_workers)
+    assert record.state == "succeeded" and record.attempt == 2
+    first, second = start_events(record)
+    assert second["attempt_resume_step"] == last_saved > 0
+
+
+def test_two_card_job_waits_for_two_idle_cards_and_runs_as_two_ranks(
+        farm_env, ledger, celery_workers, tiny_llm, text_dataset, tmp_path):
+    celery_workers.start("gpu0")
+    celery_workers.start("gpu1")
+    blocker = write_spec(tmp_path, "blocker", tiny_llm, text_dataset, "llm", vram_gb=8,
+                         max_steps=60, save_steps=100)
+    pair = write_spec(tmp_path, "pair", tiny_llm, text_dataset, "llm", vram_gb=8, gpus=2,
+                      max_steps=4, batch_size=2)
+    blocker_id = submit_files([blocker], ledger, batch="p").jobs[0].record.id
+    wait_until(lambda: ledger.get(blocker_id).state == "running", 120, "the blocker to run",
+               celery_workers)
+    pair_id = submit_files([pair], ledger, batch="p").jobs[0].record.id
+    assert ledger.get(pair_id).state == "queued"  # one card is busy: not two idle ones
+    records = wait_until(lambda: all_done(ledger, [blocker_id, pair_id]), 600, "both jobs",
+                         celery_workers)
+    assert [r.state for r in records] == ["succeeded"] * 2, [r.exit_reason for r in records]
+    starts = start_events(records[1])
+    assert len(starts) == 1, (Path(records[1].job_dir) / "train.log").read_text()[-3000:]
+    assert starts[0]["cuda_visible_devices"] == "gpu0,gpu1" and starts[0]["world_size"] == 2
+    timeline = ledger.timeline(pair_id)
+    (reserved,) = [e for e in timeline if "reserved_mb" in e]
+    (released,) = [e for e in timeline if "released_mb" in e]
+    assert reserved["gpus"] == released["gpus"] == ["gpu0", "gpu1"]
+    blocker_freed = next(e["t"] for e in ledger.timeline(blocker_id) if "released_mb" in e)
+    assert reserved["t"] >= blocker_freed  # it waited for the blocker's card
+    assert ledger.reservations() == {}
+    assert "adapter/adapter_model.safetensors" in records[1].artifacts
+    assert "attempt 1 on gpu0,gpu1" in (Path(records[1].job_dir) / "train.log").read_text()

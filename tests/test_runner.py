@@ -4,7 +4,9 @@ OOM degradation, retries, cancel, timeout, duplicates and the reaper."""
 
 import json
 import os
+import signal
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -48,6 +50,24 @@ def run(ledger, job_id, token="tok1", **options):
 def start_event(ledger, job_id):
     job_dir = job_dir_for(ledger.get(job_id), get_settings())
     return [e for e in read_events(job_dir / "events.jsonl") if e["event"] == "start"]
+
+
+def archived(ledger, job_id) -> set[str]:
+    """The members of the job's logs.tar.gz (every end of a job writes one)."""
+    with tarfile.open(job_dir_for(ledger.get(job_id), get_settings()) / "logs.tar.gz") as tar:
+        return set(tar.getnames())
+
+
+def run_in_thread(ledger, job_id, **options):
+    """Run the job in a thread; returns (thread, result dict, (trainer pid, its child pid))."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=run(ledger, job_id, **options)))
+    thread.start()
+    pids = job_dir_for(ledger.get(job_id), get_settings()) / "hang.pids"
+    deadline = time.monotonic() + 20
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return thread, result, tuple(map(int, pids.read_text().split()))
 
 
 def test_success_is_pinned_tracked_and_shipped(ledger, make_job, monkeypatch):
@@ -95,6 +115,7 @@ def test_crash_retries_then_bad_input_fails_at_once(ledger, make_job):
     record = ledger.get(bad)
     assert (record.state, record.exit_code) == ("failed", 2)
     assert "train_data_dir is empty" in record.exit_reason
+    assert {"train.log", "events.jsonl", "config.resolved.yaml"} <= archived(ledger, bad)
 
 
 def test_crash_without_retries_left_fails(ledger, make_job):
@@ -103,6 +124,7 @@ def test_crash_without_retries_left_fails(ledger, make_job):
     record = ledger.get(job_id)
     assert record.state == "failed" and "SIGKILL" in record.exit_reason
     assert "no retries left" in record.exit_reason
+    assert "train.log" in archived(ledger, job_id)
 
 
 def test_cancel_kills_the_whole_group(ledger, make_job):
@@ -121,13 +143,11 @@ def test_cancel_kills_the_whole_group(ledger, make_job):
     ledger.request_cancel(job_id)
     thread.join(timeout=60)
     assert result["out"] == "cancelled"
-    deadline = time.monotonic() + 5  # orphaned zombies are reaped by init a moment later
-    while group_exists(trainer_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not group_exists(trainer_pid)
+    assert group_gone(trainer_pid)
     assert not os.path.exists(f"/proc/{child_pid}") or _is_zombie(child_pid)
     record = ledger.get(job_id)
     assert record.state == "cancelled" and ledger.reservations() == {}
+    assert {"train.log", "events.jsonl"} <= archived(ledger, job_id)
 
 
 def test_timeout_fails_the_job(ledger, make_job):
@@ -135,6 +155,35 @@ def test_timeout_fails_the_job(ledger, make_job):
     assert run(ledger, job_id) == "timed_out"
     record = ledger.get(job_id)
     assert record.state == "failed" and "timed out after 2s" in record.exit_reason
+    assert "train.log" in archived(ledger, job_id)
+
+
+def test_worker_shutdown_requeues_without_charging_a_retry(ledger, make_job):
+    from lora_farm.workers.shutdown import mark_stopping
+
+    job_id = make_job("hang", max_retries=0)
+    thread, result, (trainer_pid, _) = run_in_thread(ledger, job_id, worker_name="w1@host")
+    mark_stopping(ledger, "w2@host")  # another worker's shutdown is none of this runner's business
+    time.sleep(0.5)
+    assert ledger.get(job_id).state == "running" and ledger.get(job_id).worker == "w1@host"
+    mark_stopping(ledger, "w1@host")
+    thread.join(timeout=60)
+    assert result["out"] == "shutdown"
+    record = ledger.get(job_id)
+    assert (record.state, record.attempt, record.shutdowns, record.exit_code) == ("queued", 2, 1, 4)
+    assert record.retries_used == 0 and "worker w1@host shut down" in record.exit_reason
+    assert record.worker == "" and ledger.reservations() == {} and group_gone(trainer_pid)
+
+
+def test_a_sigterm_from_elsewhere_still_counts_as_a_retry(ledger, make_job):
+    job_id = make_job("hang", max_retries=0)
+    thread, result, (trainer_pid, _) = run_in_thread(ledger, job_id, worker_name="w1@host")
+    os.kill(trainer_pid, signal.SIGTERM)  # not the farm's doing (an admin, the OOM reaper...)
+    thread.join(timeout=60)
+    assert result["out"] == "interrupted"
+    record = ledger.get(job_id)
+    assert (record.state, record.shutdowns, record.exit_code) == ("failed", 0, 4)
+    assert "no retries left" in record.exit_reason and "train.log" in archived(ledger, job_id)
 
 
 def test_duplicate_delivery_runs_once(ledger, make_job):
@@ -161,6 +210,18 @@ def test_reaper_requeues_a_job_whose_runner_died(ledger, make_job):
     assert "worker lost" in record.exit_reason
 
 
+def test_reaper_archives_the_logs_of_a_job_it_fails(ledger, make_job, tmp_path):
+    job_id = make_job("ok", max_retries=0)
+    tr.start(ledger, job_id, "tok1", os.uname().nodename)
+    job_dir = tmp_path / "lost-job"
+    job_dir.mkdir()
+    (job_dir / "train.log").write_text("step 1\n")
+    ledger.update(job_id, {"heartbeat": time.time() - 3600, "job_dir": str(job_dir)})
+    assert any("failed (no retries left)" in a for a in reap(ledger, get_settings()))
+    with tarfile.open(job_dir / "logs.tar.gz") as tar:
+        assert tar.getnames() == ["train.log"]
+
+
 def test_reaper_leaves_a_locked_job_alone(ledger, make_job):
     job_id = make_job("ok")
     tr.start(ledger, job_id, "tok1", "host")
@@ -168,6 +229,13 @@ def test_reaper_leaves_a_locked_job_alone(ledger, make_job):
     RedisLock(ledger.client, ledger.keys.job_lock(job_id), 30).acquire()
     assert reap(ledger, get_settings()) == []
     assert ledger.get(job_id).state == "running"
+
+
+def group_gone(pgid: int) -> bool:
+    deadline = time.monotonic() + 5  # orphaned zombies are reaped by init a moment later
+    while group_exists(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not group_exists(pgid)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -194,6 +262,10 @@ from lora_farm.workers.outcome import Outcome, RunEvidence, classify, degraded_p
     (RunEvidence(-9), Outcome.CRASHED),
     (RunEvidence(4, cancelled=True), Outcome.CANCELLED),  # our SIGTERM, not a crash
     (RunEvidence(-15, timed_out=True, timeout_s=60), Outcome.TIMED_OUT),
+    (RunEvidence(4, shutdown=True), Outcome.SHUTDOWN),  # stopped at a checkpoint: not counted
+    (RunEvidence(-9, shutdown=True), Outcome.SHUTDOWN),  # SIGKILLed after the grace
+    (RunEvidence(3, shutdown=True), Outcome.OOM),  # what really happened still counts
+    (RunEvidence(0, exported=True, shutdown=True), Outcome.SUCCEEDED),
 ])
 def test_classify_from_evidence(evidence, outcome):
     verdict = classify(evidence)

@@ -159,6 +159,7 @@ def _no_log(record, path: Path) -> int:
 def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefixes)."),
            batch: str = typer.Option(None, "--batch", "-b", help="Cancel every unfinished job of a batch.")) -> None:
     """Cancel jobs: queued ones at once; running ones stop their trainer (SIGTERM, grace, SIGKILL)."""
+    from lora_farm.archive import archive_at_end
     from lora_farm.ledger import transitions as tr
     from lora_farm.scheduler.dispatch import dispatch_once
 
@@ -167,7 +168,10 @@ def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefi
         raise typer.BadParameter("name one or more jobs, or --batch NAME")
     records = [ledger.find(j) for j in jobs or []] + (ledger.list_jobs(batch=batch) if batch else [])
     for record in records:
-        console.print(f"{record.id} {record.name}: {tr.cancel(ledger, record.id)}", highlight=False)
+        outcome = tr.cancel(ledger, record.id)
+        if outcome == "cancelled":  # a requeued job's earlier attempts left logs to keep
+            archive_at_end(record.job_dir)
+        console.print(f"{record.id} {record.name}: {outcome}", highlight=False)
     dispatch_once(ledger)  # reservations freed by cancelled scheduled jobs go to others
 
 

@@ -75,6 +75,10 @@ class Keys:
         """Hash: worker name -> JSON heartbeat (host, pid, gpu, queue, slots, active jobs)."""
         return f"{self.prefix}:workers"
 
+    def worker_stopping(self, name: str) -> str:
+        """String with a TTL: set while worker ``name`` shuts down (its trainings checkpoint)."""
+        return f"{self.prefix}:worker-stopping:{name}"
+
     @property
     def dispatch_lock(self) -> str:
         return f"{self.prefix}:lock:dispatch"

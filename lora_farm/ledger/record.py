@@ -10,7 +10,7 @@ from lora_farm.jobs.state import JobState
 
 _JSON_FIELDS = ("artifacts", "plan", "spec", "gpus")
 _INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps", "epoch",
-               "epochs", "seq", "gpus_needed", "exit_code", "upload_tries")
+               "epochs", "seq", "gpus_needed", "exit_code", "upload_tries", "shutdowns")
 _FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
                  "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
                  "next_upload_at")
@@ -25,6 +25,7 @@ class JobRecord:
     config_hash: str
     state: str = JobState.QUEUED.value
     attempt: int = 1
+    shutdowns: int = 0  # attempts ended by a worker shutdown: they do not count against max_retries
     priority: int = 0
     max_retries: int = 2
     timeout: float | None = None
@@ -32,6 +33,7 @@ class JobRecord:
     estimate_mb: float = 0.0
     seq: int = 0
     host: str = ""
+    worker: str = ""  # the Celery worker (hostname) whose runner executes the job
     gpus: list[str] = field(default_factory=list)  # uuids of the cards it is on
     pid: int | None = None
     submitted: float | None = None
@@ -68,6 +70,11 @@ class JobRecord:
     @property
     def gpu(self) -> str:
         return ",".join(self.gpus)
+
+    @property
+    def retries_used(self) -> int:
+        """Attempts after the first that count against ``max_retries`` (not worker shutdowns)."""
+        return max(0, self.attempt - 1 - self.shutdowns)
 
     def effective_spec(self) -> dict[str, Any]:
         """The spec with the degraded plan applied (what the next attempt trains)."""

@@ -22,8 +22,8 @@ from lora_farm.ledger.record import JobRecord, encode_fields
 from lora_farm.ledger.store import Ledger, queue_score
 
 S = JobState
-_RUN_FIELDS_CLEARED = {"host": "", "gpus": [], "pid": None, "token": "", "heartbeat": None,
-                       "scheduled_at": None}
+_RUN_FIELDS_CLEARED = {"host": "", "worker": "", "gpus": [], "pid": None, "token": "",
+                       "heartbeat": None, "scheduled_at": None}
 
 
 @dataclass
@@ -102,12 +102,16 @@ def schedule(ledger: Ledger, job_id: str, gpus: list[str], mb: float, token: str
     return apply(ledger, job_id, move, expect={S.QUEUED}, now=now)
 
 
-def start(ledger: Ledger, job_id: str, token: str, host: str,
+def start(ledger: Ledger, job_id: str, token: str, host: str, worker: str = "",
           now: float | None = None) -> JobRecord | None:
-    """scheduled -> running, only for the message carrying the job's current dispatch token."""
+    """scheduled -> running, only for the message carrying the job's current dispatch token.
+
+    ``worker`` is the Celery worker whose runner executes it: the one that stops it when it
+    shuts down."""
     now = now or time.time()
     move = Move(S.RUNNING, reason="runner started", fields={
-        "host": host, "started": now, "finished": None, "heartbeat": now, "phase": "",
+        "host": host, "worker": worker, "started": now, "finished": None, "heartbeat": now,
+        "phase": "",
         "step": None, "total_steps": None, "loss": None, "eta_s": None, "exit_code": None,
         "exit_reason": ""})
     return apply(ledger, job_id, move, expect={S.SCHEDULED}, token=token, now=now)
@@ -115,11 +119,16 @@ def start(ledger: Ledger, job_id: str, token: str, host: str,
 
 def requeue(ledger: Ledger, job_id: str, reason: str, *, expect: set[JobState],
             plan: dict[str, Any] | None = None, token: str | None = None,
-            exit_code: int | None = None) -> JobRecord | None:
-    """running/scheduled -> retrying -> queued, next attempt, optionally with a degraded plan."""
+            exit_code: int | None = None, shutdown: bool = False) -> JobRecord | None:
+    """running/scheduled -> retrying -> queued, next attempt, optionally with a degraded plan.
+
+    ``shutdown``: the attempt ended because its worker shut down; it is counted in
+    ``shutdowns`` and so does not use up the job's retry budget."""
     current = ledger.get(job_id)
     fields = {**_RUN_FIELDS_CLEARED, "attempt": current.attempt + 1, "exit_reason": reason,
               "exit_code": exit_code}
+    if shutdown:
+        fields["shutdowns"] = current.shutdowns + 1
     if plan is not None:
         fields["plan"] = plan
     move = Move(S.QUEUED, via=S.RETRYING, fields=fields, reason=reason)
@@ -178,7 +187,7 @@ def retry(ledger: Ledger, job_id: str) -> JobRecord | None:
     move = Move(S.QUEUED, reason="retry requested", fields={
         **_RUN_FIELDS_CLEARED, "attempt": current.attempt + 1, "cancel_requested": "",
         "exit_reason": "", "exit_code": None, "finished": None,
-        "max_retries": current.max_retries + current.attempt})
+        "max_retries": current.max_retries + current.retries_used + 1})
     return apply(ledger, job_id, move, expect={S.FAILED, S.CANCELLED})
 
 

@@ -85,12 +85,18 @@ class DistContext:
         """True on every rank when it is true on one (e.g. a SIGTERM seen by one rank)."""
         return self.sum(1.0 if flag else 0.0) > 0
 
-    def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
+    def close(self, together: bool) -> None:
+        """Leave the group. ``together`` (the ranks ended alike: done, or stopped at one step):
+        wait for every rank first, so none tears the group down while rank 0 still exports or
+        checkpoints (gloo aborts such a peer). After a failure a peer may be gone: no wait."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_initialized():
+            if together:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def launch_ranks(argv: list[str], world: int) -> int:

@@ -72,19 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     from lora_farm.trainers.runtime import StopFlag, TrainingInterrupted
 
     early_stop = StopFlag()
+    code = ExitCode.CRASH
     try:
         with early_stop.installed():  # a signal while loading stops at once: nothing to save yet
-            return _run(args, events, dist)
+            code = _run(args, events, dist)
     except TrainingInterrupted as stop:
         events.emit("error", kind="interrupted", message=str(stop), step=stop.step)
         print(f"trainer: {stop}", file=sys.stderr, flush=True)
-        return ExitCode.INTERRUPTED
+        code = ExitCode.INTERRUPTED
     except BaseException as error:  # noqa: BLE001 - this is the process's last word
-        return _classify(error, events)
+        code = _classify(error, events)
     finally:
-        dist.close()
+        dist.close(together=code in (ExitCode.SUCCESS, ExitCode.INTERRUPTED))
         if events.writer is not None:
             events.writer.close()
+    return code
 
 
 def _ranks_to_launch(args: argparse.Namespace) -> int:

@@ -2,8 +2,9 @@
 card's queue ``gpu.<uuid>`` with as many slots as jobs may share the card.
 
 The processes run in the foreground under this supervisor: SIGINT/SIGTERM are passed on (a warm
-shutdown: running jobs are stopped by their runners' signal handling), and if one worker dies the
-others are stopped too and the exit status says so, so systemd / compose restarts the set.
+shutdown: each worker's trainings checkpoint, stop and are requeued, see shutdown.py), and if one
+worker dies the others are stopped too and the exit status says so, so systemd / compose restarts
+the set.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from lora_farm.ledger.record import JobRecord
 from lora_farm.trainers.exitcodes import ExitCode
 
 
@@ -20,7 +21,8 @@ class Outcome(str, Enum):
     BAD_INPUT = "bad_input"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
-    INTERRUPTED = "interrupted"  # SIGTERM from outside the farm (host shutdown): retry
+    INTERRUPTED = "interrupted"  # SIGTERM from outside the farm: retry, counted
+    SHUTDOWN = "shutdown"  # our worker shut down and stopped it: requeue, not counted
     LOST = "lost"  # another runner owns the job now: write nothing
 
 
@@ -30,6 +32,7 @@ class RunEvidence:
     cancelled: bool = False  # we stopped it because the user cancelled
     timed_out: bool = False  # we stopped it because it ran past its timeout
     lost: bool = False  # we stopped it because our job lock was taken over
+    shutdown: bool = False  # our worker was shutting down when the trainer stopped
     last_error: dict[str, Any] | None = None  # the trainer's last `error` event
     exported: bool = False  # an `artifact` or `summary` event was seen
     timeout_s: float | None = None
@@ -58,6 +61,8 @@ def _classify(run: RunEvidence) -> Verdict:
     code = run.returncode
     kind = (run.last_error or {}).get("kind")
     message = (run.last_error or {}).get("message", "")
+    if run.shutdown and _stopped_as_asked(code):
+        return _shutdown_verdict(code)
     if code == ExitCode.SUCCESS:
         if run.exported:
             return Verdict(Outcome.SUCCEEDED, "trained")
@@ -73,6 +78,18 @@ def _classify(run: RunEvidence) -> Verdict:
         return Verdict(Outcome.CRASHED, f"trainer killed by {name} (the host OOM killer sends "
                                         "SIGKILL; see the job log)")
     return Verdict(Outcome.CRASHED, _with(f"crashed (exit {code})", message))
+
+
+def _stopped_as_asked(code: int | None) -> bool:
+    """Exit 4 after our SIGTERM, or our SIGKILL after the grace: not a failure of the job. A
+    trainer that finished, ran out of memory or crashed meanwhile is classified as usual."""
+    return code == ExitCode.INTERRUPTED or (code is not None and code < 0)
+
+
+def _shutdown_verdict(code: int | None) -> Verdict:
+    how = ("the trainer stopped at a checkpoint" if code == ExitCode.INTERRUPTED else
+           f"the trainer did not stop within the grace ({_signal_name(-(code or 0))})")
+    return Verdict(Outcome.SHUTDOWN, f"{how}; the next attempt resumes from the last checkpoint")
 
 
 def _with(head: str, message: str) -> str:
@@ -102,6 +119,7 @@ def degraded_plan(spec: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] 
             "gradient_checkpointing": True}
 
 
-def retries_left(attempt: int, max_retries: int) -> bool:
-    """Attempt 1 is the first run; ``max_retries`` more may follow."""
-    return attempt - 1 < max_retries
+def retries_left(record: JobRecord) -> bool:
+    """Attempt 1 is the first run; ``max_retries`` more may follow. Attempts that a worker
+    shutdown ended are not counted (``JobRecord.retries_used``)."""
+    return record.retries_used < record.max_retries

@@ -79,8 +79,12 @@ class Presence(threading.Thread):
                   "heartbeat": time.time(), "torch_imported": "torch" in sys.modules}
         self.ledger.client.hset(self.ledger.keys.workers, self.worker_name, json.dumps(record))
 
-    def stop(self) -> None:
+    def stop(self, join: bool = False) -> None:
+        """Stop ticking and leave the worker list; ``join``: wait for a tick in progress, so
+        nothing is published after this returns."""
         self._stop_event.set()
+        if join and self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=self.settings.heartbeat_seconds + 10)
         try:
             self.ledger.client.hdel(self.ledger.keys.workers, self.worker_name)
         except redis.RedisError:

@@ -18,6 +18,7 @@ import socket
 import time
 from pathlib import Path
 
+from lora_farm.archive import archive_at_end
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
@@ -61,12 +62,14 @@ def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: fl
     reason = f"runner heartbeat stale since {time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))} (worker lost)"
     expect = {S.RUNNING}
     if ledger.cancel_requested(record.id):
+        archive_at_end(record.job_dir)
         tr.finish_cancelled(ledger, record.id, "cancelled (runner was lost)", expect=expect,
                             token=record.token)
         return "cancelled" + killed
-    if retries_left(record.attempt, record.max_retries):
+    if retries_left(record):
         tr.requeue(ledger, record.id, reason, expect=expect, token=record.token)
         return f"requeued for attempt {record.attempt + 1}" + killed
+    archive_at_end(record.job_dir)
     tr.fail(ledger, record.id, f"{reason}; no retries left", expect=expect, token=record.token)
     return "failed (no retries left)" + killed
 

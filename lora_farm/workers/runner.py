@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from lora_farm.archive import archive_at_end
 from lora_farm.jobs.spec import spec_from_dict
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
@@ -32,6 +33,7 @@ from lora_farm.workers import trainer_process as tp
 from lora_farm.workers.joblock import Heartbeat, RedisLock
 from lora_farm.workers.outcome import (Outcome, RunEvidence, Verdict, classify, degraded_plan,
                                        retries_left)
+from lora_farm.workers.shutdown import is_stopping, sigterm_sets_flag
 from lora_farm.workers.upload import ship_and_finish
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class RunnerOptions:
     trainer_argv: ArgvFactory = tp.trainer_argv  # tests of exit classification swap this only
     after_release: Callable[[], Any] | None = None  # a dispatch once the card is free
     poll_seconds: float = 0.5
+    worker_name: str = ""  # the Celery worker running us: its shutdown stops the trainer
 
 
 def job_dir_for(record: JobRecord, settings: Settings) -> Path:
@@ -64,12 +67,13 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
         log.info("job %s: lock held by %s; this delivery is a duplicate", job_id, lock.holder())
         return "duplicate"
     try:
-        record = tr.start(ledger, job_id, token, socket.gethostname())
+        record = tr.start(ledger, job_id, token, socket.gethostname(), worker=options.worker_name)
         if record is None:
             log.info("job %s: not scheduled with token %s any more; dropping the message", job_id, token)
             return "stale"
-        verdict = _supervise(ledger, record, lock, options)
-        _retrying_redis(lambda: _conclude(ledger, record, verdict, options), options.settings)
+        with sigterm_sets_flag():  # a SIGTERM to this process now checkpoints the job
+            verdict = _supervise(ledger, record, lock, options)
+            _retrying_redis(lambda: _conclude(ledger, record, verdict, options), options.settings)
         return verdict.outcome.value
     finally:
         lock.release()
@@ -145,6 +149,8 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
             evidence.lost = True
         elif _cancel_requested(watch):
             evidence.cancelled = True
+        elif is_stopping(watch.ledger, options.worker_name):
+            evidence.shutdown = True  # SIGTERM: the trainer finishes its step and checkpoints
         elif timeout and time.monotonic() - started > timeout:
             evidence.timed_out = True
         else:
@@ -152,6 +158,8 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
         evidence.returncode = tp.stop_group(process, options.settings.cancel_grace_seconds)
         return
     evidence.returncode = process.returncode
+    # the worker's main process may have sent the SIGTERM itself (shutdown.stop_trainers)
+    evidence.shutdown = process.returncode != 0 and is_stopping(watch.ledger, options.worker_name)
     tp.stop_group(process, grace_seconds=2)  # children the trainer left behind
 
 
@@ -196,16 +204,24 @@ def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: Runn
                 _safely(options.after_release, "dispatch before upload")
             ship_and_finish(ledger, job_id, job_dir, local_artifacts=record.artifacts)
         return
+    if outcome == Outcome.SHUTDOWN:
+        reason = f"worker {options.worker_name or '(this one)'} shut down; {verdict.reason}"
+        log.info("job %s: %s; requeued (retry budget untouched)", job_id, reason)
+        tr.requeue(ledger, job_id, reason, expect={S.RUNNING}, token=token, exit_code=code,
+                   shutdown=True)
+        return
     if outcome == Outcome.CANCELLED:
+        _archive_logs(record, options.settings)
         tr.finish_cancelled(ledger, job_id, expect={S.RUNNING}, token=token)
         return
     if outcome in (Outcome.OOM, Outcome.CRASHED, Outcome.INTERRUPTED):
-        _retry_or_fail(ledger, record, verdict)
+        _retry_or_fail(ledger, record, verdict, options.settings)
         return
+    _archive_logs(record, options.settings)
     tr.fail(ledger, job_id, verdict.reason, expect={S.RUNNING}, token=token, exit_code=code)
 
 
-def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict) -> None:
+def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict, settings: Settings) -> None:
     current = ledger.get(record.id)
     plan: dict[str, Any] | None = None
     reason = verdict.reason
@@ -213,16 +229,21 @@ def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict) -> None:
         plan = degraded_plan(current.spec, current.plan)
         if plan is None:
             reason += "; nothing left to degrade (batch_size 1 with gradient checkpointing)"
-    if retries_left(current.attempt, current.max_retries) and not (
-            verdict.outcome == Outcome.OOM and plan is None):
+    if retries_left(current) and not (verdict.outcome == Outcome.OOM and plan is None):
         log.info("job %s: %s; requeued for attempt %d", record.id, reason, current.attempt + 1)
         tr.requeue(ledger, record.id, reason, expect={S.RUNNING}, plan=plan, token=record.token,
                    exit_code=verdict.extra.get("returncode"))
         return
-    if retries_left(current.attempt, current.max_retries) is False:
+    if not retries_left(current):
         reason += f"; no retries left ({current.max_retries} allowed)"
+    _archive_logs(record, settings)
     tr.fail(ledger, record.id, reason, expect={S.RUNNING}, token=record.token,
             exit_code=verdict.extra.get("returncode"))
+
+
+def _archive_logs(record: JobRecord, settings: Settings) -> None:
+    """``logs.tar.gz`` next to the job's files at every end (shipping writes it on success)."""
+    archive_at_end(job_dir_for(record, settings))
 
 
 def _calibrate(ledger: Ledger, job_id: str) -> None:

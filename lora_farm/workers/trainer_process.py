@@ -67,13 +67,13 @@ def stop_group(process: subprocess.Popen, grace_seconds: float) -> int:
     Returns the trainer's exit status. Waits until no process of the group remains.
     """
     pgid = process.pid  # start_new_session made the trainer its group's leader
-    _signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline and _group_alive(pgid, process):
         time.sleep(0.1)
     if _group_alive(pgid, process):
         log.warning("trainer group %d ignored SIGTERM for %.0fs: SIGKILL", pgid, grace_seconds)
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
     returncode = process.wait()
     _wait_group_gone(pgid, timeout=10)
     return returncode
@@ -83,7 +83,7 @@ def kill_stale_group(pgid: int) -> bool:
     """SIGKILL a group left behind by a runner that died (reaper, same host only)."""
     if not group_exists(pgid):
         return False
-    _signal_group(pgid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
     return True
 
 
@@ -97,7 +97,8 @@ def group_exists(pgid: int) -> bool:
         return True
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to a process group; a group that is gone already is no error."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
@@ -124,4 +125,4 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
     while time.monotonic() < deadline and _has_live_member(pgid):
         time.sleep(0.1)
     if _has_live_member(pgid):
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)

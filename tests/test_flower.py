@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from lora_farm.cli.ship import flower_argv
+from tests.fixtures_farm import wait_until
 from tests.fixtures_s3 import free_port
 
 pytestmark = pytest.mark.slow
@@ -34,16 +34,6 @@ def get(url: str, auth: str | None = AUTH, timeout: float = 30) -> tuple[int, st
         return 0, ""
 
 
-def wait_until(probe, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not met within {timeout}s")
-
-
 @pytest.fixture
 def flower_server(farm_env, tmp_path):
     port = free_port()
@@ -53,7 +43,7 @@ def flower_server(farm_env, tmp_path):
                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: get(f"{base}/healthcheck", auth=None)[0] == 200 or process.poll(),
+        wait_until(lambda: get(f"{base}/healthcheck", auth=None)[0] == 200 or process.poll(), 120,
                    what="flower /healthcheck")
         assert process.poll() is None, (tmp_path / "flower.log").read_text()
         yield base
@@ -75,7 +65,7 @@ def test_flower_shows_the_gpu_worker_online(celery_workers, flower_server):
         workers = json.loads(body) if status == 200 else {}
         return workers.get(name)
 
-    info = wait_until(worker_listed, what=f"worker {name} in Flower's /api/workers")
+    info = wait_until(worker_listed, 120, what=f"worker {name} in Flower's /api/workers")
     queues = {queue["name"] for queue in info["active_queues"]}
     assert "gpu.gpu0" in queues  # the queue says which card this worker drives
     assert name.startswith("gpu-gpu0-")

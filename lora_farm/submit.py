@@ -9,13 +9,14 @@ and ``--batch`` do not change a job's identity: the config hash is the spec's ow
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_farm.errors import NoCapacity
+from lora_farm.errors import NoCapacity, SpecError, SpecProblem
 from lora_farm.jobs.loader import load_spec_files
-from lora_farm.jobs.spec import JobSpec
+from lora_farm.jobs.spec import NAME_PATTERN, JobSpec
 from lora_farm.ledger import JobRecord, Ledger, NewJob
 from lora_farm.redis_conn import bytes_client
 from lora_farm.scheduler.calibration import calibrated_estimate
@@ -47,6 +48,7 @@ def submit_files(paths: Sequence[Path], ledger: Ledger, *, batch: str | None = N
                  priority: int | None = None, settings: Settings | None = None,
                  send: Sender = celery_sender) -> SubmitReport:
     """Load + validate all files (``SpecError`` with every problem), then :func:`submit_specs`."""
+    check_batch_name(batch)
     loaded = load_spec_files([Path(p) for p in paths])
     report = submit_specs([item.spec for item in loaded], ledger, batch=batch, priority=priority,
                           settings=settings, send=send)
@@ -57,6 +59,7 @@ def submit_files(paths: Sequence[Path], ledger: Ledger, *, batch: str | None = N
 def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None = None,
                  priority: int | None = None, settings: Settings | None = None,
                  policy: Policy | None = None, send: Sender = celery_sender) -> SubmitReport:
+    check_batch_name(batch)
     settings = settings or get_settings()
     policy = policy or load_policy()
     raw = bytes_client(ledger.client)
@@ -71,13 +74,25 @@ def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None 
     return SubmitReport([Submitted(c.record, c.created) for c in created], dispatched)
 
 
+def check_batch_name(batch: str | None) -> None:
+    """``--batch`` names a folder under the output root: a plain name, never a path."""
+    if batch is None or re.fullmatch(NAME_PATTERN, batch):
+        return
+    raise SpecError([SpecProblem(
+        "command line", "--batch",
+        f"{batch!r} is not a valid batch name: it names the folder <output root>/<batch>/ and "
+        f"must match {NAME_PATTERN} (a letter or digit, then letters, digits, '.', '_', '-'; "
+        "no '/', at most 100 characters).",
+        fix="pass a plain name such as `--batch nightly-2024-06-01`.")])
+
+
 def refuse_what_never_fits(specs: Sequence[JobSpec], estimates: Sequence[float],
                            cards: list[GpuSnapshot], policy: Policy) -> None:
     """``NoCapacity`` listing every job that no card of the farm could hold, with the figures."""
     problems = []
     for spec, mb in zip(specs, estimates):
         try:
-            check_fits_farm(mb, spec.gpus, cards, policy)
+            check_fits_farm(mb, spec.gpus, cards, policy, overridden=spec.vram_gb is not None)
         except NoCapacity as error:
             problems.append(f"{spec.name}: {error}")
     if problems:

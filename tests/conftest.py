@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures_models",
+    "tests.fake_headers",
     "tests.fixtures_farm",
     "tests.fixtures_s3",
 ]

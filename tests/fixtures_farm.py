@@ -10,7 +10,9 @@
   group a job left) is stopped at teardown.
 
 Helpers for the farm tests: ``write_spec``, ``wait_until``, ``all_done``, ``start_events``,
-``checkpoint_events``.
+``checkpoint_events``, ``job_events``, ``pause_trainer`` / ``resume_trainer`` (SIGSTOP /
+SIGCONT of a trainer's process group: the test decides when a training goes on, so what it
+checks happens mid-run on a fast machine and a slow one alike).
 """
 
 from __future__ import annotations
@@ -186,13 +188,13 @@ def write_spec(folder: Path, name: str, model: Path, data: Path, task: str, **ex
     return path
 
 
-def wait_until(condition, timeout: float, what: str, pool=None):
+def wait_until(condition, timeout: float, what: str, pool=None, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}" + (f"\n{pool.logs()}" if pool else ""))
 
 
@@ -205,8 +207,22 @@ def start_events(record):
     return [e for e in read_events(Path(record.job_dir) / "events.jsonl") if e["event"] == "start"]
 
 
-def checkpoint_events(record):
-    if not record.job_dir:
+def job_events(record, kind: str | None = None) -> list[dict]:
+    """The events the job's trainers wrote so far (``kind``: only those)."""
+    if not record.job_dir or not (Path(record.job_dir) / "events.jsonl").exists():
         return []
     events = read_events(Path(record.job_dir) / "events.jsonl")
-    return [e for e in events if e["event"] == "checkpoint"]
+    return [e for e in events if kind is None or e["event"] == kind]
+
+
+def checkpoint_events(record):
+    return job_events(record, "checkpoint")
+
+
+def pause_trainer(pgid: int) -> None:
+    """SIGSTOP the trainer's group: it trains no further until resumed (or killed)."""
+    os.killpg(pgid, signal.SIGSTOP)
+
+
+def resume_trainer(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGCONT)

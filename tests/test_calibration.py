@@ -13,7 +13,6 @@ from lora_farm.jobs.spec import ImageJobSpec
 from lora_farm.scheduler.calibration import (FLOOR, calibrated_estimate, calibration_key, correction,
                                              record_peak, shape_key)
 from lora_farm.scheduler.estimate import CUDA_CONTEXT_MB, estimate_vram
-from tests.test_estimate import sd15  # noqa: F401  (the SD 1.5-shaped header-only model)
 
 
 @pytest.fixture
@@ -111,3 +110,38 @@ def test_concurrent_records_lose_no_update(client, prefix, sd15):  # noqa: F811
 def test_vram_gb_jobs_keep_their_figure(client, prefix, sd15):  # noqa: F811
     record_peak(client, prefix, spec(sd15, vram_gb=8), 8192, 9000)
     assert calibrated_estimate(client, prefix, spec(sd15, vram_gb=8)).total_mb == 8192
+
+
+def submit_and_finish(client, prefix, job, true_ratio, plan=None):
+    """One job through submit (calibrated estimate stored) and the runner's end (its peak)."""
+    from lora_farm.ledger import Ledger, NewJob
+    from lora_farm.redis_conn import make_client
+    from lora_farm.workers.runner import _calibrate
+
+    ledger = Ledger(make_client(), prefix)
+    stored = calibrated_estimate(client, prefix, job).total_mb  # what submit records
+    record = ledger.create_jobs([NewJob(job, f"b-{uuid.uuid4().hex[:8]}", 0, stored)])[0].record
+    ran = job.model_copy(update=plan or {})
+    peak = (estimate_vram(ran).model_mb - CUDA_CONTEXT_MB) * true_ratio
+    ledger.update(record.id, {"peak_vram_mb": peak, **({"plan": plan} if plan else {})})
+    _calibrate(ledger, record.id)
+
+
+def test_repeated_jobs_converge_to_the_true_ratio(client, prefix, sd15):  # noqa: F811
+    """The runner compares peaks with the uncorrected model figure, not with the (already
+    corrected) estimate submit stored: a 2x shape converges to 2x, not to sqrt(2)."""
+    for i in range(6):
+        submit_and_finish(client, prefix, spec(sd15, name=f"job{i}"), 2.0)
+    assert correction(client, prefix, spec(sd15)) == pytest.approx(2.0, rel=1e-3)
+    later = calibrated_estimate(client, prefix, spec(sd15, name="later"))
+    modelled = estimate_vram(spec(sd15)).model_mb - CUDA_CONTEXT_MB
+    assert later.total_mb == pytest.approx(modelled * 2 + CUDA_CONTEXT_MB, abs=3)
+
+
+def test_runner_skips_overrides_and_keys_by_the_plan_that_ran(client, prefix, sd15):  # noqa: F811
+    submit_and_finish(client, prefix, spec(sd15, name="pinned", vram_gb=8), 2.0)
+    assert list(client.scan_iter(f"{prefix}:vram:*")) == []  # a user's figure measures nothing
+    plan = {"batch_size": 1, "gradient_checkpointing": True}
+    submit_and_finish(client, prefix, spec(sd15, batch_size=2), 1.5, plan=plan)
+    assert correction(client, prefix, spec(sd15, batch_size=2)) is None
+    assert correction(client, prefix, spec(sd15, **plan)) == pytest.approx(1.5, rel=1e-3)

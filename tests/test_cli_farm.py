@@ -75,3 +75,17 @@ def test_retry_queues_a_failed_job_again_and_it_resumes_from_its_checkpoint(
     assert logs.index("attempt 1") < logs.index("attempt 2") < logs.index("Step 400/400")
     refused = lorafarm(farm_env, "retry", job_id)
     assert refused.returncode == 1 and "`succeeded`; only failed or cancelled" in refused.stderr
+
+
+@pytest.mark.parametrize("batch", ["../../tmp/x", "a/b", "/abs", ".hidden"])
+def test_submit_refuses_a_batch_name_that_is_a_path(batch, farm_env, ledger, tiny_llm,
+                                                    text_dataset, tmp_path):
+    """The job folder is <output root>/<batch>/<id>: a path in --batch would escape the root."""
+    spec = write_spec(tmp_path, "escapee", tiny_llm, text_dataset, "llm", vram_gb=4)
+    done = lorafarm(farm_env, "submit", str(spec), "--batch", batch, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    message = " ".join(done.stderr.split())
+    assert "--batch" in message and repr(batch) in message and "[A-Za-z0-9]" in message
+    assert "Fix:" in message and "nothing was queued" in message
+    assert ledger.list_jobs() == []  # nothing written
+    assert not (tmp_path / "output").exists() and not (tmp_path.parent / "tmp").exists()

@@ -80,6 +80,22 @@ def test_requeue_passes_through_retrying_and_keeps_queue_position(ledger):
     assert [e["to"] for e in ledger.timeline(first)][-2:] == ["retrying", "queued"]
 
 
+def test_queued_at_restarts_on_a_requeue_and_dispatch_reads_it(ledger):
+    from lora_farm.scheduler.dispatch import queued_jobs
+
+    job_id = submit(ledger, "alpha")[0].record.id
+    record = ledger.get(job_id)
+    assert record.queued_at == record.submitted
+    tr.schedule(ledger, job_id, ["gpu0"], 10, token="t")
+    assert tr.unschedule(ledger, job_id, "worker went away", "t").queued_at == record.submitted
+    tr.schedule(ledger, job_id, ["gpu0"], 10, token="t2")
+    tr.start(ledger, job_id, "t2", "host")
+    requeued = tr.requeue(ledger, job_id, "oom", expect={S.RUNNING})
+    assert requeued.queued_at == ledger.timeline(job_id)[-1]["t"] > record.submitted
+    (queued,) = queued_jobs(ledger)
+    assert (queued.submitted_at, queued.queued_at) == (record.submitted, requeued.queued_at)
+
+
 def test_illegal_transition_raises_and_writes_nothing(ledger):
     job_id = submit(ledger, "alpha")[0].record.id
     before = ledger.client.hgetall(ledger.keys.job(job_id))

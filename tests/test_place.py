@@ -112,6 +112,22 @@ def test_multi_gpu_job_waits_when_no_host_has_enough_idle_cards():
     assert place([job("ddp", 1, gpus=2)], gpus, [], POLICY, NOW) == []
 
 
+def test_cards_of_a_multi_gpu_job_stay_whole():
+    gpus = [card("a0"), card("a1"), card("a2")]
+    ddp = [Reservation("ddp", "a0", 4 * GIB), Reservation("ddp", "a1", 4 * GIB)]
+    # best fit would pick a0/a1 (in use, fullest): they belong to the ddp job while it runs
+    placed = by_job(place([job("s1", 2), job("s2", 2)], gpus, ddp, POLICY, NOW))
+    assert placed == {"s1": ["a2"], "s2": ["a2"]}
+    assert place([job("s", 1)], gpus[:2], ddp, POLICY, NOW) == []  # no whole card free: it waits
+    # a ddp job placed in this pass keeps its cards whole too
+    placed = by_job(place([job("ddp2", 4, gpus=2, priority=5), job("small", 1)],
+                          [card("b0"), card("b1")], [], POLICY, NOW))
+    assert sorted(placed["ddp2"]) == ["b0", "b1"] and "small" not in placed
+    # a single-card job's card is shared as before
+    shared = [Reservation("one", "a0", 4 * GIB)]
+    assert by_job(place([job("s", 1)], gpus, shared, POLICY, NOW)) == {"s": ["a0"]}
+
+
 def test_a_job_never_lands_where_it_is_already_reserved():
     reserved = [Reservation("j", "gpu0", 2 * GIB)]
     assert place([job("j", 2)], [card("gpu0")], reserved, POLICY, NOW) == []
@@ -129,6 +145,19 @@ def test_starving_large_job_holds_the_card_that_drains_soonest():
     # once gpu1 drains, big runs there before anything else
     drained = place([job("big", 16, age=700)] + smalls, gpus, reserved[:1], POLICY, NOW)
     assert drained[0] == Placement("big", ["gpu1"])
+
+
+def test_a_requeued_job_waits_from_when_it_reentered_the_queue():
+    """Submitted long ago but requeued a second ago (an OOM retry): not starving, so it does
+    not jump ahead of a higher-priority job; once it has waited again it does."""
+    import dataclasses
+
+    old = dataclasses.replace(job("retried", 15, age=9999), queued_at=NOW - 1)
+    placed = place([old, job("urgent", 15, priority=5)], [card("gpu0")], [], POLICY, NOW)
+    assert [p.job_id for p in placed] == ["urgent"]
+    waited = dataclasses.replace(old, queued_at=NOW - 601)
+    placed = place([waited, job("urgent", 15, priority=5)], [card("gpu0")], [], POLICY, NOW)
+    assert [p.job_id for p in placed] == ["retried"]
 
 
 def test_starving_job_goes_before_higher_priority_ones():

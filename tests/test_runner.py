@@ -231,6 +231,126 @@ def test_reaper_leaves_a_locked_job_alone(ledger, make_job):
     assert ledger.get(job_id).state == "running"
 
 
+def lock_kept_alive(ledger, job_id) -> bool:
+    """Called where an upload runs: True once the job lock's TTL is renewed (a heartbeat holds
+    it), False when it lapses first (nothing renews it: the reaper could take the job)."""
+    key, last = ledger.keys.job_lock(job_id), ledger.client.pttl(ledger.keys.job_lock(job_id))
+    while last > 0:
+        time.sleep(0.05)
+        now = ledger.client.pttl(key)
+        if now > last:
+            return True
+        last = now
+    return False
+
+
+def watched_ship(monkeypatch, module, result=None):
+    """Replace ``module.ship_and_finish`` by one that records whether the lock stays alive."""
+    seen = []
+    real = module.ship_and_finish
+
+    def ship(ledger, job_id, *args, **kwargs):
+        seen.append(lock_kept_alive(ledger, job_id))
+        return real(ledger, job_id, *args, **kwargs) if result is None else ledger.get(job_id)
+    monkeypatch.setattr(module, "ship_and_finish", ship)
+    return seen
+
+
+def test_every_upload_path_keeps_the_job_lock_alive(ledger, make_job, monkeypatch, tmp_path):
+    """An upload longer than the lock's TTL must not let the reaper ship the job a second time."""
+    from lora_farm.workers import reaper, runner, upload
+
+    fast = get_settings().model_copy(update={"stale_after_seconds": 2.0, "heartbeat_seconds": 0.2})
+    seen = watched_ship(monkeypatch, runner)
+    job_id = make_job("ok")
+    options = RunnerOptions(settings=fast, trainer_argv=fake_argv, poll_seconds=0.1)
+    assert run_job(ledger, job_id, "tok1", options) == "succeeded" and seen == [True]
+    for seed, (module, retry) in enumerate(((upload, lambda i: upload.retry_upload(ledger, i, fast)),
+                                            (reaper, lambda i: reap(ledger, fast))), start=1):
+        waiting = make_job("ok", seed=seed)
+        tr.start(ledger, waiting, "tok1", "host")
+        tr.begin_upload(ledger, waiting, "tok1", str(tmp_path))
+        ledger.update(waiting, {"next_upload_at": time.time() - 1})
+        seen = watched_ship(monkeypatch, module, result="fake")
+        retry(waiting)
+        assert seen and all(seen), module.__name__
+
+
+def test_a_runner_that_lost_its_lock_does_not_take_back_a_job_the_ledger_moved_on(
+        ledger, make_job):
+    """Redis came back without the job lock and the reaper had requeued the job meanwhile: the
+    runner must not re-take the lock and keep training; it stops its trainer (outcome lost)."""
+    from lora_farm.jobs.state import JobState
+
+    job_id = make_job("hang")
+    thread, result, (trainer, _child) = run_in_thread(ledger, job_id)
+    try:
+        ledger.client.delete(ledger.keys.job_lock(job_id))  # expired while Redis was away
+        tr.requeue(ledger, job_id, "worker lost", expect={JobState.RUNNING}, token="tok1")
+        thread.join(timeout=60)
+        assert result.get("out") == "lost"
+        assert group_gone(trainer)
+        assert not ledger.client.exists(ledger.keys.job_lock(job_id))  # not kept by us
+        assert (ledger.get(job_id).state, ledger.get(job_id).attempt) == ("queued", 2)
+    finally:
+        os.killpg(trainer, signal.SIGKILL) if group_exists(trainer) else None
+        thread.join(timeout=60)
+
+
+def test_an_error_after_spawn_does_not_orphan_the_trainer(ledger, make_job, monkeypatch):
+    from lora_farm.workers import runner
+
+    spawned = []
+    real_spawn = runner.tp.spawn
+    monkeypatch.setattr(runner.tp, "spawn", lambda *a, **k: spawned.append(real_spawn(*a, **k))
+                        or spawned[-1])
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug in the watch loop")
+    monkeypatch.setattr(runner, "_watch_until_exit", broken)
+    job_id = make_job("hang")
+    try:
+        with pytest.raises(RuntimeError, match="a bug in the watch loop"):
+            run(ledger, job_id)
+        (process,) = spawned
+        assert process.poll() is not None and group_gone(process.pid)
+    finally:
+        for process in spawned:
+            os.killpg(process.pid, signal.SIGKILL) if group_exists(process.pid) else None
+
+
+def test_a_cancel_that_races_a_crash_is_honoured(ledger, make_job):
+    from lora_farm.workers.outcome import Outcome, Verdict
+    from lora_farm.workers.runner import _retry_or_fail
+
+    job_id = make_job("crash")
+    tr.start(ledger, job_id, "tok1", "host")
+    ledger.request_cancel(job_id)  # arrives as the trainer dies, before the runner saw it
+    verdict = Verdict(Outcome.CRASHED, "crashed (exit 1)", {"returncode": 1})
+    _retry_or_fail(ledger, ledger.get(job_id), verdict, get_settings())
+    record = ledger.get(job_id)
+    assert (record.state, record.attempt) == ("cancelled", 1), record.exit_reason
+    assert "cancelled by user" in record.exit_reason and ledger.reservations() == {}
+
+
+def test_the_trainer_gets_the_absolute_output_root(ledger, make_job, monkeypatch, tmp_path):
+    """The trainer's cwd is its job folder: a relative LORAFARM_OUTPUT_ROOT must reach it made
+    absolute against the worker's directory."""
+    from lora_farm.workers import runner
+
+    monkeypatch.chdir(tmp_path)
+    relative = get_settings().model_copy(update={"output_root": Path("rel-out")})
+    envs = []
+    real_spawn = runner.tp.spawn
+    monkeypatch.setattr(runner.tp, "spawn", lambda argv, env, *a, **k: envs.append(env)
+                        or real_spawn(argv, env, *a, **k))
+    job_id = make_job("ok")
+    options = RunnerOptions(settings=relative, trainer_argv=fake_argv, poll_seconds=0.1)
+    assert run_job(ledger, job_id, "tok1", options) == "succeeded"
+    assert envs[0]["LORAFARM_OUTPUT_ROOT"] == str(tmp_path / "rel-out")
+    assert Path(ledger.get(job_id).job_dir).is_relative_to(tmp_path / "rel-out")
+
+
 def group_gone(pgid: int) -> bool:
     deadline = time.monotonic() + 5  # orphaned zombies are reaped by init a moment later
     while group_exists(pgid) and time.monotonic() < deadline:
@@ -243,118 +363,3 @@ def _is_zombie(pid: int) -> bool:
         return json.dumps(Path(f"/proc/{pid}/stat").read_text().split()[2]) == '"Z"'
     except OSError:
         return True
-
-
-# ---- pure parts: exit classification, degraded plan, Celery configuration --------------------
-
-from lora_farm.settings import Settings  # noqa: E402
-from lora_farm.workers.app import celery_config, make_app  # noqa: E402
-from lora_farm.workers.outcome import Outcome, RunEvidence, classify, degraded_plan  # noqa: E402
-
-
-@pytest.mark.parametrize("evidence,outcome", [
-    (RunEvidence(0, exported=True), Outcome.SUCCEEDED),
-    (RunEvidence(0, exported=False), Outcome.CRASHED),  # exit 0 is not proof of weights
-    (RunEvidence(3), Outcome.OOM),
-    (RunEvidence(1, last_error={"kind": "oom", "message": "CUDA out of memory"}), Outcome.OOM),
-    (RunEvidence(2), Outcome.BAD_INPUT),
-    (RunEvidence(4), Outcome.INTERRUPTED),
-    (RunEvidence(-9), Outcome.CRASHED),
-    (RunEvidence(4, cancelled=True), Outcome.CANCELLED),  # our SIGTERM, not a crash
-    (RunEvidence(-15, timed_out=True, timeout_s=60), Outcome.TIMED_OUT),
-    (RunEvidence(4, shutdown=True), Outcome.SHUTDOWN),  # stopped at a checkpoint: not counted
-    (RunEvidence(-9, shutdown=True), Outcome.SHUTDOWN),  # SIGKILLed after the grace
-    (RunEvidence(3, shutdown=True), Outcome.OOM),  # what really happened still counts
-    (RunEvidence(0, exported=True, shutdown=True), Outcome.SUCCEEDED),
-])
-def test_classify_from_evidence(evidence, outcome):
-    verdict = classify(evidence)
-    assert verdict.outcome == outcome and verdict.extra["returncode"] == evidence.returncode
-
-
-def test_degraded_plan_keeps_the_effective_batch_until_nothing_is_left():
-    spec = {"batch_size": 3, "gradient_accumulation_steps": 2, "gradient_checkpointing": False}
-    plan = degraded_plan(spec, {})
-    assert plan == {"batch_size": 1, "gradient_accumulation_steps": 6, "gradient_checkpointing": True}
-    assert degraded_plan(spec, plan) is None
-
-
-def test_celery_config_is_json_only_with_one_visibility_timeout():
-    settings = Settings(redis_url="rediss://:s3cret@redis.example:6380/2", key_prefix="farm-x",
-                        visibility_timeout=123456)
-    config = celery_config(settings)
-    assert config["accept_content"] == ["json"] and config["task_serializer"] == "json"
-    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
-    assert config["worker_prefetch_multiplier"] == 1 and config["worker_send_task_events"]
-    timeouts = {config["broker_transport_options"]["visibility_timeout"],
-                config["result_backend_transport_options"]["visibility_timeout"],
-                config["visibility_timeout"]}
-    assert timeouts == {123456}
-    assert config["broker_transport_options"]["global_keyprefix"] == "farm-x:celery:"
-    assert config["broker_use_ssl"]["ssl_cert_reqs"] and config["broker_url"].startswith("rediss://")
-
-
-def test_a_pickled_message_is_refused():
-    from kombu.exceptions import ContentDisallowed
-    from kombu.serialization import loads
-
-    app = make_app(Settings(key_prefix="unused"))
-    import pickle
-    with pytest.raises(ContentDisallowed):
-        loads(pickle.dumps({"x": 1}), "application/x-python-serialize", "binary",
-              accept=app.conf.accept_content)
-
-
-def test_runner_survives_a_redis_restart(farm_env, tmp_path):
-    """A private redis-server (AOF on) is restarted while the trainer runs: the job still ends
-    `succeeded`, with its progress, and the ledger is whole."""
-    import shutil
-    import socket
-    import subprocess
-
-    from lora_farm.ledger import Ledger
-    from lora_farm.redis_conn import make_client
-
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server binary not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data = tmp_path / "redis-data"
-    data.mkdir()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
-            "--dir", str(data), "--save", ""]
-
-    def start_server():
-        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-        client = make_client(f"redis://127.0.0.1:{port}/0")
-        for _ in range(100):
-            try:
-                client.ping()
-                return server
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
-
-    server = start_server()
-    ledger = Ledger(make_client(f"redis://127.0.0.1:{port}/0"), "lorafarm-test-restart")
-    try:
-        spec = LlmJobSpec(name="slow", base_model=tmp_path, train_data_dir=tmp_path, tags=["fake:slow"])
-        job_id = ledger.create_jobs([NewJob(spec, "r", 0, 10.0)])[0].record.id
-        tr.schedule(ledger, job_id, ["gpu0"], 10.0, token="t")
-        result = {}
-        thread = threading.Thread(target=lambda: result.update(out=run(ledger, job_id, token="t")))
-        thread.start()
-        time.sleep(1.0)
-        subprocess.run(["redis-cli", "-p", str(port), "shutdown"], capture_output=True)
-        server.wait(timeout=10)
-        time.sleep(1.5)  # the trainer keeps running while Redis is away
-        server = start_server()
-        thread.join(timeout=60)
-        assert result["out"] == "succeeded"
-        record = ledger.get(job_id)
-        assert record.state == "succeeded" and record.step == 8 and record.manifest_uri
-        assert [e["to"] for e in ledger.timeline(job_id)][-3:] == ["running", "uploading", "succeeded"]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)

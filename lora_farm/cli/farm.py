@@ -56,16 +56,10 @@ def submit(
         _wait_for(ledger, [job.record.id for job in report.jobs])
 
 
-def _wait_for(ledger, job_ids: list[str], poll: float = 2.0) -> None:
-    from lora_farm.cli.status_view import status_table
+def _wait_for(ledger, job_ids: list[str]) -> None:
+    from lora_farm.cli.status_view import watch_until_done
 
-    with Live(console=console, refresh_per_second=1) as live:
-        while True:
-            records = ledger.records(job_ids)
-            live.update(status_table(records))
-            if all(JobState(r.state) in TERMINAL for r in records):
-                break
-            time.sleep(poll)
+    records = watch_until_done(console, ledger, job_ids, poll=2.0)
     failed = [r for r in records if r.state != JobState.SUCCEEDED.value]
     if failed:
         err_console.print(f"{len(failed)} of {len(records)} job(s) did not succeed.")

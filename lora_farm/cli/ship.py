@@ -128,6 +128,7 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
          keep_up: bool = typer.Option(False, help="leave the farm running afterwards"),
          steps_scale: int = typer.Option(1, min=1, help="train N times longer")) -> None:
     """Build the demo batch, bring the farm up, submit, watch the four jobs, list the artifacts."""
+    from lora_farm.cli.status_view import watch_until_done
     from lora_farm.demo import write_demo_batch
     from lora_farm.ledger import Ledger
     from lora_farm.localfarm import farm_down, farm_up
@@ -143,7 +144,7 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
         ledger = Ledger.from_settings(settings)
         batch = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh batch: a rerun trains again
         report = submit_files(specs, ledger, batch=batch, settings=settings)
-        records = _watch(ledger, [job.record.id for job in report.jobs])
+        records = watch_until_done(console, ledger, [job.record.id for job in report.jobs])
         _print_artifacts(records)
     finally:
         if state.started_anything and not keep_up:
@@ -154,21 +155,6 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
         fail(f"{len(failed)} demo job(s) did not succeed: "
              + ", ".join(f"{r.name} ({r.state}: {r.exit_reason})" for r in failed)
              + "; `lorafarm logs JOB` shows why")
-
-
-def _watch(ledger, job_ids: list[str], poll: float = 1.0) -> list:
-    from rich.live import Live
-
-    from lora_farm.cli.status_view import status_table
-    from lora_farm.jobs.state import TERMINAL, JobState
-
-    with Live(console=console, refresh_per_second=1) as live:
-        while True:
-            records = ledger.records(job_ids)
-            live.update(status_table(records))
-            if all(JobState(r.state) in TERMINAL for r in records):
-                return records
-            time.sleep(poll)
 
 
 def _print_artifacts(records: list) -> None:

@@ -77,6 +77,21 @@ def plain_lines(records: Sequence[JobRecord], now: float | None = None) -> list[
     return lines
 
 
+def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0) -> list[JobRecord]:
+    """A live table of these jobs until every one has ended; their final records."""
+    from rich.live import Live
+
+    from lora_farm.jobs.state import TERMINAL, JobState
+
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            records = ledger.records(job_ids)
+            live.update(status_table(records))
+            if all(JobState(r.state) in TERMINAL for r in records):
+                return records
+            time.sleep(poll)
+
+
 def print_status(console, records: Sequence[JobRecord], show_all: bool, recent: int) -> None:
     """What `lorafarm status` prints: the table (rich, or plain when long) and a summary."""
     shown, hidden = recent_view(records, len(records) if show_all else recent)

@@ -127,7 +127,7 @@ def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
              if img.with_suffix(spec.caption_extension).is_file()
              and not img.with_suffix(spec.caption_extension).read_text(encoding="utf-8", errors="replace").strip()]
     _listed(problems, label, "train_data_dir", f"images without a {spec.caption_extension} caption "
-            "(and no metadata.csv)", missing, f"write a caption file next to each image, or a metadata.csv.")
+            "(and no metadata.csv)", missing, "write a caption file next to each image, or a metadata.csv.")
     _listed(problems, label, "train_data_dir", "empty caption files", empty, "write a caption in each file.")
     return problems
 

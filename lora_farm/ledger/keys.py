@@ -79,6 +79,11 @@ class Keys:
         """String with a TTL: set while worker ``name`` shuts down (its trainings checkpoint)."""
         return f"{self.prefix}:worker-stopping:{name}"
 
+    def stop_signalled(self, job_id: str, token: str) -> str:
+        """Set by whoever SIGTERMs the trainer of this dispatch at a shutdown (main process or
+        runner): a second SIGTERM could land after the trainer checkpointed and kill it."""
+        return f"{self.prefix}:stop-signalled:{job_id}:{token}"
+
     @property
     def dispatch_lock(self) -> str:
         return f"{self.prefix}:lock:dispatch"

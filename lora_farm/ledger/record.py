@@ -13,7 +13,7 @@ _INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps
                "epochs", "seq", "gpus_needed", "exit_code", "upload_tries", "shutdowns")
 _FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
                  "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
-                 "next_upload_at")
+                 "next_upload_at", "queued_at")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class JobRecord:
     gpus: list[str] = field(default_factory=list)  # uuids of the cards it is on
     pid: int | None = None
     submitted: float | None = None
+    queued_at: float | None = None  # when it last (re-)entered the queue: starvation counts from it
     scheduled_at: float | None = None
     started: float | None = None
     finished: float | None = None

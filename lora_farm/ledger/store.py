@@ -98,7 +98,7 @@ class Ledger:
             id=uuid.uuid4().hex[:12], name=spec.name, batch=job.batch, task=spec.task,
             config_hash=spec.config_hash(), priority=job.priority, max_retries=spec.max_retries,
             timeout=spec.timeout, gpus_needed=spec.gpus, estimate_mb=round(job.estimate_mb, 1),
-            seq=seq, submitted=now, updated=now, spec=spec.to_yaml_dict())
+            seq=seq, submitted=now, queued_at=now, updated=now, spec=spec.to_yaml_dict())
 
     def _write_new(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
         keys = self.keys

@@ -35,6 +35,7 @@ class Move:
     fields: dict[str, Any] = field(default_factory=dict)
     reserve: dict[str, Any] | None = None  # {gpus, mb}: take a reservation
     reason: str = ""
+    requeued: bool = False  # back in the queue as a new attempt: its wait starts now (queued_at)
 
 
 def apply(ledger: Ledger, job_id: str, move: Move, *, expect: set[JobState] | None = None,
@@ -69,6 +70,8 @@ def _write_move(pipe: redis.client.Pipeline, ledger: Ledger, record: JobRecord, 
                 move: Move, now: float, released: str | None) -> None:
     keys, job_id = ledger.keys, record.id
     values = {**move.fields, "state": move.to.value, "updated": now}
+    if move.requeued:
+        values["queued_at"] = now
     pipe.hset(keys.job(job_id), mapping=encode_fields(values))
     pipe.srem(keys.state(old.value), job_id)
     pipe.sadd(keys.state(move.to.value), job_id)
@@ -131,12 +134,13 @@ def requeue(ledger: Ledger, job_id: str, reason: str, *, expect: set[JobState],
         fields["shutdowns"] = current.shutdowns + 1
     if plan is not None:
         fields["plan"] = plan
-    move = Move(S.QUEUED, via=S.RETRYING, fields=fields, reason=reason)
+    move = Move(S.QUEUED, via=S.RETRYING, fields=fields, reason=reason, requeued=True)
     return apply(ledger, job_id, move, expect=expect, token=token)
 
 
 def unschedule(ledger: Ledger, job_id: str, reason: str, token: str) -> JobRecord | None:
-    """scheduled -> queued (same attempt): the card's worker went away before the job started."""
+    """scheduled -> queued (same attempt): the card's worker went away before the job started.
+    Its wait goes on (``queued_at`` is kept): it never ran."""
     move = Move(S.QUEUED, fields=dict(_RUN_FIELDS_CLEARED), reason=reason)
     return apply(ledger, job_id, move, expect={S.SCHEDULED}, token=token)
 
@@ -187,7 +191,7 @@ def retry(ledger: Ledger, job_id: str) -> JobRecord | None:
     move = Move(S.QUEUED, reason="retry requested", fields={
         **_RUN_FIELDS_CLEARED, "attempt": current.attempt + 1, "cancel_requested": "",
         "exit_reason": "", "exit_code": None, "finished": None,
-        "max_retries": current.max_retries + current.retries_used + 1})
+        "max_retries": current.max_retries + current.retries_used + 1}, requeued=True)
     return apply(ledger, job_id, move, expect={S.FAILED, S.CANCELLED})
 
 

@@ -6,6 +6,7 @@ Interface::
     record_peak(redis, prefix, spec, estimated_mb, peak_mb)  # after a job ends -> new correction
     correction(redis, prefix, spec) -> float | None          # ratio to feed estimate_vram()
     calibrated_estimate(redis, prefix, spec) -> VramEstimate # the two above, for submit/dispatch
+    learn_from_run(redis, prefix, spec, peak_mb) -> float | None  # a finished run's peak (runner)
 
 ``estimated_mb`` must be the *uncorrected* model figure (``VramEstimate.model_mb``), else
 corrections would compound. ``peak_mb`` is the trainer's ``peak_vram_mb`` event field
@@ -87,6 +88,15 @@ def record_peak(redis_client: Any, prefix: str, spec: JobSpec, estimated_mb: flo
 
     # WATCH/MULTI: two workers finishing jobs of one shape at once must not lose an update
     return redis_client.transaction(update, key, value_from_callable=True)
+
+
+def learn_from_run(redis_client: Any, prefix: str, spec: JobSpec,
+                   peak_mb: float | None) -> float | None:
+    """Record the peak of a run of ``spec`` (the effective spec: the plan that ran) against the
+    *uncorrected* model figure. A ``vram_gb`` job teaches nothing: its figure is the user's."""
+    if spec.vram_gb is not None:
+        return None
+    return record_peak(redis_client, prefix, spec, estimate_vram(spec).model_mb, peak_mb)
 
 
 def correction(redis_client: Any, prefix: str, spec: JobSpec) -> float | None:

@@ -102,13 +102,14 @@ def queued_jobs(ledger: Ledger, limit: int = QUEUE_WINDOW) -> list[QueuedJob]:
     ids = ledger.queued_ids(limit)
     pipe = ledger.client.pipeline(transaction=False)
     for job_id in ids:
-        pipe.hmget(ledger.keys.job(job_id), "priority", "submitted", "estimate_mb", "gpus_needed")
+        pipe.hmget(ledger.keys.job(job_id), "priority", "submitted", "estimate_mb", "gpus_needed",
+                   "queued_at")
     jobs = []
-    for job_id, (priority, submitted, estimate, gpus) in zip(ids, pipe.execute()):
+    for job_id, (priority, submitted, estimate, gpus, queued_at) in zip(ids, pipe.execute()):
         if submitted is None:
             continue  # a record deleted under us
         jobs.append(QueuedJob(job_id, int(priority or 0), float(submitted), float(estimate or 0),
-                              int(gpus or 1)))
+                              int(gpus or 1), float(queued_at) if queued_at else None))
     return jobs
 
 

@@ -28,9 +28,12 @@ that, and the pass after the job reaches its peak sees it in ``free``. Declared 
 takes the card that is already in use and fullest while still fitting (best fit), so small jobs
 pack onto the fewest cards and whole cards stay free for large and multi-card jobs. A job that
 does not fit is skipped and later jobs may fill the gaps (backfill). A ``gpus: N`` job takes N
-idle whole cards on one host (the host with the fewest such cards that still suffices).
+idle whole cards on one host (the host with the fewest such cards that still suffices), and
+keeps them whole: while it holds them (a job reserved on several cards), nothing else is placed
+there.
 
-**No starvation.** A job that has waited longer than ``policy.starvation_seconds`` goes before
+**No starvation.** A job that has waited longer than ``policy.starvation_seconds`` (since it last
+entered the queue: a job requeued after an OOM or a crash starts its wait afresh) goes before
 every job that has not. The first such job that does not fit holds back the card(s) that would
 fit it soonest (smallest shortfall now): nothing new is placed there, so they drain and it runs.
 One hold at a time keeps the rest of the farm busy (EASY backfilling).
@@ -55,6 +58,11 @@ class QueuedJob:
     submitted_at: float
     estimate_mb: float
     gpus: int = 1
+    queued_at: float | None = None  # when it (re-)entered the queue; None: at submitted_at
+
+    def waited(self, now: float) -> float:
+        """How long it has waited since it last entered the queue (a retry starts afresh)."""
+        return now - (self.submitted_at if self.queued_at is None else self.queued_at)
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class Placement:
 class _Card:
     """A card's state during one pass (capacity shrinks as jobs are placed on it)."""
 
-    __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held")
+    __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held",
+                 "whole")
 
     def __init__(self, snapshot: GpuSnapshot, policy: Policy):
         self.uuid, self.host, self.cpu = snapshot.uuid, snapshot.host, snapshot.cpu
@@ -92,6 +101,7 @@ class _Card:
         self.jobs = 0
         self.slots = policy.cpu_slot_jobs if self.cpu else policy.max_jobs_per_gpu
         self.held = False
+        self.whole = False  # a multi-card job holds it: no other job joins
 
     @property
     def capacity(self) -> float:
@@ -102,12 +112,13 @@ class _Card:
         return self.jobs == 0
 
     def takes(self, mb: float) -> bool:
-        return not self.held and self.jobs < self.slots and self.capacity >= mb
+        return not self.held and not self.whole and self.jobs < self.slots and self.capacity >= mb
 
-    def add(self, mb: float) -> None:
+    def add(self, mb: float, whole: bool = False) -> None:
         self.planned -= mb
         self.measured -= mb
         self.jobs += 1
+        self.whole = self.whole or whole
 
 
 def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
@@ -117,15 +128,15 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
     reserved_jobs = {r.job_id for r in reservations}
     waiting = sorted((j for j in jobs if j.job_id not in reserved_jobs),
                      key=lambda j: (-j.priority, j.submitted_at, j.job_id))
-    starving = [j for j in waiting if now - j.submitted_at > policy.starvation_seconds]
-    others = [j for j in waiting if now - j.submitted_at <= policy.starvation_seconds]
+    starving = [j for j in waiting if j.waited(now) > policy.starvation_seconds]
+    others = [j for j in waiting if j.waited(now) <= policy.starvation_seconds]
     placements: list[Placement] = []
     holding = False
     for job, is_starving in [(j, True) for j in starving] + [(j, False) for j in others]:
         chosen = _choose(job, cards)
         if chosen:
             for card in chosen:
-                card.add(job.estimate_mb)
+                card.add(job.estimate_mb, whole=job.gpus > 1)
             placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
         elif is_starving and not holding:
             holding = _hold_for(job, cards)
@@ -135,12 +146,17 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
 def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
            policy: Policy) -> list[_Card]:
     cards = {snapshot.uuid: _Card(snapshot, policy) for snapshot in gpus}
+    reservations = list(reservations)
+    cards_of: dict[str, set[str]] = {}
+    for reservation in reservations:
+        cards_of.setdefault(reservation.job_id, set()).add(reservation.gpu_uuid)
     seen: set[tuple[str, str]] = set()
     for reservation in reservations:
         card = cards.get(reservation.gpu_uuid)
         if card is None:
             continue  # a card that left the inventory; its reservation is the reaper's business
         card.planned -= reservation.mb
+        card.whole = card.whole or len(cards_of[reservation.job_id]) > 1  # a multi-card job's
         if (reservation.job_id, reservation.gpu_uuid) not in seen:
             seen.add((reservation.job_id, reservation.gpu_uuid))
             card.jobs += 1

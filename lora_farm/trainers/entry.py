@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     early_stop = StopFlag()
     code = ExitCode.CRASH
     try:
-        with early_stop.installed():  # a signal while loading stops at once: nothing to save yet
+        # a signal while loading stops at once (nothing to save yet); once the run has ended, a
+        # second SIGTERM (a stop sent by two parties) must not kill the process mid-report
+        with early_stop.installed(after=signal.SIG_IGN):
             code = _run(args, events, dist)
     except TrainingInterrupted as stop:
         events.emit("error", kind="interrupted", message=str(stop), step=stop.step)

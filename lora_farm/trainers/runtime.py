@@ -112,7 +112,9 @@ class StopFlag:
             raise TrainingInterrupted(self.step, name, checkpointed=False)
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, after: Any = None) -> Iterator[None]:
+        """Handle SIGTERM/SIGINT inside the block; on leaving, put back the previous handlers, or
+        ``after`` (e.g. ``signal.SIG_IGN`` once the process only has to finish up)."""
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         for sig in previous:
             signal.signal(sig, lambda number, _frame: self.request(signal.Signals(number).name))
@@ -120,7 +122,7 @@ class StopFlag:
             yield
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, handler if after is None else after)
 
 
 class Runtime:

@@ -12,7 +12,8 @@ import logging
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis
 
@@ -98,3 +99,15 @@ class Heartbeat(threading.Thread):
         self._stop_event.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=self._interval + 5)
+
+
+@contextmanager
+def kept_alive(lock: RedisLock, interval: float) -> Iterator[Heartbeat]:
+    """Refresh ``lock`` every ``interval`` seconds while the block runs (an upload may last
+    longer than the lock's TTL; an expired lock would let the reaper ship the job too)."""
+    heartbeat = Heartbeat(lock.refresh, interval, name=f"keep-{lock.key}")
+    heartbeat.start()
+    try:
+        yield heartbeat
+    finally:
+        heartbeat.stop()

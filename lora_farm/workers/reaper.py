@@ -23,7 +23,7 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.joblock import RedisLock
+from lora_farm.workers.joblock import RedisLock, kept_alive
 from lora_farm.workers.outcome import retries_left
 from lora_farm.workers.trainer_process import kill_stale_group
 from lora_farm.workers.upload import ship_and_finish
@@ -91,6 +91,6 @@ def _reap_uploading(ledger: Ledger, record: JobRecord, settings: Settings, now: 
     lock = RedisLock(ledger.client, ledger.keys.job_lock(record.id), settings.stale_after_seconds)
     if not lock.acquire():
         return ""
-    with lock:
+    with lock, kept_alive(lock, settings.heartbeat_seconds):
         after = ship_and_finish(ledger, record.id, Path(record.job_dir), settings=settings)
     return f"upload retried: now {after.state if after else '?'}"

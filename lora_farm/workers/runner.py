@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from lora_farm.archive import archive_at_end
+from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.spec import spec_from_dict
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
@@ -33,7 +34,7 @@ from lora_farm.workers import trainer_process as tp
 from lora_farm.workers.joblock import Heartbeat, RedisLock
 from lora_farm.workers.outcome import (Outcome, RunEvidence, Verdict, classify, degraded_plan,
                                        retries_left)
-from lora_farm.workers.shutdown import is_stopping, sigterm_sets_flag
+from lora_farm.workers.shutdown import claim_stop_signal, is_stopping, sigterm_sets_flag
 from lora_farm.workers.upload import ship_and_finish
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,17 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
         if record is None:
             log.info("job %s: not scheduled with token %s any more; dropping the message", job_id, token)
             return "stale"
-        with sigterm_sets_flag():  # a SIGTERM to this process now checkpoints the job
-            verdict = _supervise(ledger, record, lock, options)
-            _retrying_redis(lambda: _conclude(ledger, record, verdict, options), options.settings)
+        # the lock is kept alive until the job has left our hands (after the upload too)
+        heartbeat = Heartbeat(lambda: _beat(ledger, record, lock), options.settings.heartbeat_seconds,
+                              name=f"heartbeat-{record.id}")
+        heartbeat.start()
+        try:
+            with sigterm_sets_flag():  # a SIGTERM to this process now checkpoints the job
+                verdict = _supervise(ledger, record, lock, heartbeat, options)
+                _retrying_redis(lambda: _conclude(ledger, record, verdict, options),
+                                options.settings)
+        finally:
+            heartbeat.stop()
         return verdict.outcome.value
     finally:
         lock.release()
@@ -113,7 +122,8 @@ class _Watch:
             self.ledger.update(self.record.id, update)
 
 
-def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, options: RunnerOptions) -> Verdict:
+def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: Heartbeat,
+               options: RunnerOptions) -> Verdict:
     settings = options.settings
     job_dir = job_dir_for(record, settings)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -121,20 +131,24 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, options: Runn
     watch = _Watch(ledger, record, job_dir)
     _log_header(job_dir / "train.log", record)
     process = tp.spawn(options.trainer_argv(resolved, job_dir, job_dir / "events.jsonl"),
-                       tp.trainer_env(pinned_env(record.gpus), {"LORAFARM_JOB_ID": record.id,
-                                                               "LORAFARM_ATTEMPT": str(record.attempt)}),
+                       tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
                        job_dir / "train.log", cwd=job_dir)
-    ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
-    heartbeat = Heartbeat(lambda: _beat(ledger, record, lock), settings.heartbeat_seconds,
-                          name=f"heartbeat-{record.id}")
-    heartbeat.start()
     try:
+        ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
         _watch_until_exit(process, watch, heartbeat, lock, options)
-    finally:
-        heartbeat.stop()
+    except BaseException:  # whatever went wrong here, no trainer is left running unwatched
+        log.exception("job %s: the runner failed while its trainer ran; stopping it", record.id)
+        tp.stop_group(process, settings.cancel_grace_seconds)
+        raise
     _safely(watch.absorb_events, "reading the last events")
     watch.record.artifacts = watch.artifacts
     return classify(watch.evidence)
+
+
+def _trainer_extra_env(record: JobRecord, settings: Settings) -> dict[str, str]:
+    """The trainer runs with cwd=job_dir, where a relative output root would mean another folder."""
+    return {"LORAFARM_JOB_ID": record.id, "LORAFARM_ATTEMPT": str(record.attempt),
+            "LORAFARM_OUTPUT_ROOT": str(settings.output_root_abs)}
 
 
 def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heartbeat,
@@ -145,7 +159,7 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
     while process.poll() is None:
         time.sleep(options.poll_seconds)
         _safely(watch.absorb_events, "reading progress events")
-        if heartbeat.lost.is_set() and not _reacquire(lock):
+        if heartbeat.lost.is_set() and not _reacquire(lock, watch, heartbeat):
             evidence.lost = True
         elif _cancel_requested(watch):
             evidence.cancelled = True
@@ -155,7 +169,11 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
             evidence.timed_out = True
         else:
             continue
-        evidence.returncode = tp.stop_group(process, options.settings.cancel_grace_seconds)
+        # at a shutdown the worker's main process may have sent the SIGTERM already: one only
+        sigterm = not evidence.shutdown or claim_stop_signal(watch.ledger, watch.record.id,
+                                                               watch.record.token)
+        evidence.returncode = tp.stop_group(process, options.settings.cancel_grace_seconds,
+                                            sigterm=sigterm)
         return
     evidence.returncode = process.returncode
     # the worker's main process may have sent the SIGTERM itself (shutdown.stop_trainers)
@@ -170,12 +188,25 @@ def _cancel_requested(watch: _Watch) -> bool:
         return False  # Redis is away: keep training, ask again next tick
 
 
-def _reacquire(lock: RedisLock) -> bool:
-    """After Redis came back without our lock: take it again unless another runner has it."""
+def _reacquire(lock: RedisLock, watch: _Watch, heartbeat: Heartbeat) -> bool:
+    """After Redis came back without our lock: take it again, unless another runner has it or
+    the ledger moved on meanwhile (the reaper requeued the job: it is no longer ours to run)."""
     try:
-        return lock.acquire() or lock.refresh()
+        if not (lock.acquire() or lock.refresh()):
+            return False
+        current = watch.ledger.get(watch.record.id)
     except redis.RedisError:
         return True  # still unreachable: nobody else can take it either
+    except LoraFarmError as error:  # the record is gone
+        log.warning("job %s: %s; stopping its trainer", watch.record.id, error)
+        current = None
+    if current and current.state == S.RUNNING.value and current.token == watch.record.token:
+        heartbeat.lost.clear()
+        return True
+    log.warning("job %s: lock lost and the ledger moved on (%s); stopping its trainer",
+                watch.record.id, current.state if current else "no record")
+    _safely(lock.release, "releasing a lock that is not ours to keep")
+    return False
 
 
 def _beat(ledger: Ledger, record: JobRecord, lock: RedisLock) -> bool:
@@ -223,6 +254,11 @@ def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: Runn
 
 def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict, settings: Settings) -> None:
     current = ledger.get(record.id)
+    if current.cancel_requested:  # the user asked to cancel while the trainer crashed: honour it
+        _archive_logs(record, settings)
+        tr.finish_cancelled(ledger, record.id, f"cancelled by user (the run had ended: "
+                            f"{verdict.reason})", expect={S.RUNNING}, token=record.token)
+        return
     plan: dict[str, Any] | None = None
     reason = verdict.reason
     if verdict.outcome == Outcome.OOM:
@@ -247,15 +283,16 @@ def _archive_logs(record: JobRecord, settings: Settings) -> None:
 
 
 def _calibrate(ledger: Ledger, job_id: str) -> None:
-    """Teach the estimate what this job really peaked at (scheduler/calibration.py)."""
+    """Teach the estimate what this job really peaked at (scheduler/calibration.py), against the
+    uncorrected model figure of the plan that ran (``record.estimate_mb`` is already corrected)."""
     from lora_farm.redis_conn import bytes_client
-    from lora_farm.scheduler.calibration import record_peak
+    from lora_farm.scheduler.calibration import learn_from_run
 
     record = ledger.get(job_id)
     try:
-        record_peak(bytes_client(ledger.client), ledger.keys.prefix,
-                    spec_from_dict(record.effective_spec()), record.estimate_mb, record.peak_vram_mb)
-    except (redis.RedisError, ValueError) as error:
+        learn_from_run(bytes_client(ledger.client), ledger.keys.prefix,
+                       spec_from_dict(record.effective_spec()), record.peak_vram_mb)
+    except (redis.RedisError, ValueError, LoraFarmError) as error:
         log.warning("job %s: calibration not recorded: %s", job_id, error)
 
 

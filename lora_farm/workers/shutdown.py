@@ -6,7 +6,8 @@ Celery's warm shutdown (SIGTERM or Ctrl-C to the worker: `lorafarm down`, `docke
 - **Main process** (``worker_shutting_down``, see tasks.py): :func:`begin_shutdown` marks the
   worker as stopping in Redis (``Keys.worker_stopping``), withdraws its card from placement (no
   new job is routed to a queue nobody will consume), and sends SIGTERM to the trainer process
-  group of every job its runners execute (the ledger records worker, host and pid of each).
+  of every job its runners execute (the ledger records worker, host and pid of each); not to
+  its group: its DataLoader workers must live until it has written its checkpoint.
 - **Pool child** (the runner): each tick it asks :func:`is_stopping`; while a job runs, a SIGTERM
   sent to the child itself (a signal to the worker's whole process group, as `lorafarm down`
   sends) only sets :data:`SIGTERM_SEEN` (:func:`sigterm_sets_flag`) instead of unwinding the
@@ -29,7 +30,7 @@ import redis
 
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import Ledger
-from lora_farm.workers.trainer_process import signal_group
+from lora_farm.workers.trainer_process import signal_leader
 
 log = logging.getLogger(__name__)
 STOPPING_TTL_SECONDS = 3600  # longer than any stop grace; cleared when a worker of the name starts
@@ -72,17 +73,32 @@ def withdraw_card(ledger: Ledger, gpu_uuid: str) -> None:
 
 
 def stop_trainers(ledger: Ledger, worker_name: str) -> list[str]:
-    """SIGTERM the trainer group of every running job of this worker on this host."""
+    """SIGTERM the trainer of every running job of this worker on this host (the runner
+    SIGKILLs the rest of its group after the grace)."""
     host = socket.gethostname()
     stopped = []
     for record in ledger.records(ledger.ids_in_state(JobState.RUNNING), with_spec=False):
-        if record.worker == worker_name and record.host == host and record.pid:
-            log.warning("worker %s shutting down: SIGTERM to trainer group %d of job %s "
+        if (record.worker == worker_name and record.host == host and record.pid
+                and claim_stop_signal(ledger, record.id, record.token)):
+            log.warning("worker %s shutting down: SIGTERM to trainer %d of job %s "
                         "(it checkpoints and stops; the job is requeued)", worker_name,
                         record.pid, record.id)
-            signal_group(record.pid, signal.SIGTERM)
+            signal_leader(record.pid, signal.SIGTERM)  # not its group: DataLoader workers
             stopped.append(record.id)
     return stopped
+
+
+def claim_stop_signal(ledger: Ledger, job_id: str, token: str) -> bool:
+    """Whether this caller is the one to SIGTERM the trainer of this dispatch at a shutdown.
+
+    Both the main process (:func:`stop_trainers`) and the runner stop a trainer when the worker
+    shuts down; the trainer restores the default SIGTERM action once it has checkpointed, so a
+    second SIGTERM could kill it (-15) on its way out. The first to claim sends the signal."""
+    try:
+        return bool(ledger.client.set(ledger.keys.stop_signalled(job_id, token), "1", nx=True,
+                                      ex=STOPPING_TTL_SECONDS))
+    except redis.RedisError:
+        return True  # Redis is away: better a second signal than none
 
 
 @contextmanager

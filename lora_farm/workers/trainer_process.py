@@ -1,8 +1,10 @@
 """The trainer as an operating-system process: spawn it isolated, stop its whole group.
 
-The trainer runs in its own session (so its own process group): DataLoader workers and anything
-else it starts die with it when the group is signalled, and a Ctrl-C on the worker's terminal
-never reaches it. It runs at lower CPU and I/O priority so the worker and Redis stay responsive.
+The trainer runs in its own session (so its own process group): a Ctrl-C on the worker's terminal
+never reaches it, and whatever it starts (DataLoader workers, ranks) can be killed with it. A stop
+asks the trainer alone (SIGTERM: it checkpoints and shuts its helpers down), then SIGKILLs the
+whole group after the grace. It runs at lower CPU and I/O priority so the worker and Redis stay
+responsive.
 """
 
 from __future__ import annotations
@@ -61,22 +63,36 @@ def _lower_priority(pid: int) -> None:
         log.warning("could not lower the priority of trainer %d: %s", pid, error)
 
 
-def stop_group(process: subprocess.Popen, grace_seconds: float) -> int:
-    """SIGTERM the trainer's process group, wait ``grace_seconds``, then SIGKILL what is left.
+def stop_group(process: subprocess.Popen, grace_seconds: float, sigterm: bool = True) -> int:
+    """SIGTERM the trainer (its group's leader) only, wait ``grace_seconds`` for the group to
+    end, then SIGKILL what is left of the group.
 
-    Returns the trainer's exit status. Waits until no process of the group remains.
+    Not the whole group: DataLoader workers (``num_workers > 0``) would die of it and crash the
+    trainer before it can checkpoint; the trainer shuts them down itself, and the ``gpus: N``
+    launcher forwards the signal to its ranks. ``sigterm=False``: someone else has sent it
+    already (a worker shutdown); only wait and SIGKILL. Returns the trainer's exit status; waits
+    until no process of the group remains.
     """
     pgid = process.pid  # start_new_session made the trainer its group's leader
-    signal_group(pgid, signal.SIGTERM)
+    if sigterm and process.poll() is None:  # a reaped leader's pid may be someone else's now
+        signal_leader(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline and _group_alive(pgid, process):
         time.sleep(0.1)
     if _group_alive(pgid, process):
-        log.warning("trainer group %d ignored SIGTERM for %.0fs: SIGKILL", pgid, grace_seconds)
+        log.warning("trainer group %d still alive %.0fs after SIGTERM: SIGKILL", pgid, grace_seconds)
         signal_group(pgid, signal.SIGKILL)
     returncode = process.wait()
     _wait_group_gone(pgid, timeout=10)
     return returncode
+
+
+def signal_leader(pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the trainer process alone; one that is gone already is no error."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def kill_stale_group(pgid: int) -> bool:

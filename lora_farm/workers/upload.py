@@ -17,7 +17,7 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.joblock import RedisLock
+from lora_farm.workers.joblock import RedisLock, kept_alive
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def retry_upload(ledger: Ledger, job_id: str, settings: Settings | None = None) 
     if not lock.acquire():
         raise LoraFarmError(f"job {record.id} is being worked on by {lock.holder()}; try again "
                             "in a minute.")
-    with lock:
+    with lock, kept_alive(lock, settings.heartbeat_seconds):
         after = ship_and_finish(ledger, record.id, Path(record.job_dir), settings=settings)
     if after is None:
         raise JobNotFound(f"job {record.id} left `uploading` while the upload ran.")

@@ -92,8 +92,9 @@ def claim_stop_signal(ledger: Ledger, job_id: str, token: str) -> bool:
     """Whether this caller is the one to SIGTERM the trainer of this dispatch at a shutdown.
 
     Both the main process (:func:`stop_trainers`) and the runner stop a trainer when the worker
-    shuts down; the trainer restores the default SIGTERM action once it has checkpointed, so a
-    second SIGTERM could kill it (-15) on its way out. The first to claim sends the signal."""
+    shuts down. The first to claim sends the signal; the other only waits (and SIGKILLs after the
+    grace). The trainer also ignores a second stop signal once its run has ended (entry.py), so a
+    signal sent twice anyway cannot kill it on its way out."""
     try:
         return bool(ledger.client.set(ledger.keys.stop_signalled(job_id, token), "1", nx=True,
                                       ex=STOPPING_TTL_SECONDS))

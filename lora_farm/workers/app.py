@@ -36,7 +36,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout,
         "task_serializer": "json",
         "result_serializer": "json",
-        "accept_content": ["json"],  # a pickled message is refused, never loaded
+        "accept_content": ["json"],  # any other content type is refused, never loaded
         "event_serializer": "json",
         "task_ignore_result": True,  # the ledger is the record of a job, not the result backend
         "task_acks_late": True,

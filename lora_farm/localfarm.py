@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from lora_farm.errors import BrokerUnavailable, ConfigError
+from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings, get_settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -51,15 +52,6 @@ class FarmState:
 
 def farm_dir(settings: Settings) -> Path:
     return settings.output_root_abs / "_farm"
-
-
-def redis_display(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-    return url
 
 
 def redis_answers(url: str) -> bool:
@@ -93,7 +85,7 @@ def _spawn(role: str, argv: list[str], log: Path, name: str = "", stdin: str | N
 def start_redis(settings: Settings) -> FarmProcess:
     url = urlsplit(settings.redis_url)
     if url.hostname not in LOOPBACK:
-        raise BrokerUnavailable(f"Redis does not answer at {redis_display(settings.redis_url)}, and "
+        raise BrokerUnavailable(f"Redis does not answer at {redact_url(settings.redis_url)}, and "
                                 "that is not this machine, so `lorafarm up` cannot start it. Fix: "
                                 "start that Redis, or unset LORAFARM_REDIS_URL for a local one.")
     server = find_redis_server()
@@ -151,7 +143,7 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
             timeout: float = 120) -> FarmState:
     """Start what is missing; returns what this call started (nothing when the farm was up)."""
     settings = settings or get_settings()
-    state = FarmState(redis_display(settings.redis_url))
+    state = FarmState(redact_url(settings.redis_url))
     if [p for p in load_processes(settings) if _alive(p)]:
         return state
     try:

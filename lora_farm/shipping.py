@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lora_farm.archive import ARCHIVE_NAME, prune_checkpoints, write_log_archive
 from lora_farm.errors import ArtifactMissing, StorageError
+from lora_farm.jobs.spec import DEFAULT_BATCH
 from lora_farm.settings import Settings, get_settings
 from lora_farm.storage import Storage, sha256_of, storage_from_settings
 
@@ -32,7 +33,6 @@ MANIFEST_NAME = "manifest.json"
 COMPLETE_NAME = "_COMPLETE"
 RESOLVED_CONFIG = "config.resolved.yaml"
 WEIGHT_FOLDERS = ("diffusers", "adapter")  # image: diffusers/ ; llm: adapter/
-DEFAULT_BATCH = "default"
 
 
 @dataclass(frozen=True)

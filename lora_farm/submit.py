@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lora_farm.errors import NoCapacity, SpecError, SpecProblem
 from lora_farm.jobs.loader import load_spec_files
-from lora_farm.jobs.spec import NAME_PATTERN, JobSpec
+from lora_farm.jobs.spec import DEFAULT_BATCH, NAME_PATTERN, JobSpec
 from lora_farm.ledger import JobRecord, Ledger, NewJob
 from lora_farm.redis_conn import bytes_client
 from lora_farm.scheduler.calibration import calibrated_estimate
@@ -28,7 +28,6 @@ from lora_farm.scheduler.policy import Policy, load_policy
 from lora_farm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-DEFAULT_BATCH = "default"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import psutil
 import pytest
 import redis
 
-from lora_farm.localfarm import (farm_down, farm_up, load_processes, redis_display, state_file)
+from lora_farm.localfarm import farm_down, farm_up, load_processes, state_file
+from lora_farm.redis_conn import redact_url
 from lora_farm.settings import reload_settings
 from tests.fixtures_s3 import free_port
 
@@ -55,7 +56,7 @@ def test_up_starts_redis_worker_flower_and_down_stops_them(farm_settings):
     redis_proc = next(p for p in state.processes if p.role == "redis")
     assert PASSWORD not in " ".join(psutil.Process(redis_proc.pid).cmdline())
     assert PASSWORD not in state_file(settings).read_text()
-    assert "***" in redis_display(url) and PASSWORD not in redis_display(url)
+    assert "***" in redact_url(url) and PASSWORD not in redact_url(url)
     _wait_http(f"http://127.0.0.1:{flower_port}/healthcheck")
 
     assert farm_up(settings).processes == []  # already up: starts nothing twice

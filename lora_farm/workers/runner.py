@@ -233,7 +233,7 @@ def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: Runn
         if tr.begin_upload(ledger, job_id, token, str(job_dir)) is not None:
             if options.after_release is not None:  # the card is free while we upload
                 _safely(options.after_release, "dispatch before upload")
-            ship_and_finish(ledger, job_id, job_dir, local_artifacts=record.artifacts)
+            ship_and_finish(ledger, job_id, job_dir)
         return
     if outcome == Outcome.SHUTDOWN:
         reason = f"worker {options.worker_name or '(this one)'} shut down; {verdict.reason}"

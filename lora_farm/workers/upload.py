@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 
 def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
-                    local_artifacts: dict[str, str] | None = None,
                     settings: Settings | None = None) -> JobRecord | None:
     """One upload attempt of a job in ``uploading``; returns the record after it.
 
@@ -67,10 +66,3 @@ def retry_upload(ledger: Ledger, job_id: str, settings: Settings | None = None) 
     if after is None:
         raise JobNotFound(f"job {record.id} left `uploading` while the upload ran.")
     return after
-
-
-def due_uploads(ledger: Ledger, now: float | None = None) -> list[str]:
-    """Jobs waiting in ``uploading`` whose next try is due (the reaper ships them)."""
-    now = now or time.time()
-    waiting = ledger.records(ledger.ids_in_state(JobState.UPLOADING))
-    return [r.id for r in waiting if r.next_upload_at is not None and r.next_upload_at <= now]

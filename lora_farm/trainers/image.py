@@ -69,10 +69,16 @@ class ImageProgram(TrainingProgram):
                           init_lora_weights="gaussian", target_modules=targets)
 
     def _add_text_encoder_lora(self) -> None:
+        # peft directly, not transformers' `add_adapter`: that one gates on a minimum peft release
+        # newer than the one published (transformers 5.24 wants peft>=0.22), and its wrapper adds
+        # nothing a text-encoder LoRA needs here.
+        from peft import inject_adapter_in_model
+
         assert self.model is not None
         for name, encoder in zip(self.model.text_encoder_names, self.model.text_encoders):
             if name not in self.adapted:  # a resumed LoRA may already carry one
-                encoder.add_adapter(self._lora_config(list(TEXT_ENCODER_TARGETS)))
+                inject_adapter_in_model(self._lora_config(list(TEXT_ENCODER_TARGETS)), encoder,
+                                        adapter_name=ADAPTER)
                 self.adapted[name] = encoder
 
     def _load_existing_lora(self, path: Path) -> None:

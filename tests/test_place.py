@@ -59,18 +59,37 @@ def test_higher_priority_first_then_oldest_first():
     assert [p.job_id for p in placements] == ["high-old", "high-new"]
 
 
-def test_small_jobs_pack_onto_the_fewest_cards():
-    jobs = [job(f"small{i}", 2, age=10 - i) for i in range(8)]
-    placements = place(jobs, [card("gpu0"), card("gpu1"), card("gpu2")], [], POLICY, NOW)
-    assert len(placements) == 8
-    assert {uuid for p in placements for uuid in p.gpu_uuids} == {"gpu0"}  # 8 x 2 GiB <= 19.2
+def test_jobs_spread_over_idle_cards_before_sharing_one():
+    # two idle cards: the first two jobs get a card each, the third packs (best fit)
+    jobs = [job(f"j{i}", 2, age=10 - i) for i in range(3)]
+    placements = by_job(place(jobs, [card("gpu0"), card("gpu1")], [], POLICY, NOW))
+    assert placements["j0"] != placements["j1"]
+    assert sorted(uuid for uuids in placements.values() for uuid in uuids) == ["gpu0", "gpu0", "gpu1"]
 
 
-def test_packing_prefers_the_fullest_card_that_still_fits():
+def test_an_idle_card_wins_over_a_busy_one_that_fits_tighter():
+    reserved = [Reservation("a", "gpu0", 15 * GIB)]
+    placed = by_job(place([job("j", 4)], [card("gpu0"), card("gpu1")], reserved, POLICY, NOW))
+    assert placed == {"j": ["gpu1"]}
+
+
+def test_the_smallest_idle_card_that_fits_is_taken():
+    gpus = [card("big", 80), card("small", 24)]
+    assert by_job(place([job("j", 10)], gpus, [], POLICY, NOW)) == {"j": ["small"]}
+
+
+def test_packing_prefers_the_fullest_busy_card_when_no_idle_card_fits():
     reserved = [Reservation("a", "gpu0", 15 * GIB), Reservation("b", "gpu1", 5 * GIB)]
-    placed = by_job(place([job("j", 4)], [card("gpu0"), card("gpu1"), card("gpu2")], reserved,
-                          POLICY, NOW))
+    placed = by_job(place([job("j", 4)], [card("gpu0"), card("gpu1")], reserved, POLICY, NOW))
     assert placed == {"j": ["gpu0"]}  # 19.2 - 15 = 4.2 left: the tightest fit
+
+
+def test_while_a_multi_card_job_waits_small_jobs_pack_and_keep_cards_whole():
+    # the 2-card job does not fit yet (gpu0 busy with 15 GiB); small jobs must not break gpu1/gpu2
+    reserved = [Reservation("running", "gpu0", 15 * GIB)]
+    jobs = [job("pair", 18, priority=5, gpus=2), job("small", 2)]
+    gpus = [card("gpu0"), card("gpu1"), card("gpu2", host="h2")]
+    assert by_job(place(jobs, gpus, reserved, POLICY, NOW)) == {"small": ["gpu0"]}
 
 
 def test_backfill_places_smaller_jobs_behind_one_that_does_not_fit():
@@ -81,10 +100,11 @@ def test_backfill_places_smaller_jobs_behind_one_that_does_not_fit():
 
 def test_max_jobs_per_gpu_limits_sharing():
     policy = Policy(headroom=0.2, max_jobs_per_gpu=2)
-    reserved = [Reservation("r1", "gpu0", 1 * GIB)]
+    reserved = [Reservation("r1", "gpu0", 2 * GIB)]
     placements = place([job("a", 1, age=3), job("b", 1, age=2), job("c", 1, age=1)],
                        [card("gpu0"), card("gpu1")], reserved, policy, NOW)
-    assert by_job(placements) == {"a": ["gpu0"], "b": ["gpu1"], "c": ["gpu1"]}
+    # a spreads to the idle gpu1, b packs onto gpu0 (the fuller), c finds gpu0 full (2 jobs)
+    assert by_job(placements) == {"a": ["gpu1"], "b": ["gpu0"], "c": ["gpu1"]}
 
 
 def test_headroom_comes_from_the_policy():
@@ -123,9 +143,9 @@ def test_cards_of_a_multi_gpu_job_stay_whole():
     placed = by_job(place([job("ddp2", 4, gpus=2, priority=5), job("small", 1)],
                           [card("b0"), card("b1")], [], POLICY, NOW))
     assert sorted(placed["ddp2"]) == ["b0", "b1"] and "small" not in placed
-    # a single-card job's card is shared as before
+    # a single-card job's card is shared when no idle card is left
     shared = [Reservation("one", "a0", 4 * GIB)]
-    assert by_job(place([job("s", 1)], gpus, shared, POLICY, NOW)) == {"s": ["a0"]}
+    assert by_job(place([job("s", 1)], gpus[:1], shared, POLICY, NOW)) == {"s": ["a0"]}
 
 
 def test_a_job_never_lands_where_it_is_already_reserved():

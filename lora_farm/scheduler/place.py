@@ -24,13 +24,15 @@ that, and the pass after the job reaches its peak sees it in ``free``. Declared 
 ``free == total`` so only ``planned`` binds. The ``cpu`` slot is never limited by VRAM, only by
 ``policy.cpu_slot_jobs``.
 
-**Order and packing.** Jobs go by (priority desc, submitted_at asc, job_id). A single-card job
-takes the card that is already in use and fullest while still fitting (best fit), so small jobs
-pack onto the fewest cards and whole cards stay free for large and multi-card jobs. A job that
-does not fit is skipped and later jobs may fill the gaps (backfill). A ``gpus: N`` job takes N
-idle whole cards on one host (the host with the fewest such cards that still suffices), and
-keeps them whole: while it holds them (a job reserved on several cards), nothing else is placed
-there.
+**Order, spreading and packing.** Jobs go by (priority desc, submitted_at asc, job_id). A
+single-card job goes to an idle card when one fits it (the smallest idle card that fits): two jobs
+sharing a card each run slower while another card sits idle. Only when no idle card fits does it
+pack onto a busy card, the fullest one that still fits (best fit). While a multi-card job is
+queued, whole cards are kept for it instead: single-card jobs then pack onto busy cards first and
+take an idle card only when no busy one fits. A job that does not fit is skipped and later jobs may
+fill the gaps (backfill). A ``gpus: N`` job takes N idle whole cards on one host (the host with the
+fewest such cards that still suffices), and keeps them whole: while it holds them (a job reserved
+on several cards), nothing else is placed there.
 
 **No starvation.** A job that has waited longer than ``policy.starvation_seconds`` (since it last
 entered the queue: a job requeued after an OOM or a crash starts its wait afresh) goes before
@@ -132,9 +134,11 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
     others = [j for j in waiting if j.waited(now) <= policy.starvation_seconds]
     placements: list[Placement] = []
     holding = False
+    multi_card_waiting = {j.job_id for j in waiting if j.gpus > 1}
     for job, is_starving in [(j, True) for j in starving] + [(j, False) for j in others]:
-        chosen = _choose(job, cards)
+        chosen = _choose(job, cards, keep_whole=bool(multi_card_waiting - {job.job_id}))
         if chosen:
+            multi_card_waiting.discard(job.job_id)
             for card in chosen:
                 card.add(job.estimate_mb, whole=job.gpus > 1)
             placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
@@ -163,18 +167,19 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
     return list(cards.values())
 
 
-def _choose(job: QueuedJob, cards: list[_Card]) -> list[_Card]:
+def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:
     if job.gpus == 1:
-        card = _best_single(job.estimate_mb, cards)
+        card = _best_single(job.estimate_mb, cards, keep_whole)
         return [card] if card else []
     return _whole_cards(job.estimate_mb, job.gpus, cards)
 
 
-def _best_single(mb: float, cards: list[_Card]) -> _Card | None:
+def _best_single(mb: float, cards: list[_Card], keep_whole: bool) -> _Card | None:
+    """An idle card first (busy first while whole cards are kept), then the tightest fit."""
     best, best_key = None, None
     for card in cards:
         if card.takes(mb):
-            key = (card.idle, card.capacity - mb, card.uuid)
+            key = (card.idle == keep_whole, card.capacity - mb, card.uuid)
             if best_key is None or key < best_key:
                 best, best_key = card, key
     return best

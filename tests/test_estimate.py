@@ -129,8 +129,9 @@ def test_tiny_models_share_a_declared_card_and_a_100_gb_job_is_refused(tiny_sd, 
         assert CUDA_CONTEXT_MB < estimate.total_mb < 1_000  # tiny: about the CUDA context
     jobs = [QueuedJob(f"j{i}", 0, float(i), e.total_mb) for i, e in enumerate([image, llm] * 2)]
     placements = place(jobs, gpus, [], Policy(), now=10.0)
-    # all four fit at once: one on each idle card, then two more share them
-    assert sorted(uuid for p in placements for uuid in p.gpu_uuids) == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    # all four fit at once: one on each idle card, then the others share (best fit)
+    cards = [uuid for p in placements for uuid in p.gpu_uuids]
+    assert len(cards) == 4 and set(cards) == {"gpu0", "gpu1"}
     huge = estimate_vram(image_spec(tiny_sd, vram_gb=100))
     with pytest.raises(NoCapacity, match=r"needs 100.0 GB.*gpu0.*24.0 GB.*19.2 GB usable.*lower `vram_gb`"):
         check_fits_farm(huge.total_mb, 1, gpus, Policy(), overridden=huge.source == "override")

@@ -1,12 +1,12 @@
 """A whole farm on one machine (`lorafarm up` / `lorafarm down`), with embedded defaults.
 
 ``farm_up`` uses the Redis at ``LORAFARM_REDIS_URL`` when one answers; otherwise, for a loopback
-URL, it starts ``redis-server`` with append-only persistence under ``<output_root>/_farm/redis``.
+URL, it starts ``redis-server`` with append-only persistence under ``<output_root>/_farm/redis-<port>``.
 It then starts one Celery worker per card (``read_gpus``: NVML, a declared inventory, or the CPU
 slot) and, on request, Flower. Every process runs in its own session, so it outlives the command
 that started it.
 
-A farm is known by its identity, (Redis server and db, key prefix): several farms may share one
+A farm is known by its identity (Redis server and db, key prefix): several farms may share one
 machine and one output root. ``<output_root>/_farm/farms/<id>/farm.json`` records the processes
 of one farm, and ``farm_down`` stops exactly those (checked by pid *and* start time, so a reused
 pid is never signalled), never another farm's. A Redis that another farm still uses is handed
@@ -226,7 +226,8 @@ def farm_down(settings: Settings | None = None, grace: float | None = None) -> F
     handed_over = _hand_over_redis(settings, [p for p in alive if p.role == "redis"])
     stopped = [p for p in alive if p not in [process for process, _ in handed_over]]
     stop_processes(stopped, grace if grace is not None else settings.cancel_grace_seconds + 30)
-    save_processes(settings, [])
+    if state_file(settings).exists():  # a farm never started leaves no trace
+        save_processes(settings, [])
     return FarmDown(describe_farm(settings), stopped, handed_over)
 
 

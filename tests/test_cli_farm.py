@@ -160,18 +160,28 @@ def test_logs_and_artifacts_of_a_cancelled_job_say_what_happened(farm_env, ledge
     said = " ".join(artifacts.stderr.split())
     assert artifacts.returncode == 1 and "was cancelled" in said and "has no artifacts" in said
     assert "It never ran: there is no log either" in said and "retry-upload" not in said
+    fetched = lorafarm(farm_env, "fetch", job_id, str(tmp_path / "here"), timeout=120)
+    assert fetched.returncode == 1 and "has no artifacts" in fetched.stderr
+    assert not (tmp_path / "here").exists()
 
 
-def test_fetch_into_a_file_names_the_destination_not_the_storage(farm_env, ledger, tiny_llm,
-                                                                 text_dataset, tmp_path):
-    from lora_farm.shipping import ship_job
+def test_fetch_into_a_file_names_the_destination_not_the_storage(farm_env, ledger, tmp_path):
+    from lora_farm.jobs.spec import spec_from_dict
+    from lora_farm.ledger import NewJob
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.workers.upload import ship_and_finish
 
-    spec = write_spec(tmp_path, "shipped", tiny_llm, text_dataset, "llm", vram_gb=4)
-    record = submit_files([spec], ledger, batch="f").jobs[0].record
+    spec = spec_from_dict({"name": "shipped", "task": "llm", "base_model": str(tmp_path),
+                           "train_data_dir": str(tmp_path)})
+    (created,) = ledger.create_jobs([NewJob(spec, "f", 0, 100.0)])
+    record = created.record
+    tr.schedule(ledger, record.id, ["gpu0"], 100.0, token="t")
+    tr.start(ledger, record.id, "t", "host")
     job_dir = tmp_path / "job"
     (job_dir / "adapter").mkdir(parents=True)
     (job_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
-    ship_job(job_dir, record.id, record.batch, record.name)  # a real upload to the local storage
+    tr.begin_upload(ledger, record.id, "t", str(job_dir))
+    assert ship_and_finish(ledger, record.id, job_dir).state == "succeeded"  # a real upload
     a_file = tmp_path / "hostname"
     a_file.write_text("not a folder\n")
 

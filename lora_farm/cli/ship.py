@@ -75,6 +75,8 @@ def fetch(job: str = typer.Argument(..., help="job id (or a unique prefix)"),
     from lora_farm.storage import storage_from_settings
 
     record = _record(job)
+    if record.state not in ("succeeded", "uploading"):
+        fail(_no_artifacts(record))
     _check_destination(dest)
     files = fetch_job(storage_from_settings(), record.batch, record.id, dest)
     for path in files:
@@ -275,8 +277,8 @@ def _leave_farm(state, keep_up: bool, settings) -> None:
         farm_down(settings)
         console.print("farm down (stopped what the demo started)")
         return
-    console.print(f"the farm stays up: {_farm_summary(load_processes(settings))}; `lorafarm down` stops it",
-                  highlight=False)
+    console.print(f"the farm stays up: {_farm_summary(load_processes(settings))}; "
+                  "`lorafarm down` stops it", highlight=False)
 
 
 def _print_artifacts(records: list) -> None:

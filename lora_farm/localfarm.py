@@ -1,15 +1,21 @@
 """A whole farm on one machine (`lorafarm up` / `lorafarm down`), with embedded defaults.
 
 ``farm_up`` uses the Redis at ``LORAFARM_REDIS_URL`` when one answers; otherwise, for a loopback
-URL, it starts ``redis-server`` with append-only persistence under ``<output_root>/_farm/redis``.
+URL, it starts ``redis-server`` with append-only persistence under ``<output_root>/_farm/redis-<port>``.
 It then starts one Celery worker per card (``read_gpus``: NVML, a declared inventory, or the CPU
 slot) and, on request, Flower. Every process runs in its own session, so it outlives the command
-that started it; ``<output_root>/_farm/farm.json`` records them, and ``farm_down`` stops exactly
-those (checked by pid *and* start time, so a reused pid is never signalled).
+that started it.
+
+A farm is known by its identity (Redis server and db, key prefix): several farms may share one
+machine and one output root. ``<output_root>/_farm/farms/<id>/farm.json`` records the processes
+of one farm, and ``farm_down`` stops exactly those (checked by pid *and* start time, so a reused
+pid is never signalled), never another farm's. A Redis that another farm still uses is handed
+over to that farm instead of being stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,16 +48,51 @@ class FarmProcess:
 
 @dataclass
 class FarmState:
-    redis_display: str
-    processes: list[FarmProcess] = field(default_factory=list)
+    """What ``farm_up`` found and did for one farm."""
+
+    where: str  # describe_farm(): which farm this is, for messages
+    processes: list[FarmProcess] = field(default_factory=list)  # started by this call
+    running: list[FarmProcess] = field(default_factory=list)  # found up: nothing to start
+    dead: list[FarmProcess] = field(default_factory=list)  # recorded, found dead: started again
 
     @property
     def started_anything(self) -> bool:
         return bool(self.processes)
 
 
+@dataclass
+class FarmDown:
+    where: str
+    stopped: list[FarmProcess]
+    handed_over: list[tuple[FarmProcess, str]]  # a Redis left running for the farm that uses it
+
+
 def farm_dir(settings: Settings) -> Path:
     return settings.output_root_abs / "_farm"
+
+
+def _server_of(url: str) -> str:
+    """scheme://host:port of a Redis URL, without credentials."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def farm_identity(settings: Settings) -> str:
+    """What tells one farm from another: its Redis server and db (no credentials), its prefix."""
+    parts = urlsplit(settings.redis_url)
+    db = parts.path.strip("/") or "0"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{_server_of(settings.redis_url)}/{db}{query} prefix {settings.key_prefix}"
+
+
+def describe_farm(settings: Settings) -> str:
+    return f"Redis {redact_url(settings.redis_url)}, key prefix {settings.key_prefix}"
+
+
+def farm_home(settings: Settings) -> Path:
+    """This farm's folder: its state file and the logs of the processes it started."""
+    key = hashlib.sha256(farm_identity(settings).encode()).hexdigest()[:12]
+    return farm_dir(settings) / "farms" / key
 
 
 def redis_answers(url: str) -> bool:
@@ -93,14 +134,14 @@ def start_redis(settings: Settings) -> FarmProcess:
         raise BrokerUnavailable("no Redis answers and no redis-server is installed. Fix: "
                                 "`apt-get install redis-server` (or `pip install redis-server`), "
                                 "or point LORAFARM_REDIS_URL at a running Redis.")
-    data = farm_dir(settings) / "redis"
+    data = farm_dir(settings) / f"redis-{url.port or 6379}"  # one Redis per port, one folder each
     data.mkdir(parents=True, exist_ok=True)
     # Config through stdin (`redis-server -`), so a password never shows in `ps`.
     config = [f"port {url.port or 6379}", "bind 127.0.0.1", f'dir "{data}"', "appendonly yes",
               "appendfsync everysec", "daemonize no"]
     if url.password:
         config.append(f'requirepass "{url.password}"')
-    process = _spawn("redis", [server, "-"], farm_dir(settings) / "logs" / "redis.log",
+    process = _spawn("redis", [server, "-"], data / "redis.log",
                      stdin="\n".join(config) + "\n")
     _wait(lambda: redis_answers(settings.redis_url), 30, f"Redis to answer ({process.log})")
     return process
@@ -115,7 +156,7 @@ def start_workers(settings: Settings) -> list[FarmProcess]:
     started = []
     for card in read_gpus(settings):
         argv = worker_argv(card, "prefork", "INFO")
-        log = farm_dir(settings) / "logs" / f"worker-{card.uuid}.log"
+        log = farm_home(settings) / "logs" / f"worker-{card.uuid}.log"
         name = argv[argv.index("-n") + 1]
         env = {**os.environ, GPU_ENV: card.uuid}
         started.append(_spawn("worker", argv, log, name, env=env))
@@ -124,7 +165,7 @@ def start_workers(settings: Settings) -> list[FarmProcess]:
 
 def start_flower(settings: Settings, port: int) -> FarmProcess:
     argv = [sys.executable, "-m", "lora_farm", "flower", "--port", str(port)]
-    return _spawn("flower", argv, farm_dir(settings) / "logs" / "flower.log", f"127.0.0.1:{port}")
+    return _spawn("flower", argv, farm_home(settings) / "logs" / "flower.log", f"127.0.0.1:{port}")
 
 
 def wait_workers_online(settings: Settings, workers: list[FarmProcess], timeout: float) -> None:
@@ -132,20 +173,35 @@ def wait_workers_online(settings: Settings, workers: list[FarmProcess], timeout:
     from lora_farm.ledger import Ledger
 
     ledger = Ledger.from_settings(settings)
+
+    def online(worker: FarmProcess) -> bool:
+        # by pid: a worker of the same name that died leaves its last heartbeat behind
+        raw = ledger.client.hget(ledger.keys.workers, worker.name)
+        return raw is not None and json.loads(raw).get("pid") == worker.pid
+
     for worker in workers:
-        _wait(lambda: ledger.client.hexists(ledger.keys.workers, worker.name) or not _alive(worker),
-              timeout, f"worker {worker.name} to come online ({worker.log})")
+        _wait(lambda: online(worker) or not _alive(worker), timeout,
+              f"worker {worker.name} to come online ({worker.log})")
         if not _alive(worker):
             raise ConfigError(f"worker {worker.name} exited at start; read {worker.log}")
 
 
 def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flower_port: int = 5555,
             timeout: float = 120) -> FarmState:
-    """Start what is missing; returns what this call started (nothing when the farm was up)."""
+    """Start this farm unless it is up. A farm whose recorded processes died is cleaned up (the
+    survivors stopped, a Redis that still answers kept) and started again."""
     settings = settings or get_settings()
-    state = FarmState(redact_url(settings.redis_url))
-    if [p for p in load_processes(settings) if _alive(p)]:
+    state = FarmState(describe_farm(settings))
+    recorded = load_processes(settings)
+    if recorded and all(_alive(p) for p in recorded):
+        state.running = recorded
+        if with_flower and not any(p.role == "flower" for p in recorded):
+            state.processes.append(start_flower(settings, flower_port))
+            save_processes(settings, recorded + state.processes)
         return state
+    state.dead = [p for p in recorded if not _alive(p)]
+    kept = [p for p in recorded if p.role == "redis" and _alive(p)]  # it holds the data
+    stop_processes([p for p in recorded if p.role != "redis"], settings.cancel_grace_seconds + 30)
     try:
         if not redis_answers(settings.redis_url):
             state.processes.append(start_redis(settings))
@@ -153,22 +209,58 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
         state.processes += workers
         if with_flower:
             state.processes.append(start_flower(settings, flower_port))
-        save_processes(settings, state.processes)
+        save_processes(settings, kept + state.processes)
         wait_workers_online(settings, workers, timeout)
     except BaseException:
         stop_processes(state.processes, grace=10)  # never leave half a farm behind
-        save_processes(settings, [])
+        save_processes(settings, kept)
         raise
     return state
 
 
-def farm_down(settings: Settings | None = None, grace: float | None = None) -> list[FarmProcess]:
-    """Stop the processes `farm_up` started (workers get time to checkpoint a running job)."""
+def farm_down(settings: Settings | None = None, grace: float | None = None) -> FarmDown:
+    """Stop the processes `farm_up` started for this farm (workers get time to checkpoint a
+    running job); a Redis another live farm uses goes into that farm's record instead."""
     settings = settings or get_settings()
-    processes = [p for p in load_processes(settings) if _alive(p)]
-    stop_processes(processes, grace if grace is not None else settings.cancel_grace_seconds + 30)
-    save_processes(settings, [])
-    return processes
+    alive = [p for p in load_processes(settings) if _alive(p)]
+    handed_over = _hand_over_redis(settings, [p for p in alive if p.role == "redis"])
+    stopped = [p for p in alive if p not in [process for process, _ in handed_over]]
+    stop_processes(stopped, grace if grace is not None else settings.cancel_grace_seconds + 30)
+    if state_file(settings).exists():  # a farm never started leaves no trace
+        save_processes(settings, [])
+    return FarmDown(describe_farm(settings), stopped, handed_over)
+
+
+def _hand_over_redis(settings: Settings, servers: list[FarmProcess]) -> list[tuple[FarmProcess, str]]:
+    handed = []
+    for process in servers:
+        heir = _other_live_farm_on(settings, _server_of(settings.redis_url))
+        if heir is not None:
+            path, data = heir
+            data["processes"].append(asdict(process))
+            _write_json(path, data)
+            handed.append((process, data["identity"]))
+    return handed
+
+
+def _other_live_farm_on(settings: Settings, server: str) -> tuple[Path, dict] | None:
+    for path in sorted((farm_dir(settings) / "farms").glob("*/farm.json")):
+        data = json.loads(path.read_text())
+        if (path != state_file(settings) and data.get("server") == server
+                and any(_alive(FarmProcess(**item)) for item in data["processes"])):
+            return path, data
+    return None
+
+
+def process_count(processes: list[FarmProcess]) -> int:
+    """These processes and all their children (a worker's pool, its trainers)."""
+    count = 0
+    for process in [p for p in processes if _alive(p)]:
+        try:
+            count += 1 + len(psutil.Process(process.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return count
 
 
 def stop_processes(processes: list[FarmProcess], grace: float) -> None:
@@ -210,7 +302,7 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 def state_file(settings: Settings) -> Path:
-    return farm_dir(settings) / "farm.json"
+    return farm_home(settings) / "farm.json"
 
 
 def load_processes(settings: Settings) -> list[FarmProcess]:
@@ -221,6 +313,13 @@ def load_processes(settings: Settings) -> list[FarmProcess]:
 
 
 def save_processes(settings: Settings, processes: list[FarmProcess]) -> None:
-    path = state_file(settings)
+    _write_json(state_file(settings), {"identity": farm_identity(settings),
+                                       "server": _server_of(settings.redis_url),
+                                       "processes": [asdict(p) for p in processes]})
+
+
+def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"processes": [asdict(p) for p in processes]}, indent=2))
+    tmp = path.with_suffix(".tmp")  # a reader never sees half a file
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

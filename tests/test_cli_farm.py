@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,120 @@ def test_submit_refuses_a_batch_name_that_is_a_path(batch, farm_env, ledger, tin
     assert "Fix:" in message and "nothing was queued" in message
     assert ledger.list_jobs() == []  # nothing written
     assert not (tmp_path / "output").exists() and not (tmp_path.parent / "tmp").exists()
+
+
+# ---- no silent exits, no misleading words (issue 8) ------------------------------------------
+
+def test_ctrl_c_on_submit_wait_says_the_jobs_keep_running_and_how_to_follow_them(
+        farm_env, ledger, tiny_llm, text_dataset, tmp_path):
+    spec = write_spec(tmp_path, "patient", tiny_llm, text_dataset, "llm", vram_gb=4)
+    out, err = tmp_path / "submit.out", tmp_path / "submit.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        submit = subprocess.Popen([sys.executable, "-m", "lora_farm", "submit", str(spec),
+                                   "--batch", "c", "--wait"], env={**farm_env, "COLUMNS": "200"},
+                                  stdout=stdout, stderr=stderr)
+        wait_until(lambda: "queued" in out.read_text() or submit.poll() is not None, 120,
+                   "the job to be queued")
+        time.sleep(1)  # into the wait
+        submit.send_signal(signal.SIGINT)
+        code = submit.wait(timeout=60)
+    said = " ".join(err.read_text().split())
+    assert code == 130, out.read_text() + said
+    assert "the 1 job(s) keep running" in said
+    assert "`lorafarm status --batch c --watch`" in said and "`lorafarm cancel --batch c`" in said
+    (record,) = ledger.list_jobs(batch="c")
+    assert record.state == "queued"  # Ctrl-C stopped the waiting, not the job
+
+
+def test_submit_and_validate_take_a_folder_of_specs(farm_env, ledger, tiny_llm, text_dataset,
+                                                    tmp_path):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    write_spec(folder, "b_second", tiny_llm, text_dataset, "llm", vram_gb=4)
+    write_spec(folder, "a_first", tiny_llm, text_dataset, "llm", vram_gb=4)
+    (folder / "c_third.yml").write_text((folder / "a_first.yaml").read_text()
+                                        .replace("a_first", "c_third"))
+    (folder / "notes.txt").write_text("not a spec")
+
+    checked = lorafarm(farm_env, "validate", str(folder), timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert "3 spec(s) valid" in checked.stdout
+    queued = lorafarm(farm_env, "submit", str(folder), "--batch", "folder", timeout=120)
+    assert queued.returncode == 0, queued.stderr
+    names = [line.split()[2] for line in queued.stdout.splitlines() if line.startswith("queued")]
+    assert names == ["a_first", "b_second", "c_third"]  # sorted by file name
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for verb in ("validate", "submit"):
+        refused = lorafarm(farm_env, verb, str(empty), timeout=120)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1 and "Traceback" not in said
+        assert f"{empty}: is a folder without any *.yaml or *.yml file" in said
+    assert len(ledger.list_jobs()) == 3
+
+
+def test_logs_and_artifacts_of_a_cancelled_job_say_what_happened(farm_env, ledger, tiny_llm,
+                                                                 text_dataset, tmp_path):
+    spec = write_spec(tmp_path, "dropped", tiny_llm, text_dataset, "llm", vram_gb=4)
+    job_id = submit_files([spec], ledger, batch="x").jobs[0].record.id  # no worker: stays queued
+    waiting = lorafarm(farm_env, "artifacts", job_id, timeout=120)
+    assert waiting.returncode == 1 and "is queued: its artifacts are stored when it succeeds" \
+        in " ".join(waiting.stderr.split())
+    assert lorafarm(farm_env, "cancel", job_id, timeout=120).returncode == 0
+
+    logs = lorafarm(farm_env, "logs", job_id, timeout=120)
+    said = " ".join(logs.stderr.split())
+    assert logs.returncode == 1 and "was cancelled before it started" in said
+    assert "no log yet" not in said
+    artifacts = lorafarm(farm_env, "artifacts", job_id, timeout=120)
+    said = " ".join(artifacts.stderr.split())
+    assert artifacts.returncode == 1 and "was cancelled" in said and "has no artifacts" in said
+    assert "It never ran: there is no log either" in said and "retry-upload" not in said
+    fetched = lorafarm(farm_env, "fetch", job_id, str(tmp_path / "here"), timeout=120)
+    assert fetched.returncode == 1 and "has no artifacts" in fetched.stderr
+    assert not (tmp_path / "here").exists()
+
+
+def test_fetch_into_a_file_names_the_destination_not_the_storage(farm_env, ledger, tmp_path):
+    from lora_farm.jobs.spec import spec_from_dict
+    from lora_farm.ledger import NewJob
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.workers.upload import ship_and_finish
+
+    spec = spec_from_dict({"name": "shipped", "task": "llm", "base_model": str(tmp_path),
+                           "train_data_dir": str(tmp_path)})
+    (created,) = ledger.create_jobs([NewJob(spec, "f", 0, 100.0)])
+    record = created.record
+    tr.schedule(ledger, record.id, ["gpu0"], 100.0, token="t")
+    tr.start(ledger, record.id, "t", "host")
+    job_dir = tmp_path / "job"
+    (job_dir / "adapter").mkdir(parents=True)
+    (job_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    tr.begin_upload(ledger, record.id, "t", str(job_dir))
+    assert ship_and_finish(ledger, record.id, job_dir).state == "succeeded"  # a real upload
+    a_file = tmp_path / "hostname"
+    a_file.write_text("not a folder\n")
+
+    for dest in (a_file, a_file / "below"):
+        refused = lorafarm(farm_env, "fetch", record.id, str(dest), timeout=120)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1, refused.stdout
+        assert f"the destination {a_file} is a file, not a folder" in said
+        assert "mounted" not in said and "Traceback" not in said
+    assert a_file.read_text() == "not a folder\n"
+    fetched = lorafarm(farm_env, "fetch", record.id, str(tmp_path / "new" / "folder"), timeout=120)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "new" / "folder" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_fetch_into_a_folder_without_write_permission_says_so(farm_env, ledger, tiny_llm,
+                                                              text_dataset, tmp_path):
+    spec = write_spec(tmp_path, "locked", tiny_llm, text_dataset, "llm", vram_gb=4)
+    record = submit_files([spec], ledger, batch="p").jobs[0].record
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    refused = lorafarm(farm_env, "fetch", record.id, str(locked / "sub"), timeout=120)
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and f"the destination {locked} is not writable" in said

@@ -26,17 +26,19 @@ def _ledger():
 
 @app.command()
 def submit(
-    files: list[Path] = typer.Argument(..., help="Job spec YAML files.", show_default=False),
+    files: list[Path] = typer.Argument(..., help="Job spec YAML files, or folders of them.",
+                                       show_default=False),
     batch: str = typer.Option(None, "--batch", "-b", help="Batch name (default: the spec's, else 'default')."),
     priority: int = typer.Option(None, "--priority", "-p", help="Override the specs' priority (higher first)."),
     wait: bool = typer.Option(False, "--wait", help="Wait until every job has finished."),
 ) -> None:
     """Validate every file, then queue them all (or nothing). Identical resubmits are no-ops."""
+    from lora_farm.jobs.loader import expand_spec_paths
     from lora_farm.submit import submit_files
 
     ledger = _ledger()
     try:
-        report = submit_files(files, ledger, batch=batch, priority=priority)
+        report = submit_files(expand_spec_paths(files), ledger, batch=batch, priority=priority)
     except SpecError as error:
         for problem in error.problems:
             err_console.print(f"[red]✗[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
@@ -53,13 +55,21 @@ def submit(
     if report.dispatch and report.dispatch.placed:
         console.print(f"{len(report.dispatch.placed)} job(s) placed on cards now.")
     if wait:
-        _wait_for(ledger, [job.record.id for job in report.jobs])
+        _wait_for(ledger, [job.record for job in report.jobs])
 
 
-def _wait_for(ledger, job_ids: list[str]) -> None:
+def _wait_for(ledger, submitted: list) -> None:
     from lora_farm.cli.status_view import watch_until_done
 
-    records = watch_until_done(console, ledger, job_ids, poll=2.0)
+    try:
+        records = watch_until_done(console, ledger, [r.id for r in submitted], poll=2.0)
+    except KeyboardInterrupt:
+        batches = sorted({r.batch for r in submitted})
+        err_console.print(f"stopped waiting; the {len(submitted)} job(s) keep running on the farm. "
+                          + " ".join(f"Follow them: `lorafarm status --batch {b} --watch`; cancel "
+                                     f"them: `lorafarm cancel --batch {b}`." for b in batches),
+                          highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     failed = [r for r in records if r.state != JobState.SUCCEEDED.value]
     if failed:
         err_console.print(f"{len(failed)} of {len(records)} job(s) did not succeed.")
@@ -145,7 +155,17 @@ def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
 
 
 def _no_log(record, path: Path) -> int:
-    err_console.print(f"job {record.id} ({record.state}) has no log yet at {path}.", highlight=False)
+    """Say why there is no log: the job has not started yet, or it ended before it started."""
+    job = f"job {record.id} ({record.name})"
+    if record.state in ("cancelled", "failed") and record.started is None:
+        why = f": {record.exit_reason}" if record.exit_reason else ""
+        message = f"{job} was {record.state} before it started{why}; it has no log."
+    elif record.state in ("queued", "scheduled", "retrying"):
+        message = (f"{job} is {record.state} and has not started, so it has no log yet; "
+                   f"`lorafarm logs {record.id} -f` waits for it.")
+    else:
+        message = f"{job} ({record.state}) has no log at {path}."
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
     return 1
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lora_farm.cli.app import app, console, fail
@@ -36,6 +37,8 @@ def artifacts(job: str = typer.Argument(..., help="job id (or a unique prefix)")
     from lora_farm.storage import storage_from_settings
 
     record = _record(job)
+    if record.state not in ("succeeded", "uploading"):
+        fail(_no_artifacts(record))
     manifest = read_manifest(storage_from_settings(), record.batch, record.id)
     if as_json:
         console.print_json(json.dumps(manifest))
@@ -49,18 +52,49 @@ def artifacts(job: str = typer.Argument(..., help="job id (or a unique prefix)")
     console.print(f"manifest: {manifest['base_uri']}/manifest.json", highlight=False)
 
 
+def _no_artifacts(record) -> str:
+    """Why a job that did not succeed has no artifacts, and what it does have."""
+    from lora_farm.archive import ARCHIVE_NAME
+
+    job = f"job {record.id} ({record.name})"
+    if record.state not in ("cancelled", "failed"):
+        return (f"{job} is {record.state}: its artifacts are stored when it succeeds; "
+                f"`lorafarm status {record.id}` shows where it is.")
+    reason = f" ({record.exit_reason})" if record.exit_reason else ""
+    archive = Path(record.job_dir) / ARCHIVE_NAME if record.job_dir else None
+    has = (f"Its log archive: {archive}; `lorafarm logs {record.id}` prints its log."
+           if archive and archive.is_file() else "It never ran: there is no log either.")
+    return f"{job} was {record.state}{reason}: it has no artifacts (only a succeeded job has). {has}"
+
+
 @app.command()
 def fetch(job: str = typer.Argument(..., help="job id (or a unique prefix)"),
-          dest: Path = typer.Argument(..., help="folder to download into")) -> None:
+          dest: Path = typer.Argument(..., help="folder to download into (created if missing)")) -> None:
     """Download a job's stored files into DEST and verify each sha256."""
     from lora_farm.shipping import fetch_job
     from lora_farm.storage import storage_from_settings
 
     record = _record(job)
+    if record.state not in ("succeeded", "uploading"):
+        fail(_no_artifacts(record))
+    _check_destination(dest)
     files = fetch_job(storage_from_settings(), record.batch, record.id, dest)
     for path in files:
         console.print(f"  {path}", highlight=False)
     console.print(f"[green]fetched and verified {len(files)} files of {record.id}[/]")
+
+
+def _check_destination(dest: Path) -> None:
+    """DEST must be a folder, or creatable in one, that this user may write into."""
+    dest = dest.absolute()
+    existing = next(p for p in (dest, *dest.parents) if p.exists())
+    inside = "" if existing == dest else f", so {dest} cannot be created"
+    if not existing.is_dir():
+        fail(f"the destination {existing} is a file, not a folder{inside}. Fix: pass a folder to "
+             "download into (it is created if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"the destination {existing} is not writable for this user{inside}. Fix: pass a "
+             "folder you can write to.")
 
 
 @app.command("retry-upload")
@@ -84,6 +118,14 @@ def flower_argv(port: int, address: str, url_prefix: str = "") -> list[str]:
     return argv + ([f"--url_prefix={url_prefix}"] if url_prefix else [])
 
 
+def flower_auth_hint() -> str | None:
+    """Flower's HTTP API answers 401 unless it has credentials or is opened explicitly."""
+    if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_UNAUTHENTICATED_API"):
+        return None
+    return ("note: Flower's HTTP API (/api/...) answers 401 without credentials; set "
+            "FLOWER_BASIC_AUTH=user:password to use it (the README's Flower section says more)")
+
+
 @app.command()
 def flower(port: int = typer.Option(5555, help="HTTP port"),
            address: str = typer.Option("127.0.0.1", help="listen address (0.0.0.0 in a container)"),
@@ -92,34 +134,69 @@ def flower(port: int = typer.Option(5555, help="HTTP port"),
 
     Set FLOWER_BASIC_AUTH=user:password to protect it (and enable its HTTP API).
     """
+    hint = flower_auth_hint()
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
     os.execv(sys.executable, flower_argv(port, address, url_prefix))
 
 
 @app.command()
 def up(flower: bool = typer.Option(False, "--flower", help="also start Flower"),
        flower_port: int = typer.Option(5555, help="Flower's port")) -> None:
-    """Bring a whole farm up on this machine: Redis (if none answers), a worker per GPU, Flower."""
+    """Bring this farm up on this machine: Redis (if none answers), a worker per GPU, Flower.
+
+    A farm is its Redis URL and LORAFARM_KEY_PREFIX; `up` for another one starts another farm.
+    """
     from lora_farm.localfarm import farm_up
 
     state = farm_up(with_flower=flower, flower_port=flower_port)
+    if state.dead:
+        console.print(f"this farm's recorded processes had stopped ({_pids(state.dead)}); cleaned "
+                      "up and started it again", highlight=False)
     for process in state.processes:
         console.print(f"  started {process.role:<8} pid {process.pid:<7} log {process.log}",
                       highlight=False)
-    if not state.processes:
-        console.print("the farm was already up")
-    console.print(f"[green]farm up[/] (Redis {state.redis_display}); `lorafarm down` stops "
-                  "what this started")
+    if state.running:
+        console.print(f"this farm was already up: {_farm_summary(state.running)}", highlight=False)
+    if any(p.role == "flower" for p in state.processes) and flower_auth_hint():
+        console.print(flower_auth_hint(), highlight=False)
+    console.print(f"[green]farm up[/] ({escape(state.where)}); `lorafarm down` stops it",
+                  highlight=False)
 
 
 @app.command()
 def down() -> None:
-    """Stop what `lorafarm up` started (workers finish by checkpointing; Redis keeps its data)."""
+    """Stop what `lorafarm up` started for this farm (its Redis URL and LORAFARM_KEY_PREFIX).
+
+    Workers finish by checkpointing; Redis keeps its data; another farm's processes are left alone.
+    """
     from lora_farm.localfarm import farm_down
 
-    stopped = farm_down()
-    for process in stopped:
+    result = farm_down()
+    for process in result.stopped:
         console.print(f"  stopped {process.role:<8} pid {process.pid}", highlight=False)
-    console.print("[green]farm down[/]" if stopped else "nothing was running")
+    for process, other in result.handed_over:
+        console.print(f"  left Redis pid {process.pid} running: the farm on {other} uses it "
+                      "(its `lorafarm down` stops it)", highlight=False)
+    if result.stopped or result.handed_over:
+        console.print(f"[green]farm down[/] ({escape(result.where)})", highlight=False)
+    else:
+        console.print(f"no farm started by `lorafarm up` runs on {result.where}; nothing stopped",
+                      highlight=False)
+
+
+def _pids(processes: list) -> str:
+    return ", ".join(f"{p.role} pid {p.pid}" for p in processes)
+
+
+def _farm_summary(processes: list) -> str:
+    """E.g. '1 redis, 2 workers (18 processes)': what is running, children included."""
+    from lora_farm.localfarm import process_count
+
+    roles = [p.role for p in processes]
+    parts = [f"{roles.count(role)} {role}{'s' if roles.count(role) > 1 else ''}"
+             for role in ("redis", "worker", "flower") if role in roles]
+    return f"{', '.join(parts)} ({process_count(processes)} processes)"
 
 
 @app.command()
@@ -127,34 +204,81 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
                                    "specs go"),
          keep_up: bool = typer.Option(False, help="leave the farm running afterwards"),
          steps_scale: int = typer.Option(1, min=1, help="train N times longer")) -> None:
-    """Build the demo batch, bring the farm up, submit, watch the four jobs, list the artifacts."""
-    from lora_farm.cli.status_view import watch_until_done
+    """Bring the farm up, build the demo batch, submit, watch the four jobs, list the artifacts."""
     from lora_farm.demo import write_demo_batch
     from lora_farm.ledger import Ledger
-    from lora_farm.localfarm import farm_down, farm_up
+    from lora_farm.localfarm import farm_up
     from lora_farm.settings import get_settings
     from lora_farm.submit import submit_files
 
     settings = get_settings()
-    console.print(f"building the demo batch under {root} (tiny offline models, seconds)")
-    specs = write_demo_batch(root, steps_scale=steps_scale)
     state = farm_up(settings)
-    console.print(f"farm up (Redis {state.redis_display}); started {len(state.processes)} process(es)")
+    running = state.processes or state.running
+    console.print(f"farm up ({escape(state.where)}): {_farm_summary(running)}"
+                  + ("" if state.started_anything else ", already running"), highlight=False)
     try:
         ledger = Ledger.from_settings(settings)
+        _require_workers(ledger, settings)
+        console.print(f"building the demo batch under {root} (tiny offline models, seconds)")
+        specs = write_demo_batch(root, steps_scale=steps_scale)
         batch = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh batch: a rerun trains again
         report = submit_files(specs, ledger, batch=batch, settings=settings)
-        records = watch_until_done(console, ledger, [job.record.id for job in report.jobs])
+        records = _watch_demo(ledger, settings, [job.record.id for job in report.jobs])
         _print_artifacts(records)
     finally:
-        if state.started_anything and not keep_up:
-            farm_down(settings)
-            console.print("farm down (stopped what the demo started)")
+        _leave_farm(state, keep_up, settings)
     failed = [r for r in records if r.state != "succeeded"]
     if failed:
         fail(f"{len(failed)} demo job(s) did not succeed: "
              + ", ".join(f"{r.name} ({r.state}: {r.exit_reason})" for r in failed)
              + "; `lorafarm logs JOB` shows why")
+
+
+def _serving_workers(ledger, settings) -> list[dict]:
+    """Workers of this farm whose heartbeat is fresh (a hung or dead one serves no queue)."""
+    from lora_farm.workers.presence import read_workers
+
+    now = time.time()
+    return [w for w in read_workers(ledger) if now - w["heartbeat"] < settings.stale_after_seconds]
+
+
+def _require_workers(ledger, settings) -> None:
+    if _serving_workers(ledger, settings):
+        return
+    from lora_farm.localfarm import describe_farm, farm_home
+
+    fail(f"no worker serves this farm ({describe_farm(settings)}): none sent a heartbeat in the "
+         f"last {settings.stale_after_seconds:.0f}s, so the demo jobs would wait forever. Fix: "
+         f"`lorafarm down` then `lorafarm demo` again; worker logs: {farm_home(settings) / 'logs'}")
+
+
+def _watch_demo(ledger, settings, job_ids: list[str]) -> list:
+    """A live table until every job has ended, or no worker is left to run them."""
+    from rich.live import Live
+
+    from lora_farm.cli.status_view import status_table
+    from lora_farm.jobs.state import TERMINAL, JobState
+
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            records = ledger.records(job_ids)
+            live.update(status_table(records))
+            if all(JobState(r.state) in TERMINAL for r in records):
+                return records
+            _require_workers(ledger, settings)
+            time.sleep(1)
+
+
+def _leave_farm(state, keep_up: bool, settings) -> None:
+    """Stop what the demo started, or say what stays up and how to stop it."""
+    from lora_farm.localfarm import farm_down, load_processes
+
+    if state.started_anything and not keep_up:
+        farm_down(settings)
+        console.print("farm down (stopped what the demo started)")
+        return
+    console.print(f"the farm stays up: {_farm_summary(load_processes(settings))}; "
+                  "`lorafarm down` stops it", highlight=False)
 
 
 def _print_artifacts(records: list) -> None:

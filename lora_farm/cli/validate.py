@@ -9,16 +9,18 @@ from rich.markup import escape
 
 from lora_farm.cli.app import app, console, err_console
 from lora_farm.errors import SpecError
-from lora_farm.jobs.loader import load_spec_files
+from lora_farm.jobs.loader import expand_spec_paths, load_spec_files
 
 
 @app.command()
 def validate(
-    files: list[Path] = typer.Argument(..., help="Job spec YAML files.", show_default=False),
+    files: list[Path] = typer.Argument(..., help="Job spec YAML files, or folders of them.",
+                                       show_default=False),
     show_resolved: bool = typer.Option(False, "--show", help="Print each resolved spec."),
 ) -> None:
     """Validate job specs (schema, paths, datasets, base models); print every problem found."""
     try:
+        files = expand_spec_paths(files)
         loaded = load_spec_files(files)
     except SpecError as error:
         for problem in error.problems:

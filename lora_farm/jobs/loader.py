@@ -28,6 +28,24 @@ class LoadedSpec:
     notes: list[str] = field(default_factory=list)
 
 
+def expand_spec_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for its ``*.yaml`` / ``*.yml`` files, sorted by name.
+    A folder without any is a ``SpecError`` (nothing would be submitted, silently)."""
+    expanded, problems = [], []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            expanded.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not found:
+            problems.append(SpecProblem(str(path), "", "is a folder without any *.yaml or *.yml "
+                                        "file.", "pass a folder of job specs, or the spec files."))
+        expanded += found
+    if problems:
+        raise SpecError(problems)
+    return expanded
+
+
 def load_spec_files(paths: list[Path], *, check_files: bool = True) -> list[LoadedSpec]:
     """Load and validate every file; raise one SpecError listing all problems of all files."""
     loaded, problems = [], []

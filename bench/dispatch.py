@@ -30,11 +30,11 @@ from lora_farm.cli.status_view import print_status  # noqa: E402
 from lora_farm.jobs.spec import LlmJobSpec  # noqa: E402
 from lora_farm.ledger import Ledger, NewJob  # noqa: E402
 from lora_farm.redis_conn import connect  # noqa: E402
-from lora_farm.scheduler import dispatch  # noqa: E402
 from lora_farm.scheduler.place import place  # noqa: E402
 from lora_farm.scheduler.policy import Policy  # noqa: E402
 from lora_farm.settings import reload_settings  # noqa: E402
 from lora_farm.submit import submit_specs  # noqa: E402
+from lora_farm.workers import dispatch  # noqa: E402
 
 
 def specs(count: int, tag: str) -> list[LlmJobSpec]:

@@ -24,16 +24,26 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_farm.jobs.spec import spec_from_dict  # noqa: E402
-from lora_farm.trainers.progress import EventWriter, read_events  # noqa: E402
+from lora_farm.protocol import EventWriter, read_events  # noqa: E402
 
 
 def build_real_sd(path: Path) -> Path:
     """An SD 1.5-shaped pipeline (UNet 860M, VAE, CLIP ViT-L text encoder), random fp16 weights."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_farm.demo.vocab import CLIP_BOS, CLIP_EOS, clip_tokenizer, write_clip_vocab_files
+    from lora_farm.demo.vocab import (
+        CLIP_BOS,
+        CLIP_EOS,
+        clip_tokenizer,
+        write_clip_vocab_files,
+    )
 
     if (path / "model_index.json").exists():
         return path

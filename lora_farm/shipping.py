@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,31 +126,6 @@ def ship_job(job_dir: Path, job_id: str, batch: str | None, name: str, *,
     if prune:
         prune_checkpoints(job_dir)
     return ShipResult({e["path"]: e["uri"] for e in manifest["files"]}, storage.uri(manifest_key))
-
-
-def ship_with_retry(job_dir: Path, job_id: str, batch: str | None, name: str, *,
-                    storage: Storage | None = None, settings: Settings | None = None,
-                    on_wait: Callable[[StorageError, float, int], None] | None = None,
-                    sleep: Callable[[float], None] = time.sleep,
-                    max_tries: int | None = None) -> ShipResult:
-    """``ship_job`` until it succeeds: storage being down never fails a trained job.
-
-    ``on_wait(error, seconds, tries)`` is told before each wait (the runner records it in the
-    ledger); ``sleep`` may raise to abandon (a cancel). ``max_tries=None`` retries forever.
-    """
-    settings = settings or get_settings()
-    delay, tries = settings.upload_retry_seconds, 0
-    while True:
-        try:
-            return ship_job(job_dir, job_id, batch, name, storage=storage, settings=settings)
-        except StorageError as error:
-            tries += 1
-            if max_tries is not None and tries >= max_tries:
-                raise
-            if on_wait is not None:
-                on_wait(error, delay, tries)
-            sleep(delay)
-            delay = min(delay * 2, settings.upload_retry_max_seconds)
 
 
 def read_manifest(storage: Storage, batch: str | None, job_id: str,

@@ -20,12 +20,16 @@ from lora_farm.jobs.spec import DEFAULT_BATCH, NAME_PATTERN, JobSpec
 from lora_farm.ledger import JobRecord, Ledger, NewJob
 from lora_farm.redis_conn import bytes_client
 from lora_farm.scheduler.calibration import calibrated_estimate
-from lora_farm.scheduler.dispatch import (DispatchResult, Sender, celery_sender, dispatch_once,
-                                          read_gpu_snapshots)
 from lora_farm.scheduler.gpus import read_gpus, to_snapshot
-from lora_farm.scheduler.place import GpuSnapshot, check_fits_farm
+from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm
 from lora_farm.scheduler.policy import Policy, load_policy
 from lora_farm.settings import Settings, get_settings
+from lora_farm.workers.dispatch import (
+    Sender,
+    celery_sender,
+    dispatch_once,
+    read_gpu_snapshots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class Submitted:
 @dataclass(frozen=True)
 class SubmitReport:
     jobs: list[Submitted]
-    dispatch: DispatchResult | None
+    placed: list[Placement]  # the jobs placed on cards at once
 
 
 def submit_files(paths: Sequence[Path], ledger: Ledger, *, batch: str | None = None,
@@ -52,7 +56,7 @@ def submit_files(paths: Sequence[Path], ledger: Ledger, *, batch: str | None = N
     report = submit_specs([item.spec for item in loaded], ledger, batch=batch, priority=priority,
                           settings=settings, send=send)
     jobs = [Submitted(job.record, job.created, item.source) for job, item in zip(report.jobs, loaded)]
-    return SubmitReport(jobs, report.dispatch)
+    return SubmitReport(jobs, report.placed)
 
 
 def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None = None,
@@ -68,9 +72,9 @@ def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None 
                   spec.priority if priority is None else priority, mb)
            for spec, mb in zip(specs, estimates)]
     created = ledger.create_jobs(new)
-    dispatched = dispatch_once(ledger, send, settings=settings, policy=policy) if any(
-        c.created for c in created) else None
-    return SubmitReport([Submitted(c.record, c.created) for c in created], dispatched)
+    placed = dispatch_once(ledger, send, settings=settings, policy=policy) if any(
+        c.created for c in created) else []
+    return SubmitReport([Submitted(c.record, c.created) for c in created], placed)
 
 
 def check_batch_name(batch: str | None) -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_farm.trainers.exitcodes import ExitCode
-from lora_farm.trainers.progress import EventWriter
+from lora_farm.protocol import EventWriter, ExitCode
 
 
 def main() -> int:

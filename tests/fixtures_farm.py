@@ -32,9 +32,9 @@ import yaml
 
 from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import Ledger
+from lora_farm.protocol import read_events
 from lora_farm.redis_conn import make_client
 from lora_farm.settings import reload_settings
-from lora_farm.trainers.progress import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 CELERY = str(Path(sys.executable).with_name("celery"))

@@ -9,11 +9,15 @@ import pytest
 from safetensors.torch import load_file
 
 from lora_farm.demo.datasets import write_text_dataset
+from lora_farm.protocol import EventTail, ExitCode, read_events
 from lora_farm.trainers.distributed import combine_exit_codes
-from lora_farm.trainers.exitcodes import ExitCode
-from lora_farm.trainers.progress import EventTail, read_events
-from tests.test_llm_trainer import (start_trainer, tensorboard_losses, trainer_env, wait_for_event,
-                                    write_spec)
+from tests.test_llm_trainer import (
+    start_trainer,
+    tensorboard_losses,
+    trainer_env,
+    wait_for_event,
+    write_spec,
+)
 
 
 def run_job(tmp_path, name, tiny_llm, data, **fields):

@@ -20,8 +20,16 @@ from lora_farm.settings import get_settings
 from lora_farm.submit import submit_files
 from lora_farm.workers.app import send_run_job
 from lora_farm.workers.trainer_process import group_exists
-from tests.fixtures_farm import (all_done, checkpoint_events, job_events, pause_trainer,
-                                 resume_trainer, start_events, wait_until, write_spec)
+from tests.fixtures_farm import (
+    all_done,
+    checkpoint_events,
+    job_events,
+    pause_trainer,
+    resume_trainer,
+    start_events,
+    wait_until,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 PATIENT_STALE_AFTER = "60"  # a loaded machine may stall a runner's heartbeat: no spurious reaping
@@ -167,7 +175,7 @@ def test_lorafarm_worker_starts_one_worker_per_named_card(farm_env, ledger, tmp_
         workers = wait_until(lambda: ledger.client.hgetall(ledger.keys.workers), 90,
                              "the worker to come online")
         (record,) = [yaml.safe_load(raw) for raw in workers.values()]
-        assert record["gpu"] == "gpu1" and record["queues"] == ["farm", "gpu.gpu1"]
+        assert record["gpu"] == "gpu1" and record["queues"] == ["gpu.gpu1"]
         assert record["slots"] == 2 and record["torch_imported"] is False
         launcher.send_signal(sig.SIGTERM)
         assert launcher.wait(timeout=60) == 0
@@ -178,8 +186,8 @@ def test_lorafarm_worker_starts_one_worker_per_named_card(farm_env, ledger, tmp_
 
 def test_message_delivered_twice_runs_the_job_once(farm_env, ledger, celery_workers, tiny_llm,
                                                    text_dataset, tmp_path):
-    from lora_farm.ledger import NewJob
     from lora_farm.jobs.loader import load_spec_file
+    from lora_farm.ledger import NewJob
 
     spec = load_spec_file(write_spec(tmp_path, "twice", tiny_llm, text_dataset, "llm")).spec
     job_id = ledger.create_jobs([NewJob(spec, "d", 0, 100.0)])[0].record.id

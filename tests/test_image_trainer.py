@@ -14,7 +14,7 @@ import yaml
 
 from lora_farm.errors import DatasetError, ModelLoadError
 from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.trainers.exitcodes import ExitCode
+from lora_farm.protocol import ExitCode
 from lora_farm.trainers.image import ImageProgram
 
 pytestmark = pytest.mark.slow

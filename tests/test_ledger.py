@@ -81,7 +81,7 @@ def test_requeue_passes_through_retrying_and_keeps_queue_position(ledger):
 
 
 def test_queued_at_restarts_on_a_requeue_and_dispatch_reads_it(ledger):
-    from lora_farm.scheduler.dispatch import queued_jobs
+    from lora_farm.workers.dispatch import queued_jobs
 
     job_id = submit(ledger, "alpha")[0].record.id
     record = ledger.get(job_id)

@@ -20,11 +20,10 @@ import yaml
 from lora_farm.demo.datasets import write_text_dataset
 from lora_farm.errors import DatasetError
 from lora_farm.jobs.spec import LlmJobSpec
+from lora_farm.protocol import EventTail, EventWriter, ExitCode, read_events
 from lora_farm.trainers.device import choose_precision
-from lora_farm.trainers.exitcodes import ExitCode
 from lora_farm.trainers.llm import LlmProgram
 from lora_farm.trainers.llm_data import IGNORE_INDEX, load_examples, tokenize_example
-from lora_farm.trainers.progress import EventTail, EventWriter, read_events
 from lora_farm.trainers.runtime import Runtime
 
 CPU = torch.device("cpu")

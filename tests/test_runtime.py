@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 from lora_farm.errors import DatasetError
 from lora_farm.jobs.spec import LlmJobSpec
+from lora_farm.protocol import EventWriter, read_events
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.device import choose_precision
-from lora_farm.trainers.progress import EventWriter, read_events
 from lora_farm.trainers.runtime import Runtime, StopFlag, TrainingInterrupted, make_plan
 
 CPU = torch.device("cpu")
@@ -206,8 +206,8 @@ def _bad_data():
 @pytest.mark.parametrize("make_error, code, kind", [
     (_allocate_too_much, 3, "oom"), (_bug, 1, "crash"), (_bad_data, 2, "bad_input")])
 def test_how_a_run_ends_becomes_an_exit_code_and_an_error_event(tmp_path, capsys, make_error, code, kind):
+    from lora_farm.protocol import ExitCode
     from lora_farm.trainers.entry import _classify, _Events
-    from lora_farm.trainers.exitcodes import ExitCode
 
     events = _Events(str(tmp_path / "events.jsonl"))
     with pytest.raises(Exception) as raised:

@@ -14,7 +14,6 @@ from lora_farm.cli.app import app, console, err_console
 from lora_farm.errors import SpecError
 from lora_farm.jobs.state import TERMINAL, JobState
 
-
 RECENT_FINISHED = 200
 
 
@@ -52,8 +51,8 @@ def submit(
         else:
             console.print(f"[yellow]unchanged[/] {r.name}: identical spec already in batch {r.batch} "
                           f"as {r.id} ({r.state}); nothing queued", highlight=False)
-    if report.dispatch and report.dispatch.placed:
-        console.print(f"{len(report.dispatch.placed)} job(s) placed on cards now.")
+    if report.placed:
+        console.print(f"{len(report.placed)} job(s) placed on cards now.")
     if wait:
         _wait_for(ledger, [job.record for job in report.jobs])
 
@@ -175,7 +174,7 @@ def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefi
     """Cancel jobs: queued ones at once; running ones stop their trainer (SIGTERM, grace, SIGKILL)."""
     from lora_farm.archive import archive_at_end
     from lora_farm.ledger import transitions as tr
-    from lora_farm.scheduler.dispatch import dispatch_once
+    from lora_farm.workers.dispatch import dispatch_once
 
     ledger = _ledger()
     if not jobs and not batch:
@@ -194,7 +193,7 @@ def retry(job: str = typer.Argument(..., help="A failed or cancelled job.")) -> 
     """Queue a failed or cancelled job again (fresh retry budget; resumes from its checkpoint)."""
     from lora_farm.errors import LoraFarmError
     from lora_farm.ledger import transitions as tr
-    from lora_farm.scheduler.dispatch import dispatch_once
+    from lora_farm.workers.dispatch import dispatch_once
 
     ledger = _ledger()
     record = ledger.find(job)
@@ -209,8 +208,8 @@ def retry(job: str = typer.Argument(..., help="A failed or cancelled job.")) -> 
 def gpus() -> None:
     """The farm's cards: memory, reservations, the jobs on each, and whether a worker serves it."""
     from lora_farm.cli.status_view import gpus_table
-    from lora_farm.scheduler.dispatch import read_gpu_snapshots
     from lora_farm.settings import get_settings
+    from lora_farm.workers.dispatch import read_gpu_snapshots
 
     ledger = _ledger()
     cards = read_gpu_snapshots(ledger)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lora_farm.ledger import JobRecord
-from lora_farm.trainers.progress import format_duration
+from lora_farm.protocol import format_duration
 
 STATE_STYLE = {"queued": "white", "scheduled": "cyan", "running": "bold blue",
                "uploading": "magenta", "succeeded": "green", "failed": "bold red",

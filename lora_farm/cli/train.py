@@ -18,8 +18,8 @@ import typer
 
 from lora_farm.cli.app import app, console, fail
 from lora_farm.errors import SpecError
+from lora_farm.protocol import ExitCode
 from lora_farm.trainers.entry import default_job_dir
-from lora_farm.trainers.exitcodes import ExitCode
 
 _ENDINGS = {
     ExitCode.INTERRUPTED: "interrupted; a checkpoint was written. Run the same command again to resume.",

@@ -11,9 +11,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 DEFAULT_BATCH = "default"  # the batch of a job submitted without one
@@ -114,10 +121,6 @@ class JobSpec(BaseModel):
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.gpus
-
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
         payload = self.model_dump(mode="json", exclude={"batch"})
@@ -157,7 +160,6 @@ class LlmJobSpec(JobSpec):
     text_field: str = Field("text", min_length=1, description="record field with the training text")
 
 
-AnySpec = Annotated[Union[ImageJobSpec, LlmJobSpec], Field(discriminator="task")]
 PATH_FIELDS = ("base_model", "train_data_dir", "output_dir", "resume_from", "metadata_path",
                "base_model_config")
 SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "llm": LlmJobSpec}

@@ -44,8 +44,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 # states in which the job holds a VRAM reservation on a card
 HOLDS_RESERVATION = frozenset({S.SCHEDULED, S.RUNNING})
-# states in which a runner is (or should be) working on the job
-ACTIVE = frozenset({S.SCHEDULED, S.RUNNING, S.UPLOADING})
 
 
 def parse_state(value: str | JobState) -> JobState:

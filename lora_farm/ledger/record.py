@@ -65,10 +65,6 @@ class JobRecord:
     spec: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def job_state(self) -> JobState:
-        return JobState(self.state)
-
-    @property
     def gpu(self) -> str:
         return ",".join(self.gpus)
 

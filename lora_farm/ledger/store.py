@@ -153,9 +153,6 @@ class Ledger:
         key = self.keys.batch(batch) if batch else self.keys.jobs
         return self.records(self.client.zrange(key, 0, -1), with_spec=with_spec)
 
-    def batch_names(self) -> list[str]:
-        return sorted(self.client.smembers(self.keys.batches))
-
     def ids_in_state(self, state: JobState) -> set[str]:
         return set(self.client.smembers(self.keys.state(state.value)))
 

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lora_farm.trainers.exitcodes import ExitCode
+from lora_farm.protocol import ExitCode
 
 RANK_GRACE_SECONDS = 30.0  # a failed rank's peers get this long to stop before SIGKILL
-RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # which code wins when ranks disagree: the one that says most about what went wrong
 _SEVERITY = [ExitCode.OUT_OF_MEMORY, ExitCode.BAD_INPUT, ExitCode.CRASH, ExitCode.INTERRUPTED]
 

@@ -1,7 +1,7 @@
 """The trainer process: ``python -m lora_farm.trainers JOB_FILE [--job-dir DIR] [--events PATH]``.
 
 Loads the spec, picks the program by task, runs the runtime, and turns how it ended into an exit
-code (``exitcodes.ExitCode``) plus a last ``error`` event. This module imports torch lazily, so the
+code (``protocol.ExitCode``) plus a last ``error`` event. This module imports torch lazily, so the
 CLI can use ``default_job_dir`` without paying for it.
 """
 
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
-from lora_farm.trainers.exitcodes import ExitCode
-from lora_farm.trainers.progress import EventWriter
+from lora_farm.protocol import EventWriter, ExitCode
 
 PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
             "image": ("lora_farm.trainers.image", "ImageProgram")}

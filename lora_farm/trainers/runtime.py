@@ -24,11 +24,18 @@ from typing import IO, Any
 import torch
 
 from lora_farm.errors import DatasetError, ModelLoadError
+from lora_farm.protocol import EventWriter
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
+from lora_farm.trainers.device import (
+    Precision,
+    autocast,
+    make_grad_scaler,
+    peak_vram_mb,
+    reset_peak_vram,
+)
 from lora_farm.trainers.distributed import DistContext
-from lora_farm.trainers.device import Precision, autocast, make_grad_scaler, peak_vram_mb, reset_peak_vram
-from lora_farm.trainers.progress import EventWriter, progress_line
+from lora_farm.trainers.progress import progress_line
 
 _SEED_MODULUS = 2**63 - 1
 

@@ -15,8 +15,6 @@ from celery import Celery
 
 from lora_farm.settings import Settings, get_settings
 
-DISPATCH_QUEUE = "farm"
-
 
 def gpu_queue(uuid: str) -> str:
     return f"gpu.{uuid}"
@@ -45,8 +43,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "worker_send_task_events": True,  # Flower
         "task_send_sent_event": True,
-        "task_default_queue": DISPATCH_QUEUE,
-        "task_routes": {"lorafarm.dispatch": {"queue": DISPATCH_QUEUE}},
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,

@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from lora_farm.ledger.record import JobRecord
-from lora_farm.trainers.exitcodes import ExitCode
+from lora_farm.protocol import ExitCode
 
 
 class Outcome(str, Enum):

@@ -19,10 +19,10 @@ import redis
 
 from lora_farm.errors import GpuInventoryError
 from lora_farm.ledger import Ledger
-from lora_farm.scheduler.dispatch import dispatch_once, publish_gpu
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
 from lora_farm.scheduler.policy import load_policy
 from lora_farm.settings import Settings, get_settings
+from lora_farm.workers.dispatch import dispatch_once, publish_gpu
 from lora_farm.workers.reaper import reap
 
 log = logging.getLogger(__name__)

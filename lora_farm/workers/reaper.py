@@ -22,8 +22,8 @@ from lora_farm.archive import archive_at_end
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
+from lora_farm.locks import RedisLock, kept_alive
 from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.joblock import RedisLock, kept_alive
 from lora_farm.workers.outcome import retries_left
 from lora_farm.workers.trainer_process import kill_stale_group
 from lora_farm.workers.upload import ship_and_finish

@@ -22,18 +22,25 @@ from typing import Any
 import redis
 
 from lora_farm.archive import archive_at_end
+from lora_farm.backoff import backoff_seconds
 from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.spec import spec_from_dict
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
+from lora_farm.locks import Heartbeat, RedisLock
+from lora_farm.protocol import EventTail
 from lora_farm.scheduler.gpus import pinned_env
 from lora_farm.settings import Settings, get_settings
-from lora_farm.trainers.progress import EventTail
 from lora_farm.workers import trainer_process as tp
-from lora_farm.workers.joblock import Heartbeat, RedisLock
-from lora_farm.workers.outcome import (Outcome, RunEvidence, Verdict, classify, degraded_plan,
-                                       retries_left)
+from lora_farm.workers.outcome import (
+    Outcome,
+    RunEvidence,
+    Verdict,
+    classify,
+    degraded_plan,
+    retries_left,
+)
 from lora_farm.workers.shutdown import claim_stop_signal, is_stopping, sigterm_sets_flag
 from lora_farm.workers.upload import ship_and_finish
 
@@ -315,16 +322,17 @@ def _retrying_redis(action: Callable[[], Any], settings: Settings) -> Any:
     """Run ``action``, waiting out a Redis restart (up to ~``stale_after_seconds`` x 4). If Redis
     stays away the error propagates; the reaper then requeues the job from its checkpoint."""
     deadline = time.monotonic() + settings.stale_after_seconds * 4
-    wait = 0.5
+    tries = 0
     while True:
         try:
             return action()
         except (redis.ConnectionError, redis.TimeoutError) as error:
             if time.monotonic() > deadline:
                 raise
+            tries += 1
+            wait = backoff_seconds(tries, first=0.5, most=5.0)
             log.warning("Redis unavailable (%s); retrying in %.1fs", error, wait)
             time.sleep(wait)
-            wait = min(wait * 2, 5.0)
 
 
 def _safely(action: Callable[[], Any], what: str) -> None:

@@ -1,6 +1,7 @@
 """Thin Celery tasks: each one hands its JSON arguments to a plain function.
 
-``lorafarm.run_job(job_id, token)`` goes to ``gpu.<uuid>``; ``lorafarm.dispatch()`` to ``farm``.
+``lorafarm.run_job(job_id, token)`` goes to ``gpu.<uuid>``; dispatch runs in-process (submit,
+the end of a job, and the presence tick), never as a task.
 The worker's main process also starts :class:`Presence` (snapshot, heartbeat, periodic dispatch,
 reaper) once it is ready, and on a warm shutdown has its trainings checkpoint and stop
 (shutdown.py) instead of waiting hours for them.
@@ -15,9 +16,9 @@ from functools import lru_cache
 from celery import signals
 
 from lora_farm.ledger import Ledger
-from lora_farm.scheduler.dispatch import dispatch_once
 from lora_farm.settings import get_settings
 from lora_farm.workers.app import app
+from lora_farm.workers.dispatch import dispatch_once
 from lora_farm.workers.presence import GPU_ENV, Presence
 from lora_farm.workers.runner import RunnerOptions, run_job
 from lora_farm.workers.shutdown import begin_shutdown, clear_stopping
@@ -41,11 +42,6 @@ def run_job_task(self, job_id: str, token: str) -> str:
     options = RunnerOptions(settings=get_settings(), after_release=lambda: dispatch_once(ledger),
                             worker_name=self.request.hostname or "")
     return run_job(ledger, job_id, token, options)
-
-
-@app.task(name="lorafarm.dispatch")
-def dispatch_task() -> int:
-    return len(dispatch_once(worker_ledger()).placed)
 
 
 _presence: list[Presence] = []

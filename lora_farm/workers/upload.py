@@ -12,12 +12,13 @@ import logging
 import time
 from pathlib import Path
 
+from lora_farm.backoff import backoff_seconds
 from lora_farm.errors import ArtifactMissing, JobNotFound, LoraFarmError, StorageError
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
+from lora_farm.locks import RedisLock, kept_alive
 from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.joblock import RedisLock, kept_alive
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
     Success -> ``succeeded`` with the artifact URIs. A storage failure keeps it ``uploading``
     with the error and the time of the next try; missing weights (a trainer bug) -> ``failed``.
     """
-    from lora_farm.shipping import ship_job  # boto3 is loaded only where something is shipped
+    from lora_farm.shipping import (
+        ship_job,  # boto3 is loaded only where something is shipped
+    )
 
     settings = settings or get_settings()
     record = ledger.get(job_id)
@@ -39,7 +42,7 @@ def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
         return tr.upload_failed(ledger, job_id, str(error), final=True)
     except StorageError as error:
         tries = record.upload_tries + 1
-        wait = min(settings.upload_retry_seconds * 2 ** (tries - 1), settings.upload_retry_max_seconds)
+        wait = backoff_seconds(tries, settings.upload_retry_seconds, settings.upload_retry_max_seconds)
         log.warning("job %s: upload failed (try %d), next try in %.0fs: %s", job_id, tries, wait, error)
         ledger.update(job_id, {"upload_tries": tries, "next_upload_at": time.time() + wait})
         return tr.upload_failed(ledger, job_id, str(error))

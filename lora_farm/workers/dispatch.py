@@ -15,14 +15,19 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from lora_farm.ledger import Ledger
 from lora_farm.ledger import transitions as tr
-from lora_farm.scheduler.place import GpuSnapshot, Placement, QueuedJob, Reservation, place
+from lora_farm.locks import RedisLock
+from lora_farm.scheduler.place import (
+    GpuSnapshot,
+    Placement,
+    QueuedJob,
+    Reservation,
+    place,
+)
 from lora_farm.scheduler.policy import Policy, load_policy
 from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.joblock import RedisLock
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +37,6 @@ MAX_PASSES = 5
 QUEUE_WINDOW = 5000  # queued jobs one pass looks at (the rest wait their turn)
 
 
-@dataclass(frozen=True)
-class DispatchResult:
-    placed: list[Placement]
-    ran: bool  # False: another pass held the lock (it will run again for us)
-
-
 def celery_sender(job_id: str, token: str, queue: str) -> None:
     from lora_farm.workers.app import send_run_job
 
@@ -45,15 +44,18 @@ def celery_sender(job_id: str, token: str, queue: str) -> None:
 
 
 def dispatch_once(ledger: Ledger, send: Sender = celery_sender, *, settings: Settings | None = None,
-                  policy: Policy | None = None, now: float | None = None) -> DispatchResult:
-    """Run placement passes until nobody asked for another one; never blocks on the lock."""
+                  policy: Policy | None = None, now: float | None = None) -> list[Placement]:
+    """Run placement passes until nobody asked for another one; never blocks on the lock.
+
+    Returns the jobs placed; empty also when another pass held the lock (it runs again for us).
+    """
     settings = settings or get_settings()
     policy = policy or load_policy()
     keys = ledger.keys
     lock = RedisLock(ledger.client, keys.dispatch_lock, ttl_seconds=60)
     if not lock.acquire():
         ledger.client.set(keys.dispatch_dirty, "1", ex=120)
-        return DispatchResult([], ran=False)
+        return []
     placed: list[Placement] = []
     with lock:
         for _ in range(MAX_PASSES):
@@ -62,7 +64,7 @@ def dispatch_once(ledger: Ledger, send: Sender = celery_sender, *, settings: Set
             lock.refresh()
             if not ledger.client.exists(keys.dispatch_dirty):
                 break
-    return DispatchResult(placed, ran=True)
+    return placed
 
 
 def placement_pass(ledger: Ledger, send: Sender, settings: Settings, policy: Policy,

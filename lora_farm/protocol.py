@@ -1,0 +1,106 @@
+"""The contract between the farm and a trainer process (torch-free; both sides import it).
+
+**Exit codes** (:class:`ExitCode`): the runner classifies a job's end from these.
+
+**Events**: JSON lines the trainer writes to ``events.jsonl`` and the runner reads, one object per
+line with ``event`` and ``time`` keys:
+
+- ``{"event": "phase", "phase": "load"|"prepare"|"train"|"export"}``
+- ``{"event": "progress", "epoch": 1, "epochs": 10, "step": 85, "total_steps": 250,
+  "loss": 0.142, "it_s": 3.1, "eta_s": 1380.0, "peak_vram_mb": 5120.0}``
+- ``{"event": "checkpoint", "step": 100, "path": "..."}``
+- ``{"event": "artifact", "path": "...", "kind": "kohya"|"diffusers"|"peft"}``
+- ``{"event": "summary", "final_loss": 0.1, "steps": 250, "phase_seconds": {...},
+  "peak_vram_mb": 5120.0}``
+- ``{"event": "error", "kind": "bad_input"|"oom"|"crash"|"interrupted", "message": "..."}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, Any
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    CRASH = 1  # an unexpected exception; the traceback is in the job log
+    BAD_INPUT = 2  # the spec, data or model is unusable; retrying will not help
+    OUT_OF_MEMORY = 3  # CUDA (or host) out of memory; retry with a degraded plan
+    INTERRUPTED = 4  # SIGTERM/SIGINT: a checkpoint was written, then the process exited
+
+
+class EventWriter:
+    """Appends events to a file; every line is flushed so a reader sees it at once."""
+
+    def __init__(self, path: str | os.PathLike[str] | None):
+        self._stream: IO[str] | None = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._stream = open(path, "a", encoding="utf-8", buffering=1)
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        if self._stream is not None:
+            self._stream.write(json.dumps(record, default=str) + "\n")
+            self._stream.flush()
+        return record
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class EventTail:
+    """Reads new complete event lines from a file that is still being written."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = ""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8", errors="replace") as stream:
+            stream.seek(self._offset)
+            chunk = stream.read()
+            self._offset = stream.tell()
+        lines = (self._partial + chunk).split("\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next read
+        return [event for event in map(_parse_line, lines) if event is not None]
+
+
+def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Every complete event of a finished file."""
+    yield from EventTail(path).read_new()
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "event" in record else None
+
+
+def format_duration(seconds: float | None) -> str:
+    """``23m``, ``1h05m``, ``42s`` — the ETA style of the progress line."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, _ = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

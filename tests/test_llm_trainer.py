@@ -23,7 +23,8 @@ from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.protocol import EventTail, EventWriter, ExitCode, read_events
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.llm import LlmProgram
-from lora_farm.trainers.llm_data import IGNORE_INDEX, load_examples, tokenize_example
+from lora_farm.jobs.datasets import load_examples
+from lora_farm.trainers.llm_data import IGNORE_INDEX, tokenize_example
 from lora_farm.trainers.runtime import Runtime
 
 CPU = torch.device("cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,6 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
          keep_up: bool = typer.Option(False, help="leave the farm running afterwards"),
          steps_scale: int = typer.Option(1, min=1, help="train N times longer")) -> None:
     """Bring the farm up, build the demo batch, submit, watch the four jobs, list the artifacts."""
-    from lora_farm.demo import write_demo_batch
     from lora_farm.ledger import Ledger
     from lora_farm.localfarm import farm_up
     from lora_farm.settings import get_settings
@@ -220,7 +220,7 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
         ledger = Ledger.from_settings(settings)
         _require_workers(ledger, settings)
         console.print(f"building the demo batch under {root} (tiny offline models, seconds)")
-        specs = write_demo_batch(root, steps_scale=steps_scale)
+        specs = _build_demo_batch(root, steps_scale)
         batch = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh batch: a rerun trains again
         report = submit_files(specs, ledger, batch=batch, settings=settings)
         records = _watch_demo(ledger, settings, [job.record.id for job in report.jobs])
@@ -232,6 +232,16 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
         fail(f"{len(failed)} demo job(s) did not succeed: "
              + ", ".join(f"{r.name} ({r.state}: {r.exit_reason})" for r in failed)
              + "; `lorafarm logs JOB` shows why")
+
+
+def _build_demo_batch(root: Path, steps_scale: int) -> list[Path]:
+    """The tiny models need torch: build them in a child process, so the CLI never imports it."""
+    built = subprocess.run([sys.executable, "-m", "lora_farm.demo", str(root), "--steps-scale",
+                            str(steps_scale)], stdout=subprocess.PIPE, text=True)
+    if built.returncode != 0:
+        fail(f"building the demo batch under {root} failed (exit {built.returncode}; its error is "
+             "above). Fix: install the training stack: pip install -c constraints.txt -e '.[train]'")
+    return [Path(line) for line in built.stdout.splitlines() if line.strip()]
 
 
 def _serving_workers(ledger, settings) -> list[dict]:

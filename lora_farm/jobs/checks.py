@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import DatasetError, SpecProblem
+from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, example_problems, find_data_files,
+                                     find_examples, read_records, to_example)
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model
 from lora_farm.jobs.paths import is_inside
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
 from lora_farm.settings import get_settings
-# torch-free: validation reads data with the trainer's own rules
-from lora_farm.trainers.llm_data import DATA_SUFFIXES, find_data_files, read_records, to_example
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_LISTED = 5
 RECORDS_CHECKED = 100
 
@@ -102,62 +101,30 @@ def text_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
 
 
-def _listed(problems: list[SpecProblem], label: str, field: str, noun: str, items: list[str], fix: str
-            ) -> None:
-    if items:
-        shown = ", ".join(items[:MAX_LISTED]) + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-        problems.append(SpecProblem(label, field, f"{noun}: {shown}.", fix))
-
-
 def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
+    """The trainer's own dataset rules (``jobs.datasets``), short of decoding every image."""
     folder = spec.train_data_dir
     if not folder.is_dir():
         return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r}.",
                             "point it at the folder that holds the training images.")]
-    metadata = spec.metadata_path or (folder / "metadata.csv")
-    if spec.metadata_path is not None or metadata.is_file():
-        return _check_metadata(label, folder, metadata)
-    images = list_images(folder)
-    if not images:
-        return [SpecProblem(label, "train_data_dir", f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
-                            f"{str(folder)!r}.", "put the training images there, or fix the path.")]
-    problems: list[SpecProblem] = []
-    missing = [img.name for img in images if not img.with_suffix(spec.caption_extension).is_file()]
-    empty = [img.with_suffix(spec.caption_extension).name for img in images
-             if img.with_suffix(spec.caption_extension).is_file()
-             and not img.with_suffix(spec.caption_extension).read_text(encoding="utf-8", errors="replace").strip()]
-    _listed(problems, label, "train_data_dir", f"images without a {spec.caption_extension} caption "
-            "(and no metadata.csv)", missing, "write a caption file next to each image, or a metadata.csv.")
-    _listed(problems, label, "train_data_dir", "empty caption files", empty, "write a caption in each file.")
-    return problems
-
-
-def _check_metadata(label: str, folder: Path, metadata: Path) -> list[SpecProblem]:
-    if not metadata.is_file():
-        return [SpecProblem(label, "metadata_path", f"does not exist: {str(metadata)!r}.",
-                            "point it at a metadata.csv with file_name,text columns.")]
+    uses_metadata = spec.metadata_path is not None or (folder / "metadata.csv").is_file()
+    field = "metadata_path" if uses_metadata else "train_data_dir"
     try:
-        with open(metadata, newline="", encoding="utf-8-sig") as stream:
-            reader = csv.DictReader(stream)
-            columns = reader.fieldnames or []
-            rows = list(reader) if {"file_name", "text"} <= set(columns) else []
-    except (UnicodeDecodeError, csv.Error) as error:
-        return [SpecProblem(label, "metadata_path", f"is not a readable UTF-8 CSV ({error}): {str(metadata)!r}.",
-                            "save it as UTF-8 CSV with a header line file_name,text.")]
-    if not {"file_name", "text"} <= set(columns):
-        return [SpecProblem(label, "metadata_path", f"needs the columns file_name and text, got {columns}.",
-                            f"add a header line `file_name,text` to {metadata.name}.")]
-    if not rows:
-        return [SpecProblem(label, "metadata_path", f"lists no images: {str(metadata)!r}.",
-                            "add one row per training image.")]
-    problems: list[SpecProblem] = []
-    missing = [row["file_name"] for row in rows if not (folder / (row["file_name"] or "")).is_file()]
-    blank = [row["file_name"] for row in rows if not (row["text"] or "").strip()]
-    _listed(problems, label, "metadata_path", f"lists images that do not exist in {folder}", missing,
-            "copy the images there or remove their rows.")
-    _listed(problems, label, "metadata_path", "has rows with an empty caption", blank,
-            "write a caption in the text column.")
-    return problems
+        examples = find_examples(folder, spec.metadata_path, spec.caption_extension)
+    except DatasetError as error:
+        message, _, fix = str(error).partition(" Fix: ")
+        return [SpecProblem(label, field, message, fix or "correct the dataset.")]
+    if not examples:
+        return [SpecProblem(label, field, f"lists no training images ({', '.join(IMAGE_SUFFIXES)}) "
+                            f"in {str(folder)!r}.", "put the training images and captions there, "
+                            "or fix the path.")]
+    problems = [problem for example in examples for problem in example_problems(example)]
+    if not problems:
+        return []
+    shown = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
+                                                if len(problems) > MAX_LISTED else "")
+    return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.",
+                        "mend each file named, then validate again.")]
 
 
 def check_text_dataset(label: str, spec: LlmJobSpec) -> list[SpecProblem]:

@@ -20,8 +20,8 @@ from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.distributed import DistContext
-from lora_farm.trainers.image_data import (ImageDataset, check_examples, collate, epoch_order,
-                                           find_examples)
+from lora_farm.jobs.datasets import check_examples, find_examples
+from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
 from lora_farm.trainers.image_model import (ImageModel, encode_prompts, load_image_model,
                                             pipeline_class, sdxl_time_ids)
 
@@ -132,7 +132,7 @@ class ImageProgram(TrainingProgram):
         """Every image exists and decodes, every caption is non-empty (before the model loads)."""
         spec = self.spec
         examples = find_examples(spec.train_data_dir, spec.metadata_path, spec.caption_extension)
-        check_examples(examples, spec.metadata_path or spec.train_data_dir)
+        check_examples(examples, spec.metadata_path or spec.train_data_dir, decoded_problems)
         self.dataset = ImageDataset(examples, spec.resolution, spec.center_crop, spec.seed)
 
     def prepare(self) -> None:

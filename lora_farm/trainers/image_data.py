@@ -1,101 +1,30 @@
-"""Image training data: find (image, caption) pairs, check them all, resize + crop to the resolution.
+"""Image training data as tensors: decode, resize + crop to the resolution, batch.
 
-Captions come from ``metadata.csv`` (columns ``file_name,text``, the diffusers/HF ``imagefolder``
-layout) or from sidecar files (``cat.png`` + ``cat.txt``). Every example is checked before training
-starts, so a bad file stops the job in seconds with its name, not hours later in the middle.
+Which files form the dataset is ``lora_farm.jobs.datasets`` (shared with validation). Every example
+is checked, decoded, before training starts, so a bad file stops the job in seconds with its name,
+not hours later in the middle.
 """
 
 from __future__ import annotations
 
-import csv
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lora_farm.errors import DatasetError
+from lora_farm.jobs.datasets import Example, example_problems
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_LISTED_PROBLEMS = 20
-
-
-@dataclass(frozen=True)
-class Example:
-    image: Path
-    caption: str
-    caption_source: Path  # metadata.csv or the sidecar file: where to fix the caption
-
-
-def find_examples(train_data_dir: Path, metadata_path: Path | None, caption_extension: str) -> list[Example]:
-    """Every example of the dataset, in a stable order (metadata row order, else sorted names)."""
-    if not train_data_dir.is_dir():
-        raise DatasetError(f"`train_data_dir`: {train_data_dir} is not a folder. "
-                           "Fix: point it at the folder holding the training images.")
-    metadata = metadata_path or train_data_dir / "metadata.csv"
-    if metadata_path is not None or metadata.is_file():
-        return _examples_from_metadata(metadata, train_data_dir)
-    return _examples_from_sidecars(train_data_dir, caption_extension)
-
-
-def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
-    try:
-        with open(metadata, newline="", encoding="utf-8-sig") as stream:
-            reader = csv.DictReader(stream)
-            missing = {"file_name", "text"} - set(reader.fieldnames or [])
-            if missing:
-                raise DatasetError(f"{metadata}: missing column(s) {sorted(missing)}, found "
-                                   f"{reader.fieldnames}. Fix: the header must be `file_name,text`.")
-            rows = list(reader)
-    except OSError as error:
-        raise DatasetError(f"`metadata_path`: cannot read {metadata}: {error}") from error
-    return [Example(image_root / row["file_name"], (row["text"] or "").strip(), metadata) for row in rows]
-
-
-def _examples_from_sidecars(folder: Path, caption_extension: str) -> list[Example]:
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    examples = []
-    for image in images:
-        sidecar = image.with_suffix(caption_extension)
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
-        examples.append(Example(image, caption, sidecar))
-    return examples
-
-
-def check_examples(examples: list[Example], where: Path) -> None:
-    """Raise ``DatasetError`` listing every missing/unreadable image and every empty caption."""
-    if not examples:
-        raise DatasetError(f"{where}: no training examples found (no metadata.csv rows, no images "
-                           f"with {'/'.join(IMAGE_SUFFIXES)}). Fix: add images and captions.")
-    problems = [problem for example in examples for problem in _problems_of(example)]
-    if problems:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise DatasetError(f"{len(problems)} problem(s) in the training data under {where}:\n  "
-                           + "\n  ".join(shown) + more)
-
-
-def _problems_of(example: Example) -> list[str]:
-    problems = []
-    if not example.image.is_file():
-        problems.append(f"{example.image}: image file not found (listed in {example.caption_source}). "
-                        "Fix: add the file or remove its row.")
-    else:
+def decoded_problems(example: Example) -> list[str]:
+    """The dataset rules' problems, plus: the image decodes (a truncated file, not only its header)."""
+    problems = example_problems(example)
+    if example.image.is_file():
         try:
             with Image.open(example.image) as image:
-                image.load()  # decodes the pixels: catches truncated files, not only bad headers
+                image.load()
         except (OSError, UnidentifiedImageError, ValueError) as error:
-            problems.append(f"{example.image}: not a readable image ({error}). Fix: re-export or remove it.")
-    if not example.caption:
-        if example.caption_source.suffix == ".csv":
-            problems.append(f"{example.image}: empty caption in {example.caption_source}. Fix: write a caption.")
-        elif example.caption_source.is_file():
-            problems.append(f"{example.caption_source}: caption file is empty. Fix: write a caption.")
-        else:
-            problems.append(f"{example.caption_source}: caption file not found for {example.image.name}. "
-                            "Fix: add it, or a metadata.csv with file_name,text.")
+            problems.append(f"{example.image}: not a readable image ({error}); re-export or remove it")
     return problems
 
 

@@ -14,8 +14,8 @@ import torch
 from lora_farm.errors import DatasetError, ModelLoadError
 from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.trainers.base import TrainingProgram
-from lora_farm.trainers.llm_data import (IGNORE_INDEX, TextExample, collate, load_examples,
-                                         tokenize_example)
+from lora_farm.jobs.datasets import TextExample, load_examples
+from lora_farm.trainers.llm_data import IGNORE_INDEX, collate, tokenize_example
 
 ADAPTER_DIR = "adapter"
 

@@ -75,7 +75,7 @@ def fail(message: str, code: int = 1) -> None:
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="lorafarm")  # also under `python -m lora_farm`
     except LoraFarmError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)

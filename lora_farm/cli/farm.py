@@ -80,15 +80,14 @@ def status(
     if job:
         _show_one(ledger, ledger.find(job), as_json, as_csv)
         return
-    records = (lambda: ledger.list_jobs(batch=batch, with_spec=False))
     if as_json:
-        sys.stdout.write(view.to_json(records()) + "\n")
+        sys.stdout.write(view.to_json(ledger.list_jobs(batch=batch, with_spec=False)) + "\n")
     elif as_csv:
-        sys.stdout.write(view.to_csv(records()))
+        sys.stdout.write(view.to_csv(ledger.list_jobs(batch=batch, with_spec=False)))
     elif watch:
-        view.watch_status(console, records, show_all)
+        view.watch_status(console, lambda rows: view.read_view(ledger, batch, rows), show_all)
     else:
-        view.print_status(console, records(), show_all)
+        view.print_status(console, lambda rows: view.read_view(ledger, batch, rows), show_all)
 
 
 def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:

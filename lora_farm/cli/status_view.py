@@ -31,7 +31,7 @@ ACTIVE = ("running", "uploading", "scheduled", "retrying", "queued")  # shown fi
 FINISHED = ("succeeded", "failed", "cancelled")
 WIDE_FROM = 120  # terminal columns: below this, the narrow layout
 CHROME_LINES = 3  # summary line, header line, and the shell prompt (or the cursor line of --watch)
-RICH_ROWS = 500  # above this, plain text: styling every line costs more than it shows
+RICH_ROWS = 500
 CSV_FIELDS = ("id", "name", "batch", "state", "attempt", "priority", "gpu", "host", "phase",
               "step", "total_steps", "loss", "eta_s", "duration_s", "peak_vram_mb", "estimate_mb",
               "gpu_util", "submitted", "started", "finished", "exit_reason", "config_hash",
@@ -106,33 +106,59 @@ WIDE = (Column("id", lambda r, now: r.id), _NAME, Column("state", _state),
         Column("peak VRAM", lambda r, now: _mb(r.peak_vram_mb), ">"), _REASON)
 
 
+def _display_key(state: str, finished: float | None, seq: int) -> tuple:
+    """Active jobs first (running, uploading, scheduled, queued; submission order within a
+    state), then the finished ones, newest first."""
+    if state in ACTIVE:
+        return (ACTIVE.index(state), 0.0, seq)
+    return (len(ACTIVE), -(finished or 0.0), -seq)
+
+
 def display_order(records: Sequence[JobRecord]) -> list[JobRecord]:
-    """Active jobs first (running, uploading, scheduled, queued; ledger order within a state),
-    then the finished ones, newest first."""
-    rank = {state: index for index, state in enumerate(ACTIVE)}
-    active = sorted((r for r in records if r.state in rank), key=lambda r: rank[r.state])
-    ended = sorted((r for r in records if r.state not in rank),
-                   key=lambda r: (r.finished or 0.0, r.seq), reverse=True)
-    return active + ended
+    return sorted(records, key=lambda r: _display_key(r.state, r.finished, r.seq))
 
 
-def fit_rows(records: Sequence[JobRecord], rows: int | None) -> tuple[list[JobRecord], int]:
-    """The jobs to show in ``rows`` lines (None: all), in display order, and how many did not fit."""
+@dataclass(frozen=True)
+class StatusView:
+    """What one screen of `status` shows."""
+
+    counts: dict[str, int]  # jobs per state, of every job listed
+    shown: list[JobRecord]  # in display order
+    hidden: int  # jobs that did not fit
+
+
+def view_of(records: Sequence[JobRecord], rows: int | None) -> StatusView:
+    """The view of these records in ``rows`` table lines (None: all of them)."""
     ordered = display_order(records)
-    if rows is None:
-        return ordered, 0
-    return ordered[:rows], max(0, len(ordered) - rows)
-
-
-def summary_line(records: Sequence[JobRecord], hidden: int = 0) -> str:
-    if not records:
-        return "no jobs: `lorafarm submit FILES...` queues some"
     counts: dict[str, int] = {}
     for record in records:
         counts[record.state] = counts.get(record.state, 0) + 1
+    shown = ordered if rows is None else ordered[:rows]
+    return StatusView(counts, shown, len(ordered) - len(shown))
+
+
+def read_view(ledger, batch: str | None, rows: int | None) -> StatusView:
+    """The view of every job (of ``batch``): the state and finish time of all of them, then the
+    records of the ``rows`` shown (None: all)."""
+    ids = ledger.job_ids(batch)
+    if rows is None or len(ids) <= rows:
+        return view_of(ledger.records(ids, with_spec=False), rows)
+    brief = ledger.field_values(ids, ("state", "finished"))
+    counts: dict[str, int] = {}
+    for state, _ in brief:
+        if state:  # None: deleted since the id was listed
+            counts[state] = counts.get(state, 0) + 1
+    order = sorted(range(len(ids)), key=lambda i: _display_key(brief[i][0], float(brief[i][1] or 0), i))
+    shown = display_order(ledger.records([ids[i] for i in order[:rows]], with_spec=False))
+    return StatusView(counts, shown, len(ids) - len(shown))
+
+
+def summary_line(counts: dict[str, int], hidden: int = 0) -> str:
+    if not counts:
+        return "no jobs: `lorafarm submit FILES...` queues some"
     known = [s for s in ACTIVE + FINISHED if s in counts]
     states = known + sorted(set(counts) - set(known))
-    line = f"{len(records)} job(s): " + ", ".join(f"{counts[s]} {s}" for s in states)
+    line = f"{sum(counts.values())} job(s): " + ", ".join(f"{counts[s]} {s}" for s in states)
     return line + (f"; {hidden} more not shown (--all)" if hidden else "")
 
 
@@ -182,60 +208,60 @@ def _fit(text: str, width: int, align: str) -> str:
     return " " * (width - size) + text if align == ">" else text + " " * (width - size)
 
 
-def status_lines(records: Sequence[JobRecord], width: int, height: int | None,
-                 now: float | None = None) -> tuple[str, list[JobRecord], TableText]:
-    """The summary line, the jobs shown and their table, for a ``width`` x ``height`` terminal
-    (``height`` None: every job)."""
-    rows = None if height is None else max(1, height - CHROME_LINES)
-    shown, hidden = fit_rows(records, rows)
-    summary = _fit(summary_line(records, hidden), width, "<").rstrip()
-    return summary, shown, table_text(shown, width, now)
+Reader = Callable[[int | None], StatusView]  # rows (None: all) -> the view
 
 
-def status_renderable(console, records: Sequence[JobRecord], show_all: bool = False) -> Text:
-    """What `status` and `status --watch` show: the summary and the table, styled."""
-    size = console.size
-    summary, shown, table = status_lines(records, size.width, None if show_all else size.height)
-    text = Text(summary)
-    if not shown:
+def rows_for(console, show_all: bool) -> int | None:
+    """Table lines that fit the terminal (``LINES`` when not a terminal), or None for all."""
+    return None if show_all else max(1, console.size.height - CHROME_LINES)
+
+
+def status_renderable(console, view: StatusView) -> Text:
+    """The summary and the table, styled, fitted to the console's width."""
+    width = console.size.width
+    text = Text(_fit(summary_line(view.counts, view.hidden), width, "<").rstrip())
+    if not view.shown:
         return text
+    table = table_text(view.shown, width)
     text.append("\n" + table.lines[0], style="bold")
-    for record, line in zip(shown, table.lines[1:]):
+    for record, line in zip(view.shown, table.lines[1:]):
         start = len(text) + 1 + table.state_at
         text.append("\n" + line)
         text.stylize(STATE_STYLE.get(record.state, "white"), start, start + len(record.state))
     return text
 
 
-def print_status(console, records: Sequence[JobRecord], show_all: bool) -> None:
+def print_status(console, read: Reader, show_all: bool) -> None:
     """What `lorafarm status` prints: as many jobs as fit the terminal (``show_all``: every one)."""
-    size = console.size
-    if show_all and len(records) > RICH_ROWS:
-        summary, _, table = status_lines(records, size.width, None)
-        console.file.write("\n".join([summary, *table.lines]) + "\n")
+    view = read(rows_for(console, show_all))
+    if len(view.shown) > RICH_ROWS:  # styling 10,000 lines costs more than it shows
+        width = console.size.width
+        lines = table_text(view.shown, width).lines
+        console.file.write("\n".join([_fit(summary_line(view.counts), width, "<").rstrip(), *lines]) + "\n")
         return
-    console.print(status_renderable(console, records, show_all), crop=True, soft_wrap=False)
+    console.print(status_renderable(console, view), crop=True, soft_wrap=False)
 
 
-def watch_status(console, read: Callable[[], list[JobRecord]], show_all: bool = False,
-                 poll: float = 2.0, until_done: bool = False) -> list[JobRecord]:
-    """Refresh the status view every ``poll`` s (refitted to the terminal each time); with
-    ``until_done``, return the records once every job has ended, else run until Ctrl-C."""
+def watch_status(console, read: Reader, show_all: bool = False, poll: float = 2.0,
+                 until_done: bool = False) -> StatusView:
+    """Refresh the view every ``poll`` s, fitted to the terminal each time (it may be resized);
+    with ``until_done``, return once every job has ended, else run until Ctrl-C."""
     from rich.live import Live
 
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            records = read()
-            live.update(status_renderable(console, records, show_all), refresh=True)
-            if until_done and all(r.state in FINISHED for r in records):
-                return records
+            view = read(rows_for(console, show_all))
+            live.update(status_renderable(console, view), refresh=True)
+            if until_done and set(view.counts) <= set(FINISHED):
+                return view
             time.sleep(poll)
 
 
 def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0) -> list[JobRecord]:
     """A live table of these jobs until every one has ended; their final records."""
-    return watch_status(console, lambda: ledger.records(job_ids, with_spec=False), poll=poll,
-                        until_done=True)
+    watch_status(console, lambda rows: view_of(ledger.records(job_ids, with_spec=False), rows),
+                 poll=poll, until_done=True)
+    return ledger.records(job_ids, with_spec=False)
 
 
 def print_record(console, record: JobRecord, now: float | None = None) -> None:

@@ -51,8 +51,8 @@ def test_active_jobs_come_first_and_the_table_fits_the_terminal_height(farm_env,
     ids = fill_ledger(ledger, finished=20, running=3)
     output = lorafarm(farm_env, "status")
     lines = output.splitlines()
-    assert len(lines) <= 24 - 1, output  # the shell prompt still fits below
-    assert lines[0] == "23 job(s): 3 running, 20 succeeded; 2 more not shown (--all)"
+    assert len(lines) <= 24 - 2, output  # the command typed above and the next prompt still fit
+    assert lines[0] == "23 job(s): 3 running, 20 succeeded; 3 more not shown (--all)"
     rows = rows_of(output)
     assert [row.split()[2] for row in rows[:3]] == ["running"] * 3
     assert rows[3].startswith(ids[19][:8])  # then the newest finished one

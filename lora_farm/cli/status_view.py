@@ -30,7 +30,7 @@ STATE_STYLE = {"queued": "white", "scheduled": "cyan", "running": "bold blue",
 ACTIVE = ("running", "uploading", "scheduled", "retrying", "queued")  # shown first, in this order
 FINISHED = ("succeeded", "failed", "cancelled")
 WIDE_FROM = 120  # terminal columns: below this, the narrow layout
-CHROME_LINES = 3  # summary line, header line, and the shell prompt (or the cursor line of --watch)
+CHROME_LINES = 4  # the command typed, the summary, the header, and the next prompt
 RICH_ROWS = 500
 CSV_FIELDS = ("id", "name", "batch", "state", "attempt", "priority", "gpu", "host", "phase",
               "step", "total_steps", "loss", "eta_s", "duration_s", "peak_vram_mb", "estimate_mb",
@@ -276,9 +276,13 @@ def print_record(console, record: JobRecord, now: float | None = None) -> None:
               ("submitted", stamp(record.submitted)), ("started", stamp(record.started)),
               ("finished", stamp(record.finished)), ("reason", record.exit_reason),
               ("manifest", record.manifest_uri)]
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")  # a long reason wraps under itself
     for label, value in fields:
         if value:
-            console.print(f"{label + ':':<11}{value}", highlight=False, markup=False)
+            grid.add_row(label, Text(value))
+    console.print(grid)
 def _flat(record: JobRecord, now: float) -> dict:
     data = record.to_public()
     data["gpu"] = record.gpu

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/cli_start.py [--runs 15]
 
-1. `lorafarm --help` wall time, interpreter start included: median, min and max over the runs;
+1. `lorafarm --help` wall time, interpreter start included: median, min and max over the runs,
+   and the median CPU time of the process (close to the wall time of an idle machine);
 2. the same for `lorafarm status --help`;
 3. what `import lora_farm.cli` costs by itself (``python -X importtime``, cumulative), and the
    five costliest modules it pulls in.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,13 +22,17 @@ from pathlib import Path
 LORAFARM = Path(sys.executable).with_name("lorafarm")  # the console script pip installed
 
 
-def wall_times(command: list[str], runs: int) -> list[float]:
-    times = []
+def run_times(command: list[str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall times and CPU times (user + sys of the child) of ``runs`` runs: on a shared, busy
+    machine the CPU time is close to what an idle one takes."""
+    walls, cpus = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - start)
-    return times
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        walls.append(time.perf_counter() - start)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return walls, cpus
 
 
 def import_costs() -> list[tuple[int, str]]:
@@ -46,10 +52,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     for extra in ([], ["status"]):
-        times = wall_times([str(LORAFARM), *extra, "--help"], args.runs)
+        walls, cpus = run_times([str(LORAFARM), *extra, "--help"], args.runs)
         label = " ".join(["lorafarm", *extra, "--help"])
-        print(f"`{label}` wall time over {args.runs} runs: median {statistics.median(times):.3f} s "
-              f"(min {min(times):.3f}, max {max(times):.3f})")
+        print(f"`{label}` over {args.runs} runs: wall median {statistics.median(walls):.3f} s "
+              f"(min {min(walls):.3f}, max {max(walls):.3f}); cpu median {statistics.median(cpus):.3f} s")
     costs = import_costs()
     total = next(us for us, name in costs if name == "lora_farm.cli")
     print(f"import lora_farm.cli: {total / 1e6:.3f} s cumulative (python -X importtime); costliest:")

@@ -86,6 +86,15 @@ def test_a_long_name_gives_way_but_the_state_does_not(farm_env, ledger):
     assert rows_of(output)[0].startswith(ids[1][:8])
 
 
+def test_a_listing_reads_only_the_fields_it_shows(ledger):
+    (job_id,) = fill_ledger(ledger, finished=1, running=0)
+    (record,) = ledger.records([job_id], fields=("id", "name", "batch", "task", "config_hash",
+                                                 "state", "step"))
+    assert (record.state, record.step) == ("succeeded", 250)
+    assert record.manifest_uri == "" and record.spec == {}  # not read: their defaults
+    assert ledger.get(job_id).manifest_uri  # which the whole record has
+
+
 def test_exit_reason_is_stored_whole(ledger):
     message = "ValueError: " + " ".join(f"token{i}" for i in range(400))
     verdict = classify(RunEvidence(1, last_error={"kind": "crash", "message": message}))

@@ -32,6 +32,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 WIDE_FROM = 120  # terminal columns: below this, the narrow layout
 CHROME_LINES = 4  # the command typed, the summary, the header, and the next prompt
 RICH_ROWS = 500
+TABLE_FIELDS = ("id", "name", "batch", "task", "config_hash", "state", "attempt", "gpus", "step",
+                "total_steps", "loss", "eta_s", "started", "finished", "peak_vram_mb",
+                "exit_reason", "seq")  # what the table shows (id to config_hash: a record needs them)
 CSV_FIELDS = ("id", "name", "batch", "state", "attempt", "priority", "gpu", "host", "phase",
               "step", "total_steps", "loss", "eta_s", "duration_s", "peak_vram_mb", "estimate_mb",
               "gpu_util", "submitted", "started", "finished", "exit_reason", "config_hash",
@@ -142,14 +145,14 @@ def read_view(ledger, batch: str | None, rows: int | None) -> StatusView:
     records of the ``rows`` shown (None: all)."""
     ids = ledger.job_ids(batch)
     if rows is None or len(ids) <= rows:
-        return view_of(ledger.records(ids, with_spec=False), rows)
+        return view_of(ledger.records(ids, fields=TABLE_FIELDS), rows)
     brief = ledger.field_values(ids, ("state", "finished"))
     counts: dict[str, int] = {}
     for state, _ in brief:
         if state:  # None: deleted since the id was listed
             counts[state] = counts.get(state, 0) + 1
     order = sorted(range(len(ids)), key=lambda i: _display_key(brief[i][0], float(brief[i][1] or 0), i))
-    shown = display_order(ledger.records([ids[i] for i in order[:rows]], with_spec=False))
+    shown = display_order(ledger.records([ids[i] for i in order[:rows]], fields=TABLE_FIELDS))
     return StatusView(counts, shown, len(ids) - len(shown))
 
 
@@ -259,7 +262,7 @@ def watch_status(console, read: Reader, show_all: bool = False, poll: float = 2.
 
 def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0) -> list[JobRecord]:
     """A live table of these jobs until every one has ended; their final records."""
-    watch_status(console, lambda rows: view_of(ledger.records(job_ids, with_spec=False), rows),
+    watch_status(console, lambda rows: view_of(ledger.records(job_ids, fields=TABLE_FIELDS), rows),
                  poll=poll, until_done=True)
     return ledger.records(job_ids, with_spec=False)
 

@@ -79,7 +79,7 @@ def main() -> None:
         screens = [(command, width, height, capture(socket, command, width, height, env))
                    for width, height in SIZES for command in COMMANDS]
         one = f"lorafarm status {failed[:8]}"
-        screens.append((one, 80, 24, capture(socket, one, 80, 24, env)))
+        screens.append((one, 80, 40, capture(socket, one, 80, 40, env)))  # all of it on screen
     finally:
         subprocess.run(["tmux", "-L", socket, "kill-server"], check=False, capture_output=True)
         print(f"cleaned up {ledger.delete_prefix()} keys under {prefix}")

@@ -11,6 +11,8 @@ import sys
 from rich.cells import cell_len
 
 from bench.fill_ledger import fill_ledger
+from lora_farm.cli.status_view import progress_bar, step_progress
+from lora_farm.ledger import JobRecord
 from lora_farm.ledger import transitions as tr
 from lora_farm.workers.outcome import RunEvidence, classify
 
@@ -125,3 +127,13 @@ def test_the_cli_imports_no_heavy_library_before_a_command_runs():
              "'yaml', 'torch', 'transformers', 'diffusers', 'peft'}))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_progress_reads_step_n_of_m_from_the_first_step():
+    record = JobRecord(id="a" * 12, name="n", batch="b", task="llm", config_hash="c",
+                       state="running", step=0, total_steps=250)
+    assert (step_progress(record), progress_bar(record)) == ("Step 0/250 0%", "░" * 10 + " Step 0/250 0%")
+    record.state, record.step = "succeeded", None  # a trainer that never reported its last step
+    assert progress_bar(record) == "█" * 10 + " Step 250/250 100%"
+    record.total_steps = None  # nothing reported yet
+    assert step_progress(record) == progress_bar(record) == ""

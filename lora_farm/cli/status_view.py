@@ -54,20 +54,24 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _steps(record: JobRecord) -> tuple[int, int] | None:
+    """(step, total), once the trainer reported them (a succeeded job is at its last step)."""
+    step = record.total_steps if record.state == "succeeded" and record.step is None else record.step
+    return None if not record.total_steps or step is None else (step, record.total_steps)
+
+
 def step_progress(record: JobRecord) -> str:
     """``Step 85/250 34%``; empty before the trainer reported its first step."""
-    step = record.total_steps if record.state == "succeeded" and record.step is None else record.step
-    if not record.total_steps or step is None:
-        return ""
-    return f"Step {step}/{record.total_steps} {max(0.0, min(1.0, step / record.total_steps)):.0%}"
+    steps = _steps(record)
+    return "" if steps is None else f"Step {steps[0]}/{steps[1]} {min(1.0, steps[0] / steps[1]):.0%}"
 
 
 def progress_bar(record: JobRecord, width: int = 10) -> str:
-    text = step_progress(record)
-    if not text:
+    steps = _steps(record)
+    if steps is None:
         return ""
-    filled = int(round(width * min(1.0, (record.step or record.total_steps) / record.total_steps)))
-    return "█" * filled + "░" * (width - filled) + " " + text
+    filled = int(round(width * max(0.0, min(1.0, steps[0] / steps[1]))))
+    return "█" * filled + "░" * (width - filled) + " " + step_progress(record)
 
 
 def _mb(value: float | None) -> str:

@@ -70,7 +70,8 @@ def test_a_reason_is_one_line_in_the_table_and_whole_elsewhere(farm_env, ledger)
     output = lorafarm(farm_env, "status")
     assert len(output.splitlines()) == 2 + 4, output  # summary, header, one line per job
     (row,) = [row for row in rows_of(output) if "failed" in row]
-    assert row.startswith(failed[:8]) and "crashed" in row and row.endswith("…")
+    assert row.startswith(failed[:8]) and row.endswith("…") and cell_len(row) == 80
+    assert " gpu3  crashed (exit 1): RuntimeError: the " in row  # where progress goes
 
     whole = " ".join(LONG_REASON.split())
     assert whole in " ".join(lorafarm(farm_env, "status", failed[:8]).split())

@@ -101,16 +101,17 @@ def _reason(record: JobRecord, now: float) -> str:
 
 
 _NAME = Column("name", lambda r, now: r.name, flex=True)
-_REASON = Column("reason", _reason, flex=True)
 NARROW = (Column("id", lambda r, now: r.id[:8]), _NAME, Column("state", _state),
           Column("GPU", lambda r, now: r.gpu, cap=12),
           Column("progress", lambda r, now: step_progress(r)), Column("loss", _loss, ">"),
-          Column("ETA", _eta, ">"), _REASON)
+          Column("ETA", _eta, ">"))
 WIDE = (Column("id", lambda r, now: r.id), _NAME, Column("state", _state),
         Column("GPU", lambda r, now: r.gpu, cap=40),
         Column("progress", lambda r, now: progress_bar(r)), Column("loss", _loss, ">"),
         Column("ETA", _eta, ">"), Column("duration", _duration, ">"),
-        Column("peak VRAM", lambda r, now: _mb(r.peak_vram_mb), ">"), _REASON)
+        Column("peak VRAM", lambda r, now: _mb(r.peak_vram_mb), ">"),
+        Column("reason", _reason, flex=True))
+SPANNED = ("failed", "cancelled", "queued", "retrying")  # narrow: the reason takes the progress' room
 
 
 def _display_key(state: str, finished: float | None, seq: int) -> tuple:
@@ -176,17 +177,28 @@ class TableText:
 
 
 def table_text(records: Sequence[JobRecord], width: int, now: float | None = None) -> TableText:
-    """The status table as lines of at most ``width`` cells (as long as the fixed columns fit)."""
+    """The status table as lines of at most ``width`` cells (as long as the fixed columns fit).
+    Narrow, a failed, cancelled or requeued job shows its reason where progress, loss and ETA go."""
     now = now or time.time()
     columns = WIDE if width >= WIDE_FROM else NARROW
     rows = [[column.header for column in columns]]
     rows += [[column.cell(record, now) for column in columns] for record in records]
-    if not any(row[-1] for row in rows[1:]):  # no reason to show: its room goes to the names
+    if columns is WIDE and not any(row[-1] for row in rows[1:]):  # its room goes to the names
         columns, rows = columns[:-1], [row[:-1] for row in rows]
     widths = _widths(columns, rows, width)
-    lines = ["  ".join(_fit(cell, w, c.align) for cell, w, c in zip(row, widths, columns)).rstrip()
-             for row in rows]
+    lines = [_join(row, widths, columns).rstrip() for row in rows]
+    if columns is NARROW:
+        start = sum(widths[:4]) + 2 * 4  # where the progress column begins
+        for index, record in enumerate(records, 1):
+            reason = _reason(record, now)
+            if reason and record.state in SPANNED:
+                lines[index] = (_join(rows[index][:4], widths, columns) + "  "
+                                + _fit(reason, max(1, width - start), "<").rstrip())
     return TableText(lines, sum(widths[:2]) + 4)
+
+
+def _join(cells: list[str], widths: list[int], columns: Sequence[Column]) -> str:
+    return "  ".join(_fit(cell, w, c.align) for cell, w, c in zip(cells, widths, columns))
 
 
 def _widths(columns: Sequence[Column], rows: list[list[str]], width: int) -> list[int]:

@@ -11,7 +11,6 @@ import sys
 from rich.cells import cell_len
 
 from bench.fill_ledger import fill_ledger
-from lora_farm.cli.status_view import progress_bar, step_progress
 from lora_farm.ledger import JobRecord
 from lora_farm.ledger import transitions as tr
 from lora_farm.workers.outcome import RunEvidence, classify
@@ -131,6 +130,8 @@ def test_the_cli_imports_no_heavy_library_before_a_command_runs():
 
 
 def test_progress_reads_step_n_of_m_from_the_first_step():
+    from lora_farm.cli.status_view import progress_bar, step_progress  # new in this change
+
     record = JobRecord(id="a" * 12, name="n", batch="b", task="llm", config_hash="c",
                        state="running", step=0, total_steps=250)
     assert (step_progress(record), progress_bar(record)) == ("Step 0/250 0%", "░" * 10 + " Step 0/250 0%")

@@ -3,10 +3,10 @@ docs/status-captures.md.
 
     .venv/bin/python bench/status_captures.py [--out docs/status-captures.md]
 
-Fills a ledger (20 finished jobs, one of them failed with a long reason, and 3 running) under a fresh ``lorafarm-capture-<uuid>`` prefix of
-the local Redis, types each command into a bash in a detached tmux session of 80x24 and of 200x50
-(its own tmux server, ``-L``), copies the screen with ``tmux capture-pane -p``, and deletes the
-keys and the tmux server at the end.
+Fills a ledger (20 finished jobs, one of them failed with a long reason, and 3 running) under a
+fresh ``lorafarm-capture-<uuid>`` prefix of the local Redis, types each command into a bash in a
+detached tmux session of 80x24 and of 200x50 (its own tmux server, ``-L``), copies the screen with
+``tmux capture-pane -p``, and deletes the keys and the tmux server at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fill_ledger import fill_ledger  # noqa: E402
+from lora_farm.cli.status_view import WIDE_FROM  # noqa: E402
 from lora_farm.ledger import Ledger  # noqa: E402
 from lora_farm.redis_conn import connect  # noqa: E402
 from lora_farm.settings import reload_settings  # noqa: E402
@@ -53,12 +54,13 @@ def capture(socket: str, command: str, width: int, height: int, env: dict[str, s
 
 def document(screens: list[tuple[str, int, int, str]]) -> str:
     parts = ["# `lorafarm status` in real terminals\n",
-             "Made by `.venv/bin/python bench/status_captures.py` (tmux `capture-pane -p` of a bash "
-             "where the command was typed; a ledger of 19 succeeded jobs, 1 failed and 3 running). Below "
-             f"{80 + 40} columns the narrow layout; from there the wide one (bar, duration, peak "
-             "VRAM). Running jobs come first, then the newest finished ones, as many as fit; "
-             "a reason is cut to its line; `lorafarm status JOB` shows it whole (last capture). "
-             "`--all` lists every job, `--json`/`--csv` export everything.\n"]
+             "Made by `.venv/bin/python bench/status_captures.py`: tmux `capture-pane -p` of a bash "
+             "where the command was typed, over a ledger of 19 succeeded jobs, 1 failed and 3 "
+             f"running. Below {WIDE_FROM} columns the narrow layout (a failed job's reason where "
+             "progress goes); from there the wide one (bar, duration, peak VRAM, reason). Active "
+             "jobs come first, then the newest finished ones, as many as fit; a reason is cut to "
+             "its line, `lorafarm status JOB` shows it whole (last capture); `--all` lists every "
+             "job; `--json`/`--csv` export everything.\n"]
     for command, width, height, screen in screens:
         parts.append(f"## `{command}` at {width}x{height}\n\n```\n{screen}\n```\n")
     return "\n".join(parts)

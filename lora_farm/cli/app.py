@@ -49,7 +49,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain click help: no `<bool>` beside flags, and no rich import
+    rich_markup_mode=None,  # click's plain help: flags show no `<bool>`, and no help panels to lay out
 )
 console = Console()
 err_console = Console(stderr=True)

@@ -6,7 +6,8 @@
 2. one placement pass of 1,000 queued jobs over 64 declared cards (pure ``place`` alone, and the
    whole pass: read queue + snapshots + reservations, place, reserve + route each placed job);
 3. ``lorafarm status`` with 10,000 records (ledger read + table render in-process, and the CLI
-   as a subprocess, interpreter start included).
+   as a subprocess in an 80x24 terminal, interpreter start included: the default view, ``--all``
+   and ``--json``).
 
 Everything is written under a fresh ``lorafarm-bench-<uuid>`` prefix and deleted at the end.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from lora_farm.cli.status_view import print_status  # noqa: E402
+from lora_farm.cli.status_view import print_status, read_view  # noqa: E402
 from lora_farm.jobs.spec import LlmJobSpec  # noqa: E402
 from lora_farm.ledger import Ledger, NewJob  # noqa: E402
 from lora_farm.redis_conn import connect  # noqa: E402
@@ -35,6 +38,10 @@ from lora_farm.scheduler.policy import Policy  # noqa: E402
 from lora_farm.settings import reload_settings  # noqa: E402
 from lora_farm.submit import submit_specs  # noqa: E402
 from lora_farm.workers import dispatch  # noqa: E402
+
+
+CLI = [sys.executable, "-m", "lora_farm", "status"]
+TERMINAL = {**os.environ, "COLUMNS": "80", "LINES": "24"}  # what an 80x24 terminal sets
 
 
 def specs(count: int, tag: str) -> list[LlmJobSpec]:
@@ -58,6 +65,20 @@ def timed(label: str, action):
     return result
 
 
+def timed_cli(label: str, command: list[str], runs: int = 3) -> None:
+    """Median wall time of a CLI run, and its CPU time (user + sys of the child): on a shared,
+    busy machine the CPU time is what an idle one would take, minus the Redis server's share."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        subprocess.run(command, stdout=subprocess.DEVNULL, check=True, env=TERMINAL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        walls.append(time.perf_counter() - start)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    print(f"{label:<62} {statistics.median(walls):8.3f} s  (cpu {statistics.median(cpus):.3f} s, "
+          f"median of {runs})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -66,6 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     prefix = f"lorafarm-bench-{uuid.uuid4().hex[:8]}"
     os.environ.update(LORAFARM_KEY_PREFIX=prefix, LORAFARM_GPUS="gpu0:24GiB")
+    TERMINAL.update(LORAFARM_KEY_PREFIX=prefix, LORAFARM_GPUS="gpu0:24GiB")
     settings = reload_settings()
     ledger = Ledger(connect(settings), prefix)
     policy = Policy(headroom=0.2, max_jobs_per_gpu=8)
@@ -87,14 +109,15 @@ def main() -> None:
             chunk = [NewJob(s, "bulk", 0, 1000.0) for s in specs(min(2000, more - start), f"bulk{start}")]
             ledger.create_jobs(chunk)
         count = len(ledger.list_jobs())
-        timed(f"status, in-process: read {count} records + print the table",
-              lambda: print_status(Console(file=io.StringIO(), width=200),
-                                   ledger.list_jobs(with_spec=False), show_all=True, recent=200))
-        cli = [sys.executable, "-m", "lora_farm", "status"]
-        timed(f"`lorafarm status` subprocess with {count} records",
-              lambda: subprocess.run(cli, stdout=subprocess.DEVNULL, check=True, env=os.environ))
-        timed(f"`lorafarm status --json` subprocess with {count} records",
-              lambda: subprocess.run(cli + ["--json"], stdout=subprocess.DEVNULL, check=True))
+        timed(f"status, in-process: read {count} records + print what fits 80x24",
+              lambda: print_status(Console(file=io.StringIO(), width=80, height=24),
+                                   lambda rows: read_view(ledger, None, rows), show_all=False))
+        timed(f"status --all, in-process: read {count} records + print them all",
+              lambda: print_status(Console(file=io.StringIO(), width=200, height=50),
+                                   lambda rows: read_view(ledger, None, rows), show_all=True))
+        for extra in ([], ["--all"], ["--json"]):
+            timed_cli(f"`{' '.join(['lorafarm status', *extra])}` (80x24), {count} records",
+                      CLI + extra)
     finally:
         removed = ledger.delete_prefix()
         print(f"cleaned up {removed} keys under {prefix}")

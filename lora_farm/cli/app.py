@@ -7,17 +7,49 @@ import sys
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperGroup
 
 from lora_farm import __version__
 from lora_farm.errors import LoraFarmError
 
+
+class _Argument(TyperArgument):
+    """An argument shown as ``FILES...`` or ``[JOB]``, without typer's type label
+    (``<list[Path]>``), which reads as a value to type."""
+
+    def display_type_rich(self, ctx) -> None:
+        return None
+
+    def _rich_display_name(self) -> str:
+        return (self.metavar or self.name.upper()) + ("..." if self.nargs != 1 else "")
+
+    def _usage_display_name(self) -> str:
+        return self._rich_display_name() if self.required else f"[{self._rich_display_name()}]"
+
+
+class _Group(TyperGroup):
+    """The command group whose help names values as click does (``--batch BATCH``, ``FILES...``)
+    instead of typer's ``<str>``; flags show no value."""
+
+    def get_command(self, ctx, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if type(param) is TyperArgument:
+                param.__class__ = _Argument
+            elif param.metavar is None and not getattr(param, "is_flag", True):
+                param.metavar = max(param.opts, key=len).lstrip("-").upper().replace("-", "_")
+        return command
+
+
 app = typer.Typer(
+    cls=_Group,
     name="lorafarm",
     help="Train many LoRA adapters at once: validate YAML job specs, queue them, pack them onto "
          "GPUs, ship the weights.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags show no `<bool>`, and no help panels to lay out
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -43,7 +75,7 @@ def fail(message: str, code: int = 1) -> None:
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="lorafarm")  # also under `python -m lora_farm`
     except LoraFarmError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -7,14 +7,10 @@ import time
 from pathlib import Path
 
 import typer
-from rich.live import Live
 from rich.markup import escape
 
 from lora_farm.cli.app import app, console, err_console
 from lora_farm.errors import SpecError
-from lora_farm.jobs.state import TERMINAL, JobState
-
-RECENT_FINISHED = 200
 
 
 def _ledger():
@@ -59,6 +55,7 @@ def submit(
 
 def _wait_for(ledger, submitted: list) -> None:
     from lora_farm.cli.status_view import watch_until_done
+    from lora_farm.jobs.state import JobState
 
     try:
         records = watch_until_done(console, ledger, [r.id for r in submitted], poll=2.0)
@@ -77,35 +74,30 @@ def _wait_for(ledger, submitted: list) -> None:
 
 @app.command()
 def status(
-    job: str = typer.Argument(None, help="A job id (or unique prefix) for its full record."),
-    batch: str = typer.Option(None, "--batch", "-b", help="Only this batch."),
+    job: str = typer.Argument(None, help="A job id (or unique prefix) for its full record.",
+                              show_default=False),
+    batch: str = typer.Option(None, "--batch", "-b", metavar="NAME", help="Only this batch."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every 2 s until Ctrl-C."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    as_csv: bool = typer.Option(False, "--csv", help="Print CSV."),
-    show_all: bool = typer.Option(False, "--all", "-a", help="Every finished job too (default: "
-                                  f"unfinished ones + the newest {RECENT_FINISHED} finished)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (every job, whole reasons)."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV (every job, whole reasons)."),
+    show_all: bool = typer.Option(False, "--all", "-a", help="Every job (default: as many as fit "
+                                  "the terminal: active jobs first, then the newest finished)."),
 ) -> None:
-    """The ledger as a table: state, card, progress, loss, ETA, duration, peak VRAM."""
+    """The ledger as a table fitted to the terminal: state, card, progress, loss, ETA, reason."""
     from lora_farm.cli import status_view as view
 
     ledger = _ledger()
     if job:
         _show_one(ledger, ledger.find(job), as_json, as_csv)
         return
-    records = (lambda: ledger.list_jobs(batch=batch, with_spec=False))
     if as_json:
-        sys.stdout.write(view.to_json(records()) + "\n")
+        sys.stdout.write(view.to_json(ledger.list_jobs(batch=batch, with_spec=False)) + "\n")
     elif as_csv:
-        sys.stdout.write(view.to_csv(records()))
+        sys.stdout.write(view.to_csv(ledger.list_jobs(batch=batch, with_spec=False)))
     elif watch:
-        with Live(console=console, refresh_per_second=1) as live:
-            while True:
-                found = records()
-                shown, _ = view.recent_view(found, len(found) if show_all else RECENT_FINISHED)
-                live.update(view.status_table(shown, title=view.summary_line(found)))
-                time.sleep(2)
+        view.watch_status(console, lambda rows: view.read_view(ledger, batch, rows), show_all)
     else:
-        view.print_status(console, records(), show_all, RECENT_FINISHED)
+        view.print_status(console, lambda rows: view.read_view(ledger, batch, rows), show_all)
 
 
 def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:
@@ -120,7 +112,7 @@ def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:
     if as_csv:
         sys.stdout.write(view.to_csv([record]))
         return
-    console.print(view.status_table([record]))
+    view.print_record(console, record)
     for entry in timeline:
         stamp = time.strftime("%H:%M:%S", time.localtime(entry["t"]))
         extra = "".join(f" {k}={entry[k]}" for k in ("gpus", "reserved_mb", "released_mb") if k in entry)
@@ -132,6 +124,7 @@ def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:
 def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines.")) -> None:
     """Print a job's train.log (the trainer's output, one header per attempt)."""
+    from lora_farm.jobs.state import TERMINAL, JobState
     from lora_farm.settings import get_settings
     from lora_farm.workers.runner import job_dir_for
 

@@ -9,7 +9,6 @@ from rich.markup import escape
 
 from lora_farm.cli.app import app, console, err_console
 from lora_farm.errors import SpecError
-from lora_farm.jobs.loader import expand_spec_paths, load_spec_files
 
 
 @app.command()
@@ -19,6 +18,8 @@ def validate(
     show_resolved: bool = typer.Option(False, "--show", help="Print each resolved spec."),
 ) -> None:
     """Validate job specs (schema, paths, datasets, base models); print every problem found."""
+    from lora_farm.jobs.loader import expand_spec_paths, load_spec_files  # pydantic: not paid by `--help`
+
     try:
         files = expand_spec_paths(files)
         loaded = load_spec_files(files)

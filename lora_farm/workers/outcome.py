@@ -93,7 +93,7 @@ def _shutdown_verdict(code: int | None) -> Verdict:
 
 
 def _with(head: str, message: str) -> str:
-    message = " ".join(str(message).split())[:300]
+    message = " ".join(str(message).split())  # whole: the status table cuts it, `status JOB` shows it
     return f"{head}: {message}" if message else head
 
 

@@ -82,8 +82,8 @@ def write_model_card(folder: Path, spec: Any, library: str, usage: str) -> Path:
     if spec.task == "llm":
         front.append("pipeline_tag: text-generation")
     hint = "" if spec.base_model_id else (
-        "\nThe base model is named by its folder name; set `base_model_id` in the job spec to "
-        "name its model hub id instead.\n")
+        "\nThe base model is named by its folder (or file) name; set `base_model_id` in the job "
+        "spec to name its model hub id instead.\n")
     text = "\n".join(["---", *front, "---", "", f"# {spec.name}", "",
                       f"A LoRA (rank {spec.lora_rank}, alpha {spec.alpha:g}) for "
                       f"`{spec.base_model_ref}`, trained with lora-farm ({spec.task} job).", hint,

@@ -5,8 +5,9 @@
 
 The trainer publishes right after a successful export, so before (and whatever becomes of) the
 upload. The copy replaces the old one by a rename: a reader sees the previous adapter or the new
-one, never half of either (a folder is absent for the instant between its two renames). Jobs of the same name and ``output_dir`` (nightly batches) publish to
-the same place: the one that finishes last wins. Torch-free (``lorafarm train`` reports the path).
+one, never half of either (a folder is absent for the instant between its two renames). Jobs of
+the same name and ``output_dir`` (nightly batches) publish to the same place: the one that
+finishes last wins. Torch-free (``lorafarm train`` reports the path).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ line with ``event`` and ``time`` keys:
 - ``{"event": "artifact", "path": "...", "kind": "kohya"|"diffusers"|"peft"}``
 - ``{"event": "summary", "final_loss": 0.1, "steps": 250, "phase_seconds": {...},
   "peak_vram_mb": 5120.0}``
+- ``{"event": "artifact", "path": "...", "kind": "published"}`` after the summary: the adapter's
+  copy at ``output_dir/<name>`` (``trainers/publish.py``)
 - ``{"event": "error", "kind": "bad_input"|"oom"|"crash"|"interrupted", "message": "..."}``
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lora_farm.errors import ConfigError
@@ -20,7 +20,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("lorafarm", description="prefix of every Redis key the farm writes")
-    output_root: Path = Field(Path("output"), description="where job folders live (shared FS)")
+    # output_root and storage_dir are made absolute once, at load (see _absolute)
+    output_root: Path = Field(Path("output"), validate_default=True,
+                              description="where job folders live (shared FS)")
     gpus: str = Field("", description="declared inventory 'name:memory,...' when there is no NVML")
     # the placement policy (headroom, jobs per card) lives in scheduler/policy.yaml (LORAFARM_POLICY)
     visibility_timeout: int = Field(7 * 24 * 3600, description="seconds before Redis redelivers")
@@ -41,9 +43,16 @@ class Settings(BaseSettings):
                                         "that hit a storage outage is tried again (doubles)")
     upload_retry_max_seconds: float = Field(600.0, gt=0, description="cap of that wait")
 
+    @field_validator("output_root", "storage_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # a relative path would name another folder in each process whose cwd differs (a
+        # worker, its trainer, a later `lorafarm artifacts`); the ledger records absolute ones
+        return None if path is None else path.expanduser().resolve()
+
     @property
     def output_root_abs(self) -> Path:
-        return self.output_root.expanduser().resolve()
+        return self.output_root.expanduser().resolve()  # already so, unless set by model_copy
 
 
 @lru_cache(maxsize=1)

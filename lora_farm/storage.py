@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from lora_farm.errors import StorageError, StorageUnavailable
 from lora_farm.settings import Settings, get_settings
@@ -310,3 +312,13 @@ def storage_from_settings(settings: Settings | None = None) -> Storage:
                          max_attempts=settings.s3_max_attempts)
     root = settings.storage_dir or settings.output_root / "_storage"
     return LocalStorage(root)
+
+
+def storage_holding(uri: str, key: str, settings: Settings | None = None) -> Storage:
+    """The storage that holds ``key``, found from its URI as the ledger recorded it: a local folder
+    is read where the worker wrote it, whatever this command's cwd or LORAFARM_STORAGE_DIR say;
+    otherwise (S3, nothing recorded yet) the configured storage."""
+    path = Path(url2pathname(urlsplit(uri).path)) if uri.startswith("file:") else None
+    if path is not None and path.as_posix().endswith(f"/{key}") and path.is_file():
+        return LocalStorage(Path(path.as_posix()[: -len(key) - 1]))
+    return storage_from_settings(settings)

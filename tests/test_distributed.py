@@ -40,7 +40,8 @@ def test_two_ranks_train_like_one_process_with_twice_the_accumulation(tmp_path, 
     events = list(read_events(two / "events.jsonl"))
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2  # rank 0 alone writes events
-    assert events[-1]["event"] == "summary" and events[-1]["steps"] == 12
+    assert events[-2]["event"] == "summary" and events[-2]["steps"] == 12
+    assert events[-1]["event"] == "artifact" and events[-1]["kind"] == "published"  # by rank 0
 
     two_losses, one_losses = tensorboard_losses(two), tensorboard_losses(one)
     assert sorted(two_losses) == sorted(one_losses) == list(range(1, 13))

@@ -3,6 +3,7 @@ trained model exactly (alpha != rank included), and ``resume_from`` that continu
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 from pathlib import Path
@@ -55,7 +56,8 @@ def trained_sd(tmp_path_factory, tiny_sd):
 
     root = tmp_path_factory.mktemp("trained-sd")
     data = demo.write_image_dataset(root / "images", captions="metadata")
-    program = ready(make_program(root, tiny_sd, data, lora_alpha=8, train_text_encoder=True))
+    program = ready(make_program(root, tiny_sd, data, lora_alpha=8, train_text_encoder=True,
+                                 base_model_id="acme/tiny-sd"))
     train(program, steps=4)
     return program, dict((kind, path) for path, kind in program.export())
 
@@ -77,6 +79,29 @@ def test_kohya_keys_alphas_and_metadata(trained_sd):
     assert metadata["ss_num_train_images"] == "8" and metadata["ss_network_train_unet_only"] == "False"
     for path in files.values():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_exports_name_the_base_model_portably(trained_sd, tmp_path, tiny_sdxl, image_dataset):
+    """The hub id when the spec gives one, else the model folder's name; never a path."""
+    _, files = trained_sd
+    _, metadata = read_safetensors(files["kohya"])
+    assert metadata["ss_sd_model_name"] == "acme/tiny-sd"
+    _, diffusers_metadata = read_safetensors(files["diffusers"])
+    configs = json.loads(diffusers_metadata["lora_adapter_metadata"])  # "<component>.<key>"
+    assert {key: value for key, value in configs.items() if key.endswith(".base_model_name_or_path")} \
+        == {"unet.base_model_name_or_path": "acme/tiny-sd",
+            "text_encoder.base_model_name_or_path": "acme/tiny-sd"}
+    card = (files["diffusers"].parent / "README.md").read_text()
+    assert "base_model: acme/tiny-sd" in card and "library_name: diffusers" in card
+
+    program = ready(make_program(tmp_path, tiny_sdxl, image_dataset))
+    train(program, steps=1)
+    exported = {kind: path for path, kind in program.export()}
+    _, metadata = read_safetensors(exported["kohya"])
+    _, diffusers_metadata = read_safetensors(exported["diffusers"])
+    assert metadata["ss_sd_model_name"] == tiny_sdxl.name
+    assert str(tiny_sdxl) not in json.dumps([metadata, diffusers_metadata])
+    assert "base_model:" not in (exported["diffusers"].parent / "README.md").read_text()
 
 
 def test_both_files_reproduce_the_trained_model(trained_sd, tiny_sd):

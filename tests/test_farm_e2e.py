@@ -70,6 +70,15 @@ def worker_pids(process: subprocess.Popen) -> list[int]:
     return [parent.pid] + [child.pid for child in parent.children(recursive=False)]
 
 
+def published_adapter(output_root: Path, record) -> tuple[Path, Path]:
+    """(the published weights, the job folder's) of a finished job without an output_dir."""
+    if record.task == "image":
+        name = f"{record.name}.safetensors"
+        return output_root / name, Path(record.job_dir) / name
+    weights = "adapter_model.safetensors"
+    return output_root / record.name / weights, Path(record.job_dir) / "adapter" / weights
+
+
 def test_batch_packs_two_cards_and_pins_each_trainer(farm_env, ledger, celery_workers, tiny_llm,
                                                      tiny_sd, image_dataset, text_dataset, tmp_path):
     farm_env["LORAFARM_STALE_AFTER_SECONDS"] = PATIENT_STALE_AFTER  # this test reaps nothing
@@ -89,6 +98,10 @@ def test_batch_packs_two_cards_and_pins_each_trainer(farm_env, ledger, celery_wo
         weights = f"{record.name}.safetensors" if record.task == "image" else "adapter/adapter_model.safetensors"
         assert weights in record.artifacts and record.manifest_uri.endswith("manifest.json")
         assert record.loss is not None and record.step == 2  # progress reached the ledger
+        published, exported = published_adapter(Path(farm_env["LORAFARM_OUTPUT_ROOT"]), record)
+        assert published.read_bytes() == exported.read_bytes()  # where lora-scripts users look
+        uploading = next(e["t"] for e in ledger.timeline(record.id) if e.get("to") == "uploading")
+        assert published.stat().st_mtime <= uploading  # before, and whatever becomes of, the upload
     intervals = reservation_intervals(ledger, ids)
     assert len(intervals) == 4 and ledger.reservations() == {}
     for card in ("gpu0", "gpu1"):

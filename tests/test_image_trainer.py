@@ -4,6 +4,7 @@ caches latents, checkpoints, and runs end to end through ``python -m lora_farm.t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,8 +228,9 @@ def test_single_file_with_config_of_another_family(tmp_path, tiny_sd_single_file
 # -- the real entry point -------------------------------------------------------------------
 
 def run_trainer(spec_file: Path, job_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORAFARM_OUTPUT_ROOT": str(job_dir.parent / "out")}
     return subprocess.run([sys.executable, "-m", "lora_farm.trainers", str(spec_file), "--job-dir", str(job_dir)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_entry_point_trains_and_exports(tmp_path, tiny_sd, image_dataset):
@@ -244,8 +246,11 @@ def test_entry_point_trains_and_exports(tmp_path, tiny_sd, image_dataset):
     events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
     artifacts = {e["kind"]: Path(e["path"]) for e in events if e["event"] == "artifact"}
     assert artifacts == {"kohya": job_dir / "shapes.safetensors",
-                         "diffusers": job_dir / "diffusers" / "pytorch_lora_weights.safetensors"}
+                         "diffusers": job_dir / "diffusers" / "pytorch_lora_weights.safetensors",
+                         "published": tmp_path / "out" / "shapes.safetensors"}  # lora-scripts' place
     assert all(path.is_file() for path in artifacts.values())
+    assert artifacts["published"].read_bytes() == artifacts["kohya"].read_bytes()
+    assert f"published {tmp_path / 'out' / 'shapes.safetensors'}" in result.stdout
     summary = [e for e in events if e["event"] == "summary"][-1]
     assert summary["family"] == "sd1" and summary["adapted"] == ["text_encoder", "unet"]
     assert (job_dir / "checkpoints").is_dir()

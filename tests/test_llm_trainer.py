@@ -102,6 +102,33 @@ def test_llm_learns_and_its_adapter_loads_with_peft(tmp_path, tiny_llm):
         tuned = PeftModel.from_pretrained(base, adapter)
         after = tuned(ids).logits
     assert (after - before).abs().max() > 1e-3
+    # portable: the config names the model by its folder name, never this machine's path
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_llm.name
+    assert str(tmp_path) not in (adapter / "README.md").read_text()
+
+
+def test_base_model_id_makes_the_adapter_load_anywhere_the_model_is(tmp_path, tiny_llm,
+                                                                   monkeypatch):
+    """AutoPeftModelForCausalLM (and llama.cpp's converter) read `base_model_name_or_path`: with
+    `base_model_id` it is the hub id, found here as a folder of that name (no hub is reachable)."""
+    from peft import AutoPeftModelForCausalLM
+
+    data = write_text_dataset(tmp_path / "data.jsonl", 8, "jsonl")
+    spec = llm_spec(tiny_llm, data, max_steps=2, base_model_id="acme/tiny-llama")
+    train_in_process(spec, tmp_path / "job")
+    adapter = tmp_path / "job" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "acme/tiny-llama"
+    card = (adapter / "README.md").read_text()
+    assert "base_model: acme/tiny-llama" in card and "library_name: peft" in card
+    assert str(tiny_llm) not in card and str(tmp_path) not in card
+    other_machine = tmp_path / "elsewhere"
+    (other_machine / "acme").mkdir(parents=True)
+    (other_machine / "acme" / "tiny-llama").symlink_to(tiny_llm)
+    monkeypatch.chdir(other_machine)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert model.peft_config["default"].r == 8
 
 
 def test_instruction_data_trains_and_resume_from_continues_an_adapter(tmp_path, tiny_llm):
@@ -178,7 +205,9 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_with_the_same_loss_curve(tmp_pa
         e for e in second if e["event"] == "resume").items()
     progress = [e for e in second if e["event"] == "progress"]
     assert progress[0]["step"] > reached and progress[-1]["step"] == 40
-    assert second[-1]["event"] == "summary" and second[-1]["steps"] == 40
+    assert second[-2]["event"] == "summary" and second[-2]["steps"] == 40
+    assert second[-1] | {"time": 0} == {"event": "artifact", "kind": "published", "time": 0,
+                                        "path": str(tmp_path / "out" / "proc")}
 
     # the reference: the same spec uninterrupted, through `lorafarm train`
     reference = tmp_path / "reference"
@@ -187,6 +216,11 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_with_the_same_loss_curve(tmp_pa
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert f"job folder: {reference}" in cli.stdout and "Step 40/40" in cli.stdout
     assert "Step 40/40" in (reference / "train.log").read_text()
+    # the adapter where a lora-scripts user looks: <output_dir or output root>/<name>/
+    published = tmp_path / "out" / "proc"
+    assert f"adapter:     {published}" in cli.stdout
+    assert {p.name: p.read_bytes() for p in published.iterdir()} == \
+        {p.name: p.read_bytes() for p in (reference / "adapter").iterdir()}
     resumed, uninterrupted = tensorboard_losses(job), tensorboard_losses(reference)
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 41))
     for step in range(1, 41):

@@ -284,3 +284,39 @@ def test_outage_through_the_ledger_then_retry_upload_artifacts_fetch(farm_env, l
     finally:
         server.kill()
         reload_settings()
+
+
+def test_artifacts_of_a_local_upload_are_found_from_another_cwd(farm_env, ledger, monkeypatch,
+                                                                tmp_path):
+    """The worker shipped from one folder and the user asks from another, both with the relative
+    default output root: the URI the ledger recorded says where the upload went."""
+    import subprocess
+    import sys
+
+    from lora_farm.jobs.spec import spec_from_dict
+    from lora_farm.ledger import NewJob
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.workers.upload import ship_and_finish
+
+    worker_cwd, user_cwd = tmp_path / "worker", tmp_path / "project"
+    worker_cwd.mkdir(), user_cwd.mkdir()
+    monkeypatch.delenv("LORAFARM_STORAGE_DIR")
+    monkeypatch.delenv("LORAFARM_S3_BUCKET", raising=False)
+    monkeypatch.setenv("LORAFARM_OUTPUT_ROOT", "output")
+    monkeypatch.chdir(worker_cwd)
+    settings = reload_settings()
+    spec = spec_from_dict({"name": "cat", "task": "image", "base_model": str(tmp_path),
+                           "train_data_dir": str(tmp_path)})
+    job_id = ledger.create_jobs([NewJob(spec, "b1", 0, 100.0)])[0].record.id
+    tr.schedule(ledger, job_id, ["gpu0"], 100.0, token="t")
+    tr.start(ledger, job_id, "t", "host")
+    job_dir = make_finished_job(worker_cwd / "output" / "b1" / job_id)
+    tr.begin_upload(ledger, job_id, "t", str(job_dir))
+    assert ship_and_finish(ledger, job_id, job_dir, settings=settings).state == "succeeded"
+
+    env = {**os.environ, "PYTHONPATH": farm_env["PYTHONPATH"], "COLUMNS": "250"}
+    for args in (["artifacts", job_id], ["fetch", job_id, "fetched"]):
+        done = subprocess.run([sys.executable, "-m", "lora_farm", *args], cwd=user_cwd, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert local_hashes(user_cwd / "fetched") == local_hashes(job_dir)

@@ -193,3 +193,60 @@ def test_trainer_side_load_skips_the_output_root_check(tmp_path):
     with pytest.raises(SpecError):
         load_spec_file(path)
     assert load_spec_file(path, check_output=False).spec.output_dir == REPO / "output"
+
+
+def test_one_run_reports_disk_problems_behind_schema_errors(tmp_path):
+    """A typo and three bad values no longer hide the missing dataset and the bad output_dir."""
+    path = tmp_path / "many.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: ./no-such-data.jsonl\n"
+                    "lora_rnak: 8\ntimeout: 1:30\nlora_rank: -4\nbatch_size: four\n"
+                    "output_dir: /etc/lora\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    fields = [problem.field for problem in caught.value.problems]
+    assert fields == ["lora_rnak", "timeout", "lora_rank", "batch_size", "output_dir",
+                      "train_data_dir"]
+    assert "no-such-data.jsonl" in str(caught.value) and "/etc/lora" in str(caught.value)
+
+
+def test_a_failed_field_hides_only_the_checks_that_read_it(tmp_path):
+    """Without a base model the dataset is still checked; a bad caption_extension does not turn
+    into a false 'images without .txt captions' (its default) problem."""
+    path = tmp_path / "partial.yaml"
+    path.write_text(f"task: image\ntrain_data_dir: {SPECS}/data/sidecar\ncaption_extension: txt\n"
+                    "output_dir: /etc/lora\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    assert [p.field for p in caught.value.problems] == ["base_model", "caption_extension",
+                                                        "output_dir"]
+    path.write_text(f"task: llm\ntrain_data_dir: {SPECS}/data/empty.jsonl\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    assert [p.field for p in caught.value.problems] == ["base_model", "train_data_dir"]
+
+
+@pytest.mark.parametrize("value", ["meta-llama/Llama-3.1-8B", "stabilityai/sdxl-turbo", "a_b/c.d-1"])
+def test_base_model_id_takes_hub_ids(value, tmp_path):
+    path = tmp_path / "hub.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+                    f"base_model_id: {value}\n")
+    spec = load_spec_file(path).spec
+    assert spec.base_model_id == spec.base_model_ref == value
+
+
+@pytest.mark.parametrize("value", ["/models/llama", "./llama", "gpt2", "org/name/extra", "org/a--b",
+                                   "org/-x", "~/m", "https://huggingface.co/org/m"])
+def test_base_model_id_rejects_paths_and_odd_shapes(value, tmp_path):
+    path = tmp_path / "hub.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: {SPECS}/data/text.jsonl\n"
+                    f"base_model_id: '{value}'\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec_file(path)
+    (problem,) = caught.value.problems
+    assert problem.field == "base_model_id" and repr(value) in problem.message
+    assert "org/name" in problem.message and problem.fix
+
+
+def test_without_base_model_id_adapters_name_the_folder_not_the_path():
+    spec = load_spec_file(SPECS / "valid" / "llm.yaml").spec
+    assert spec.base_model_id is None and spec.base_model_ref == "llm"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
 from lora_farm.errors import StorageError, StorageUnavailable
 from lora_farm.settings import Settings
 from lora_farm.storage import (MB, LocalStorage, S3Storage, check_key, sha256_of,
-                               storage_from_settings)
+                               storage_from_settings, storage_holding)
 from tests.fixtures_s3 import TEST_SECRET, free_port, s3_environment
 
 
@@ -129,3 +130,24 @@ def test_settings_pick_the_backend(tmp_path):
                                         s3_multipart_chunksize_mb=8))
     assert isinstance(s3, S3Storage) and s3.transfer.multipart_chunksize == 8 * MB
     assert s3.describe() == "bucket 'b' at http://127.0.0.1:9"
+
+
+def test_output_root_and_storage_dir_are_absolute_from_load(tmp_path, monkeypatch):
+    """Resolved once against the cwd of the load, not again wherever a later call runs."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    default, chosen = Settings(output_root=Path("out")), Settings(storage_dir=Path("store"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert default.output_root == tmp_path / "out" and chosen.storage_dir == tmp_path / "store"
+    assert storage_from_settings(default).root == tmp_path / "out" / "_storage"
+
+
+def test_a_recorded_local_uri_finds_the_storage_from_any_cwd(tmp_path, monkeypatch):
+    written = LocalStorage(tmp_path / "worker" / "output" / "_storage")
+    written.put_bytes("farm/b1/job1/manifest.json", b"{}")
+    uri = written.uri("farm/b1/job1/manifest.json")
+    monkeypatch.chdir(tmp_path)  # another cwd, whose settings point at another folder
+    found = storage_holding(uri, "farm/b1/job1/manifest.json", Settings(output_root=Path("output")))
+    assert isinstance(found, LocalStorage) and found.root == written.root
+    elsewhere = storage_holding("", "farm/b1/job1/manifest.json", Settings(output_root=Path("output")))
+    assert elsewhere.root == tmp_path / "output" / "_storage"  # nothing recorded: the settings

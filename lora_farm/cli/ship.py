@@ -22,6 +22,14 @@ def _record(job: str):
     return Ledger.from_settings().find(job)
 
 
+def _job_storage(record):
+    """Where the job's upload went (the manifest URI in the ledger), else the configured storage."""
+    from lora_farm.shipping import MANIFEST_NAME, job_prefix
+    from lora_farm.storage import storage_holding
+
+    return storage_holding(record.manifest_uri, f"{job_prefix(record.batch, record.id)}/{MANIFEST_NAME}")
+
+
 def _human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -35,12 +43,11 @@ def artifacts(job: str = typer.Argument(..., help="job id (or a unique prefix)")
               as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")) -> None:
     """List a job's stored files with their sizes, sha256 and URIs."""
     from lora_farm.shipping import read_manifest
-    from lora_farm.storage import storage_from_settings
 
     record = _record(job)
     if record.state not in ("succeeded", "uploading"):
         fail(_no_artifacts(record))
-    manifest = read_manifest(storage_from_settings(), record.batch, record.id)
+    manifest = read_manifest(_job_storage(record), record.batch, record.id)
     if as_json:
         console.print_json(json.dumps(manifest))
         return
@@ -73,13 +80,12 @@ def fetch(job: str = typer.Argument(..., help="job id (or a unique prefix)"),
           dest: Path = typer.Argument(..., help="folder to download into (created if missing)")) -> None:
     """Download a job's stored files into DEST and verify each sha256."""
     from lora_farm.shipping import fetch_job
-    from lora_farm.storage import storage_from_settings
 
     record = _record(job)
     if record.state not in ("succeeded", "uploading"):
         fail(_no_artifacts(record))
     _check_destination(dest)
-    files = fetch_job(storage_from_settings(), record.batch, record.id, dest)
+    files = fetch_job(_job_storage(record), record.batch, record.id, dest)
     for path in files:
         console.print(f"  {path}", highlight=False)
     console.print(f"[green]fetched and verified {len(files)} files of {record.id}[/]")
@@ -293,14 +299,12 @@ def _leave_farm(state, keep_up: bool, settings) -> None:
 
 def _print_artifacts(records: list) -> None:
     from lora_farm.shipping import read_manifest
-    from lora_farm.storage import storage_from_settings
 
-    storage = storage_from_settings()
     table = Table(title="artifacts")
     for column in ("job", "file", "size", "uri"):
         table.add_column(column, overflow="fold")
     for record in records:
         if record.state == "succeeded":
-            for entry in read_manifest(storage, record.batch, record.id)["files"]:
+            for entry in read_manifest(_job_storage(record), record.batch, record.id)["files"]:
                 table.add_row(record.name, entry["path"], _human_size(entry["size"]), entry["uri"])
     console.print(table)

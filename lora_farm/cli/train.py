@@ -18,8 +18,10 @@ import typer
 
 from lora_farm.cli.app import app, console, fail
 from lora_farm.errors import SpecError
+from lora_farm.jobs.spec import JobSpec
 from lora_farm.protocol import ExitCode
 from lora_farm.trainers.entry import default_job_dir
+from lora_farm.trainers.publish import ADAPTER_DIR, published_path
 
 _ENDINGS = {
     ExitCode.INTERRUPTED: "interrupted; a checkpoint was written. Run the same command again to resume.",
@@ -35,7 +37,7 @@ _ENDINGS = {
 def train(
     spec: Path = typer.Argument(..., help="job spec YAML"),
     job_dir: Optional[Path] = typer.Option(None, "--job-dir",
-                                           help="job folder (default: <output_dir>/<name>)"),
+                                           help="job folder (default: <output_dir>/<batch>/<name>)"),
 ) -> None:
     """Train one job in the foreground (no Redis, no workers) and print where the outputs are."""
     from lora_farm.jobs.loader import load_spec_file
@@ -47,7 +49,7 @@ def train(
     folder = (job_dir or default_job_dir(loaded.spec)).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     code = run_trainer(spec, folder)
-    _report(code, folder, loaded.spec.task, loaded.spec.name)
+    _report(code, folder, loaded.spec)
     raise typer.Exit(code)
 
 
@@ -73,14 +75,15 @@ def run_trainer(spec: Path, folder: Path) -> int:
             signal.signal(sig, handler)
 
 
-def _report(code: int, folder: Path, task: str, name: str) -> None:
+def _report(code: int, folder: Path, spec: JobSpec) -> None:
     if code != ExitCode.SUCCESS:
         ending = _ENDINGS.get(code, f"the trainer ended with exit code {code}.")
         console.print(f"[bold red]training stopped:[/] {ending}\njob folder: {folder}", highlight=False, soft_wrap=True)
         return
-    weights = folder / "adapter" if task == "llm" else folder / f"{name}.safetensors"
+    published = published_path(spec)
+    weights = folder / ADAPTER_DIR if spec.task == "llm" else folder / f"{spec.name}.safetensors"
     console.print(f"[bold green]done.[/] job folder: {folder}\n"
-                  f"  weights:     {weights}\n"
+                  f"  adapter:     {published if published.exists() else weights}\n"
                   f"  events:      {folder / 'events.jsonl'}\n"
                   f"  log:         {folder / 'train.log'}\n"
                   f"  tensorboard: tensorboard --logdir {folder / 'tensorboard'}", highlight=False, soft_wrap=True)

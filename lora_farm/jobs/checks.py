@@ -43,14 +43,22 @@ def infer_task(data: dict[str, Any]) -> str | None:
     return None
 
 
-def check_spec(label: str, spec: JobSpec, *, check_output: bool = True) -> list[SpecProblem]:
+def check_spec(label: str, spec: JobSpec, *, check_output: bool = True,
+               failed: set[str] | frozenset[str] = frozenset()) -> list[SpecProblem]:
     """Every filesystem check; ``check_output=False`` where the caller already chose the job
-    folder (a trainer started with ``--job-dir``: the output root was checked at submit)."""
-    problems = _check_base_model(label, spec) + (_check_output(label, spec) if check_output else [])
-    problems += _check_optional_paths(label, spec)
-    if isinstance(spec, ImageJobSpec):
+    folder (a trainer started with ``--job-dir``: the output root was checked at submit).
+    ``failed``: fields that did not validate (``spec`` holds None or a default there); the checks
+    that read them are left out and the others run, so one run reports every problem."""
+    def usable(*fields: str) -> bool:
+        return not failed.intersection(fields)
+
+    problems = _check_base_model(label, spec) if usable("base_model") else []
+    problems += _check_output(label, spec) if check_output and usable("output_dir") else []
+    if usable("base_model", "resume_from", "base_model_config"):
+        problems += _check_optional_paths(label, spec)
+    if isinstance(spec, ImageJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension"):
         problems += check_image_dataset(label, spec)
-    elif isinstance(spec, LlmJobSpec):
+    elif isinstance(spec, LlmJobSpec) and usable("train_data_dir", "text_field"):
         problems += check_text_dataset(label, spec)
     return problems
 

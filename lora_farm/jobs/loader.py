@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import ValidationError, create_model
 
 from lora_farm.errors import SpecError, SpecProblem
 from lora_farm.jobs import checks
@@ -80,10 +81,10 @@ def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool =
                                         "`train_data_dir`.", "add `task: image` or `task: llm`."))
         else:
             data["task"] = inferred
-    spec = _validate(label, data, problems)
+    spec, failed = _validate(label, data, problems)
     if spec is not None and check_files:
         reported = {problem.field for problem in problems}  # one message per field is enough
-        found = checks.check_spec(label, spec, check_output=check_output)
+        found = checks.check_spec(label, spec, check_output=check_output, failed=failed)
         problems += [p for p in found if p.field not in reported]
     if problems:
         raise SpecError(problems)
@@ -171,18 +172,38 @@ def _resolve_paths(label: str, spec_dir: Path, cwd: Path, data: dict[str, Any],
     return problems
 
 
-def _validate(label: str, data: dict[str, Any], problems: list[SpecProblem]) -> JobSpec | None:
+def _validate(label: str, data: dict[str, Any], problems: list[SpecProblem]
+              ) -> tuple[JobSpec | None, set[str]]:
+    """The spec and the fields that failed; with failures, a partial spec (see ``_partial``)."""
     cls = SPEC_CLASSES.get(data.get("task"))  # type: ignore[arg-type]
     if cls is None:
         if "task" in data:
             problems.append(SpecProblem(label, "task", f"must be 'image' or 'llm', got {data['task']!r}.",
                                         "write `task: image` or `task: llm`."))
-        return None
+        return None, set()
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data), set()
     except ValidationError as error:
         problems.extend(problems_from_validation(label, error))
+        failed = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+        return _partial(cls, {k: v for k, v in data.items() if k not in failed}), failed
+
+
+def _partial(cls: type[JobSpec], good: dict[str, Any]) -> JobSpec | None:
+    """The fields that did validate, as a spec the disk checks can read, so one run reports the
+    missing dataset too and not only the typo before it: a failed required field is None there,
+    any other failed one its default (the checks leave out what reads them)."""
+    try:
+        return _lenient(cls).model_validate(good)
+    except ValidationError:
         return None
+
+
+@lru_cache(maxsize=None)
+def _lenient(cls: type[JobSpec]) -> type[JobSpec]:
+    optional: dict[str, Any] = {name: (info.annotation | None, None)
+                                for name, info in cls.model_fields.items() if info.is_required()}
+    return create_model(f"Partial{cls.__name__}", __base__=cls, **optional)
 
 
 def _duplicate_name_problems(loaded: list[LoadedSpec]) -> list[SpecProblem]:

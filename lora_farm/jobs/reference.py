@@ -19,6 +19,7 @@ EXTRA_NOTES = {
     "name": "must match `[A-Za-z0-9][A-Za-z0-9._-]*` (≤100)",
     "task": "`image` or `llm`; inferred from `base_model` / `train_data_dir` when left out",
     "timeout": "seconds or `90m`, `6h`, `1h30m`, `2d`",
+    "base_model_id": "the hub's `org/name` form",
 }
 
 

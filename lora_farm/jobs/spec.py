@@ -23,6 +23,9 @@ from pydantic import (
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# a model hub repo id, org/name, as huggingface_hub's validate_repo_id accepts it (96 chars max)
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?!.*(--|\.\.))(?=.{{3,96}}$){_HUB_PART}/{_HUB_PART}$", re.ASCII)
 DEFAULT_BATCH = "default"  # the batch of a job submitted without one
 _DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s?)?\s*$")
 
@@ -66,9 +69,15 @@ class JobSpec(BaseModel):
     # what to train on (lora-scripts names)
     base_model: Path = Field(description="diffusers folder, single-file .safetensors checkpoint, "
                              "or transformers causal-LM folder")
+    base_model_id: str | None = Field(None, description="model hub id of `base_model` (e.g. "
+                                      "meta-llama/Llama-3.1-8B), written into the adapter config, "
+                                      "kohya metadata and model card (default: its folder or file "
+                                      "name, never a path)")
     train_data_dir: Path = Field(description="image folder, or a .jsonl/.csv file or folder (llm)")
-    output_dir: Path | None = Field(None, description="where outputs go; inside the output root "
-                                    "(default: the output root, LORAFARM_OUTPUT_ROOT)")
+    output_dir: Path | None = Field(None, description="where outputs go: the adapter as "
+                                    "`<name>.safetensors` (llm: `<name>/`), job folders in `<batch>/`; "
+                                    "inside the output root (default: the output root, "
+                                    "LORAFARM_OUTPUT_ROOT)")
     resume_from: Path | None = Field(None, description="an existing LoRA to continue training")
 
     # the adapter
@@ -109,6 +118,14 @@ class JobSpec(BaseModel):
                 raise ValueError(f"each tag must be 1-64 characters, got {tag!r}")
         return tags
 
+    @field_validator("base_model_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not _HUB_ID.match(value):
+            raise ValueError(f"must be a model hub id such as 'meta-llama/Llama-3.1-8B' (org/name), "
+                             f"got {value!r}; write the id the model has on the hub, not a path")
+        return value
+
     @model_validator(mode="after")
     def _paths_absolute(self) -> "JobSpec":
         for field in PATH_FIELDS:
@@ -118,12 +135,19 @@ class JobSpec(BaseModel):
         return self
 
     @property
+    def base_model_ref(self) -> str:
+        """How adapters name their base model: the hub id, else the folder or file name."""
+        return self.base_model_id or Path(self.base_model).name
+
+    @property
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
-        payload = self.model_dump(mode="json", exclude={"batch"})
+        # an unset base_model_id leaves the hashes of specs written before it existed alone
+        unset = {"base_model_id"} if self.base_model_id is None else set()
+        payload = self.model_dump(mode="json", exclude={"batch"} | unset)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -24,11 +24,14 @@ PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
 
 
 def default_job_dir(spec: Any) -> Path:
-    """``<output_dir or LORAFARM_OUTPUT_ROOT>/<name>/`` (the foreground ``lorafarm train`` layout)."""
+    """``<output_dir or LORAFARM_OUTPUT_ROOT>/<batch or "default">/<name>/``: the farm's layout
+    (``<batch>/<job id>/``) with the name for an id; ``<output_dir>/<name>`` is the published
+    adapter (``publish.py``)."""
+    from lora_farm.jobs.spec import DEFAULT_BATCH
     from lora_farm.settings import get_settings
 
     root = Path(spec.output_dir) if spec.output_dir else get_settings().output_root_abs
-    return root.expanduser().absolute() / spec.name
+    return root.expanduser().absolute() / (spec.batch or DEFAULT_BATCH) / spec.name
 
 
 class _Events:
@@ -51,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lora_farm.trainers",
                                      description="Run one LoRA training job in this process.")
     parser.add_argument("job_file", help="job spec YAML (a user's or a config.resolved.yaml)")
-    parser.add_argument("--job-dir", help="job folder (default: <output_dir>/<name>)")
+    parser.add_argument("--job-dir", help="job folder (default: <output_dir>/<batch>/<name>)")
     parser.add_argument("--events", help="events file (default: <job_dir>/events.jsonl)")
     return parser.parse_args(argv)
 
@@ -133,7 +136,23 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
     program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
     assert events.writer is not None
     Runtime(program, events.writer, precision, dist=dist).run()
+    if dist.is_main:
+        _publish(spec, job_dir, events)
     return ExitCode.SUCCESS
+
+
+def _publish(spec: Any, job_dir: Path, events: _Events) -> None:
+    """The adapter where lora-scripts users look; a refusal costs the job nothing (its weights
+    are in the job folder and are shipped), so it is a warning, not a failure."""
+    from lora_farm.trainers.publish import PublishRefused, publish
+
+    try:
+        path = publish(spec, job_dir)
+    except (OSError, PublishRefused) as error:
+        print(f"warning: adapter not published: {error}; it is in {job_dir}", flush=True)
+        return
+    events.emit("artifact", path=str(path), kind="published")
+    print(f"published {path}", flush=True)
 
 
 def _program_class(task: str) -> Any:

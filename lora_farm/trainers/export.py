@@ -4,7 +4,11 @@
   module names, ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` per module and ``ss_*``
   metadata: AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read it.
 - diffusers (``diffusers/pytorch_lora_weights.safetensors``): peft keys plus the adapter configs,
-  so ``pipe.load_lora_weights(job_dir / "diffusers")`` rebuilds the exact adapter (alpha included).
+  so ``pipe.load_lora_weights(job_dir / "diffusers")`` rebuilds the exact adapter (alpha included),
+  and a model card (``diffusers/README.md``).
+
+Both name the base model portably: ``base_model_id`` (a hub id), else its folder or file name, as
+kohya does for a local model; never a path of this machine.
 
 We write the kohya file ourselves instead of using diffusers' ``convert_state_dict_to_kohya``: that
 helper writes ``alpha = rank`` (wrong whenever ``lora_alpha != lora_rank``) and names the SD text
@@ -21,8 +25,8 @@ from typing import Any
 import torch
 
 from lora_farm.jobs.spec import ImageJobSpec
+from lora_farm.trainers.publish import FILE_MODE, write_model_card
 
-FILE_MODE = 0o644  # safetensors creates 0600 files; artifacts are meant to be shared
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 SDXL_KOHYA_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1"}
@@ -31,6 +35,12 @@ SDXL_KOHYA_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1"}
 CLIP_INNER_MODULES = ("encoder.", "embeddings.", "final_layer_norm.")
 MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                            "sdxl": "stable-diffusion-xl-v1-base/lora"}
+USAGE = """from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{base}")
+pipe.load_lora_weights("path/to/this/folder")
+# or the kohya file {name}.safetensors (AUTOMATIC1111, ComfyUI, or load_lora_weights as well)
+"""
 
 
 def lora_ranks_and_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
@@ -87,7 +97,7 @@ def kohya_metadata(spec: ImageJobSpec, family: str, base_model_version: str, fac
         "ss_base_model_version": base_model_version,
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(facts.get("prediction_type") == "v_prediction"),
-        "ss_sd_model_name": spec.base_model.name,
+        "ss_sd_model_name": spec.base_model_ref,  # as kohya: a hub id, or the model's file name
         "ss_output_name": spec.name,
         "ss_resolution": f"({spec.resolution}, {spec.resolution})",
         "ss_learning_rate": _number(spec.learning_rate),
@@ -133,17 +143,20 @@ def write_kohya(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def write_diffusers(folder: Path, pipeline_cls: Any, peft_states: dict[str, dict[str, torch.Tensor]],
-                    adapter_configs: dict[str, dict[str, Any]]) -> Path:
-    """Save through the pipeline's own ``save_lora_weights`` with the adapter metadata (alpha!)."""
+                    adapter_configs: dict[str, dict[str, Any]], spec: ImageJobSpec) -> Path:
+    """Save through the pipeline's own ``save_lora_weights`` with the adapter metadata (alpha!),
+    plus the model card."""
     kwargs: dict[str, Any] = {}
     for component, state in with_text_model_prefix(peft_states).items():
         kwargs[f"{component}_lora_layers"] = {k: v.detach().to("cpu", torch.float32).contiguous()
                                               for k, v in state.items()}
-        kwargs[f"{component}_lora_adapter_metadata"] = _json_safe(adapter_configs[component])
+        config = {**adapter_configs[component], "base_model_name_or_path": spec.base_model_ref}
+        kwargs[f"{component}_lora_adapter_metadata"] = _json_safe(config)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline_cls.save_lora_weights(str(folder), weight_name=DIFFUSERS_WEIGHT_NAME, **kwargs)
     path = folder / DIFFUSERS_WEIGHT_NAME
     os.chmod(path, FILE_MODE)
+    write_model_card(folder, spec, "diffusers", USAGE.format(base=spec.base_model_ref, name=spec.name))
     return path
 
 

@@ -297,7 +297,7 @@ class ImageProgram(TrainingProgram):
         kohya = exporter.write_kohya(self.job_dir / f"{self.spec.name}.safetensors", tensors, metadata)
         configs = {name: module.peft_config[ADAPTER].to_dict() for name, module in self.adapted.items()}
         diffusers = exporter.write_diffusers(self.job_dir / "diffusers", pipeline_class(self.model.family),
-                                             states, configs)
+                                             states, configs, self.spec)
         return [(kohya, "kohya"), (diffusers, "diffusers")]
 
     @staticmethod

@@ -1,5 +1,6 @@
 """LLM LoRA: any causal LM folder that transformers loads, LoRA by peft, exported as a PEFT adapter
-folder (``job_dir/adapter/``: ``adapter_model.safetensors`` + ``adapter_config.json``)."""
+folder (``job_dir/adapter/``: ``adapter_model.safetensors``, ``adapter_config.json``, a model card)
+that names its base model portably (``base_model_id``, else the folder's name; never a path)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.jobs.datasets import TextExample, load_examples
 from lora_farm.trainers.llm_data import IGNORE_INDEX, collate, tokenize_example
+from lora_farm.trainers.publish import ADAPTER_DIR, FILE_MODE, write_model_card
 
-ADAPTER_DIR = "adapter"
+USAGE = """from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")  # loads {base} too
+"""
 
 
 class LlmProgram(TrainingProgram):
@@ -129,11 +134,14 @@ class LlmProgram(TrainingProgram):
     # -- export -------------------------------------------------------------------------------
     def export(self) -> list[tuple[Path, str]]:
         folder = Path(self.job_dir) / ADAPTER_DIR
+        # peft would write the local model folder's absolute path: useless on any other machine
+        self.model.peft_config["default"].base_model_name_or_path = self.spec.base_model_ref
         self.model.save_pretrained(folder, safe_serialization=True)
+        write_model_card(folder, self.spec, "peft", USAGE.format(base=self.spec.base_model_ref))
         files = sorted(p for p in folder.iterdir() if p.is_file())
         for file in files:
-            os.chmod(file, 0o644)  # safetensors writes 0600; the shipping step and users read these
-        return [(file, "peft") for file in files if file.suffix in (".safetensors", ".json")]
+            os.chmod(file, FILE_MODE)  # the shipping step and users read these
+        return [(file, "peft") for file in files if file.suffix in (".safetensors", ".json", ".md")]
 
     def describe(self) -> dict[str, Any]:
         if self.model is None:

@@ -1,0 +1,95 @@
+"""The adapter as people meet it: a model card next to it, and a copy where lora-scripts users look.
+
+- image: ``<output_dir>/<name>.safetensors`` (the kohya file);
+- llm: ``<output_dir>/<name>/`` (the PEFT adapter folder, model card included).
+
+The trainer publishes right after a successful export, so before (and whatever becomes of) the
+upload. The copy replaces the old one by a rename: a reader sees the previous adapter or the new
+one, never half of either (a folder is absent for the instant between its two renames). Jobs of
+the same name and ``output_dir`` (nightly batches) publish to the same place: the one that
+finishes last wins. Torch-free (``lorafarm train`` reports the path).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+ADAPTER_DIR = "adapter"  # job_dir/adapter/: the LLM's PEFT adapter folder
+ADAPTER_CONFIG = "adapter_config.json"
+FILE_MODE = 0o644  # artifacts are meant to be shared (safetensors writes 0600)
+
+
+class PublishRefused(Exception):
+    """Raised when the publish target is something else (e.g. a batch folder of the same name)."""
+
+
+def published_path(spec: Any) -> Path:
+    from lora_farm.settings import get_settings
+
+    root = Path(spec.output_dir) if spec.output_dir else get_settings().output_root_abs
+    return root / (f"{spec.name}.safetensors" if spec.task == "image" else spec.name)
+
+
+def publish(spec: Any, job_dir: Path) -> Path:
+    """Copy the exported adapter of ``job_dir`` to ``published_path(spec)``; returns that path."""
+    target = published_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+    try:
+        if spec.task == "image":
+            if target.is_dir():
+                raise PublishRefused(f"{target} is a folder, not an earlier adapter file")
+            shutil.copyfile(job_dir / f"{spec.name}.safetensors", staging)
+            os.chmod(staging, FILE_MODE)
+            os.replace(staging, target)
+        else:
+            shutil.copytree(job_dir / ADAPTER_DIR, staging)
+            _replace_folder(staging, target)
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
+    return target
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """A folder cannot be renamed over a full one: move the old adapter aside first."""
+    if target.exists() and not (target / ADAPTER_CONFIG).is_file():
+        raise PublishRefused(f"{target} exists and is not an earlier adapter folder (a batch "
+                             "folder of the same name?); rename the job")
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    if target.exists():
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if old.exists():
+            os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_card(folder: Path, spec: Any, library: str, usage: str) -> Path:
+    """``folder/README.md`` as peft and diffusers write one: hub metadata (``base_model`` only when
+    it is a hub id, never a machine path), what was trained, how to load it."""
+    front = [f"library_name: {library}", "tags: [lora, lora-farm]"]
+    if spec.base_model_id:
+        front.append(f"base_model: {spec.base_model_id}")
+    if spec.task == "llm":
+        front.append("pipeline_tag: text-generation")
+    hint = "" if spec.base_model_id else (
+        "\nThe base model is named by its folder (or file) name; set `base_model_id` in the job "
+        "spec to name its model hub id instead.\n")
+    text = "\n".join(["---", *front, "---", "", f"# {spec.name}", "",
+                      f"A LoRA (rank {spec.lora_rank}, alpha {spec.alpha:g}) for "
+                      f"`{spec.base_model_ref}`, trained with lora-farm ({spec.task} job).", hint,
+                      "## Use", "", "```python", usage.strip(), "```", ""])
+    path = folder / "README.md"
+    path.write_text(text, encoding="utf-8")
+    os.chmod(path, FILE_MODE)
+    return path

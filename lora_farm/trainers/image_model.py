@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from lora_farm.errors import ModelLoadError
-from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model
+from lora_farm.jobs.inspect import (BaseModelInfo, UnknownModelFormat, inspect_base_model,
+                                    single_file_config_problem)
 
 # kohya's ss_base_model_version values, per family
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -121,22 +122,11 @@ def _load_single_file(info: BaseModelInfo, config_folder: Path | None, dtype: to
 
 
 def _single_file_config(info: BaseModelInfo, config_folder: Path | None) -> BaseModelInfo:
-    """The diffusers folder that describes a single-file checkpoint; it must be of the same family."""
-    if config_folder is None:
-        raise ModelLoadError(
-            f"`base_model_config` is required for the single-file checkpoint {info.path} "
-            f"(a {info.family} model): its configs and CLIP tokenizer are not in the file and no "
-            "model hub is reachable. Fix: set `base_model_config` to a diffusers folder of the same "
-            f"family ({info.family}) that holds model_index.json, the component configs and tokenizer.")
-    config_info = describe_base_model(config_folder, "base_model_config")
-    if config_info.kind != "diffusers":
-        raise ModelLoadError(f"`base_model_config`: {config_folder} is not a diffusers folder. "
-                             "Fix: point it at a folder with model_index.json.")
-    if config_info.family != info.family:
-        raise ModelLoadError(
-            f"`base_model_config`: {config_folder} is a {config_info.family} model but the checkpoint "
-            f"{info.path} is {info.family}. Fix: use a diffusers folder of the {info.family} family.")
-    return config_info
+    """The diffusers folder that describes a single-file checkpoint (validation asks the same rule)."""
+    problem = single_file_config_problem(info, config_folder)
+    if problem is not None:
+        raise ModelLoadError(str(problem))
+    return inspect_base_model(config_folder)
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:

@@ -151,7 +151,7 @@ def test_scheduler_modules_never_import_torch():
 def test_single_file_unet_widths_come_from_its_header(tiny_sd, tiny_sd_single_file):
     config = json.loads((tiny_sd / "unet" / "config.json").read_text())
     unet = inspect_base_model(tiny_sd_single_file).details["unet"]
-    assert unet == {"block_out_channels": config["block_out_channels"],
+    assert unet == {"in_channels": 4, "block_out_channels": config["block_out_channels"],
                     "cross_attention_dim": config["cross_attention_dim"]}
 
 

@@ -6,6 +6,7 @@ byte, so any English (indeed any UTF-8) text tokenizes without unknown tokens.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from functools import lru_cache
@@ -14,6 +15,7 @@ from pathlib import Path
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
+CLIP_MERGES = 49152 - 256 - 2  # vocabulary 49408 = 2 x 256 byte symbols + merges + 2 specials
 
 CORPUS = """\
 a photo of a red circle on a white background
@@ -107,15 +109,30 @@ def clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=clip_vocab(merges), merges=merges, model_max_length=max_length)
 
 
-def write_clip_vocab_files(folder: Path) -> Path:
-    """Write ``vocab.json`` + ``merges.txt`` (the classic CLIP files) into ``folder``."""
+def write_clip_vocab_files(folder: Path, merges: list[tuple[str, str]] | None = None) -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` (the classic CLIP files) into ``folder``; the
+    offline merges unless ``merges`` are given (CLIP's own, from ``read_clip_bpe``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    merges = learn_clip_merges()
+    merges = learn_clip_merges() if merges is None else merges
     vocab = clip_vocab(merges)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merge_lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
     return folder
+
+
+def read_clip_bpe(path: Path) -> list[tuple[str, str]]:
+    """The merges CLIP uses from its ``bpe_simple_vocab_16e6.txt.gz``, read as CLIP's own
+    SimpleTokenizer reads them: after the header line, the first 49152 - 256 - 2 lines."""
+    lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1:CLIP_MERGES + 1] if line]  # type: ignore[misc]
+
+
+def write_clip_bpe(path: Path, merges: list[tuple[str, str]]) -> Path:
+    """Write ``merges`` in the format of CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (tests)."""
+    lines = ['"bpe_simple_vocab_16e6.txt#version: 0.2'] + [f"{a} {b}" for a, b in merges]
+    path.write_bytes(gzip.compress("\n".join(lines).encode("utf-8")))
+    return path
 
 
 # the LLM vocabulary also learns the Alpaca prompt template (what the trainer wraps instruction

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_farm.jobs.released import released_config_mismatch
+
 Kind = Literal["diffusers", "single_file", "transformers"]
 Family = Literal["sd1", "sd2", "sdxl", "causal_lm"]
 
@@ -126,7 +128,7 @@ def _inspect_single_file(path: Path) -> BaseModelInfo:
 
 
 def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
-    """``block_out_channels`` and ``cross_attention_dim`` of an original-layout UNet, from shapes.
+    """``in_channels``, ``block_out_channels``, ``cross_attention_dim`` of an original-layout UNet.
 
     Every level but the last ends in a downsampler (``input_blocks.N.0.op``) as wide as the level;
     the last level is as wide as the middle block. Empty where the file lacks those tensors.
@@ -137,7 +139,10 @@ def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
     middle = header.get(prefix + "middle_block.0.in_layers.2.weight", {}).get("shape")
     cross = next((entry["shape"][1] for name, entry in header.items()
                   if name.startswith(prefix) and name.endswith("attn2.to_k.weight")), None)
+    conv_in = header.get(prefix + "input_blocks.0.0.weight", {}).get("shape")
     shape: dict[str, Any] = {}
+    if conv_in:  # 4 latent channels; 9 for inpainting models
+        shape["in_channels"] = conv_in[1]
     if middle:
         shape["block_out_channels"] = [width for _, width in downsamplers] + [middle[0]]
     if cross:
@@ -168,14 +173,18 @@ def single_file_config_problem(info: BaseModelInfo, config_folder: Path | None) 
     """Why the single file ``info`` cannot be loaded with ``config_folder``; None when it can.
 
     The trainer and `lorafarm validate` both ask this, so validation refuses what the trainer would.
+    Without a folder, a released SD 1.x / SDXL model loads with the configs lora-farm ships.
     """
     field_name = "base_model_config"
     if config_folder is None:
+        mismatch = released_config_mismatch(info)
+        if mismatch is None:
+            return None  # the released model's configs ship with lora-farm
         return ModelProblem(
             field_name, f"is required for the single-file checkpoint {info.path} (a {info.family} "
-            "model): its component configs and CLIP tokenizer are not in the file and no model hub "
-            "is reachable.", f"set `{field_name}` to a diffusers folder of the same family "
-            f"({info.family}) that holds model_index.json, the component configs and tokenizer.")
+            f"model): the file holds no component configs or CLIP tokenizer, no model hub is "
+            f"reachable, and {mismatch}.", f"set `{field_name}` to a diffusers folder of the same "
+            f"family ({info.family}) that holds model_index.json, the component configs and tokenizer.")
     try:
         config_info = inspect_base_model(config_folder)
     except UnknownModelFormat as error:

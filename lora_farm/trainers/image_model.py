@@ -2,12 +2,13 @@
 
 A base model is a diffusers folder (SD 1.x, 2.x or SDXL) or a single-file ``.safetensors``
 checkpoint. Single files carry weights only: the component configs and the CLIP tokenizer come
-from ``base_model_config``, a diffusers folder of the same family (no model hub is reachable, and
-the CLIP vocabulary cannot be shipped offline).
+from ``base_model_config``, a diffusers folder of the same family (no model hub is reachable), or,
+for the released SD 1.x / SDXL models, from ``lora_farm.jobs.released``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.inspect import (BaseModelInfo, UnknownModelFormat, inspect_base_model,
                                     single_file_config_problem)
+from lora_farm.jobs.released import write_released_config_folder
 
 # kohya's ss_base_model_version values, per family
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -110,23 +112,24 @@ def _load_folder(info: BaseModelInfo, dtype: torch.dtype) -> ImageModel:
 
 
 def _load_single_file(info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
+    problem = single_file_config_problem(info, config_folder)  # validation asked the same
+    if problem is not None:
+        raise ModelLoadError(str(problem))
+    if config_folder is None:  # a released model: the configs lora-farm ships + CLIP's vocabulary
+        with tempfile.TemporaryDirectory(prefix="lorafarm-config-") as folder:
+            return _from_single_file(info, write_released_config_folder(info.family, Path(folder)), dtype)
+    return _from_single_file(info, config_folder, dtype)
+
+
+def _from_single_file(info: BaseModelInfo, config_folder: Path, dtype: torch.dtype) -> ImageModel:
     from diffusers import DDPMScheduler
 
-    config_info = _single_file_config(info, config_folder)
     pipe = pipeline_class(info.family).from_single_file(
-        str(info.path), config=str(config_info.path), local_files_only=True, torch_dtype=dtype)
+        str(info.path), config=str(config_folder), local_files_only=True, torch_dtype=dtype)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if info.family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if info.family == "sdxl" else [])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return ImageModel(info.family, "single_file", pipe.unet, pipe.vae, scheduler, encoders, tokenizers)
-
-
-def _single_file_config(info: BaseModelInfo, config_folder: Path | None) -> BaseModelInfo:
-    """The diffusers folder that describes a single-file checkpoint (validation asks the same rule)."""
-    problem = single_file_config_problem(info, config_folder)
-    if problem is not None:
-        raise ModelLoadError(str(problem))
-    return inspect_base_model(config_folder)
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:

@@ -110,15 +110,18 @@ def test_a_single_file_of_other_widths_still_needs_its_config(tiny_sd_single_fil
     assert "block_out_channels [8, 16, 32, 32]" in problem.message and "is not the released sd1" in problem.message
 
 
-def test_single_file_trains_with_shipped_configs(tmp_path, monkeypatch, tiny_sd, tiny_sd_single_file,
-                                                 image_dataset, clip_package):
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_single_file_trains_with_shipped_configs(tmp_path, monkeypatch, request, image_dataset, clip_package,
+                                                 kind):
     # the tiny model's configs stand in for the released ones: the same code path, tiny weights
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    single_file = request.getfixturevalue(f"tiny_{kind}_single_file")
     shipped = tmp_path / "released_configs"
-    shutil.copytree(tiny_sd, shipped / "sd1", ignore=shutil.ignore_patterns(
+    shutil.copytree(folder, shipped / {"sd": "sd1", "sdxl": "sdxl"}[kind], ignore=shutil.ignore_patterns(
         "*.safetensors", "vocab.json", "merges.txt"))
     monkeypatch.setattr(released, "RELEASED_CONFIGS", shipped)
-    from_file = ready(make_program(tmp_path / "f", tiny_sd_single_file, image_dataset))
-    from_folder = ready(make_program(tmp_path / "d", tiny_sd, image_dataset))
+    from_file = ready(make_program(tmp_path / "f", single_file, image_dataset))
+    from_folder = ready(make_program(tmp_path / "d", folder, image_dataset))
     assert from_file.model.kind == "single_file"
     assert fixed_eval_loss(from_file) == pytest.approx(fixed_eval_loss(from_folder), rel=1e-4)
     assert train(from_file, steps=2)

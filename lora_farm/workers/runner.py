@@ -29,7 +29,7 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import Heartbeat, RedisLock
-from lora_farm.protocol import EventTail
+from lora_farm.protocol import EventTail, JobDir
 from lora_farm.scheduler.gpus import pinned_env
 from lora_farm.settings import Settings, get_settings
 from lora_farm.workers import trainer_process as tp
@@ -63,8 +63,8 @@ class RunnerOptions:
 
 def job_dir_for(record: JobRecord, settings: Settings) -> Path:
     """``<output_dir or LORAFARM_OUTPUT_ROOT>/<batch>/<job_id>/`` (docs/internals.md)."""
-    root = Path(record.spec.get("output_dir") or settings.output_root_abs)
-    return root / record.batch / record.id
+    return JobDir.locate(record.spec.get("output_dir"), settings.output_root_abs, record.batch,
+                         record.id).root
 
 
 def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | None = None) -> str:
@@ -102,7 +102,7 @@ class _Watch:
 
     def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path):
         self.ledger, self.record, self.job_dir = ledger, record, job_dir
-        self.tail = EventTail(job_dir / "events.jsonl")
+        self.tail = EventTail(JobDir(job_dir).events)
         self.tail.read_new()  # skip the events of earlier attempts
         self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
         self.artifacts: dict[str, str] = {}
@@ -136,10 +136,11 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     job_dir.mkdir(parents=True, exist_ok=True)
     resolved = _write_resolved(record, job_dir)
     watch = _Watch(ledger, record, job_dir)
-    _log_header(job_dir / "train.log", record)
-    process = tp.spawn(options.trainer_argv(resolved, job_dir, job_dir / "events.jsonl"),
+    paths = JobDir(job_dir)
+    _log_header(paths.log, record)
+    process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
                        tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
-                       job_dir / "train.log", cwd=job_dir)
+                       paths.log, cwd=job_dir)
     try:
         ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
         _watch_until_exit(process, watch, heartbeat, lock, options)
@@ -308,7 +309,7 @@ def _write_resolved(record: JobRecord, job_dir: Path) -> Path:
     from lora_farm.jobs.loader import write_resolved
 
     spec = spec_from_dict(record.effective_spec())
-    return write_resolved(spec, job_dir / "config.resolved.yaml")
+    return write_resolved(spec, JobDir(job_dir).resolved_config)
 
 
 def _log_header(log_path: Path, record: JobRecord) -> None:

@@ -12,15 +12,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from lora_farm.cli.app import app, console, fail
 from lora_farm.errors import SpecError
-from lora_farm.jobs.spec import JobSpec
 from lora_farm.protocol import ExitCode, JobDir, published_adapter
-from lora_farm.settings import get_settings
+
+if TYPE_CHECKING:  # pydantic: not paid by `--help`
+    from lora_farm.jobs.spec import JobSpec
 
 _ENDINGS = {
     ExitCode.INTERRUPTED: "interrupted; a checkpoint was written. Run the same command again to resume.",
@@ -40,6 +41,7 @@ def train(
 ) -> None:
     """Train one job in the foreground (no Redis, no workers) and print where the outputs are."""
     from lora_farm.jobs.loader import load_spec_file
+    from lora_farm.settings import get_settings
 
     try:
         loaded = load_spec_file(spec)
@@ -79,6 +81,8 @@ def _report(code: int, folder: Path, spec: JobSpec) -> None:
         ending = _ENDINGS.get(code, f"the trainer ended with exit code {code}.")
         console.print(f"[bold red]training stopped:[/] {ending}\njob folder: {folder}", highlight=False, soft_wrap=True)
         return
+    from lora_farm.settings import get_settings
+
     published = published_adapter(spec.output_dir, get_settings().output_root_abs, spec.name, spec.task)
     paths = JobDir(folder)
     weights = paths.adapter if spec.task == "llm" else paths.kohya(spec.name)

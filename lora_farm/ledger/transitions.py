@@ -68,7 +68,7 @@ def apply(ledger: Ledger, job_id: str, move: Move, *, expect: set[JobState] | No
         record = JobRecord.from_hash(data)
         old = S(record.state)
         refused = _refusal(record, move, expect, token)
-        if refused:
+        if refused is not None:
             return refused
         steps = [move.via, move.to] if move.via else [move.to]
         current = old

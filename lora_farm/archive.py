@@ -1,4 +1,4 @@
-"""The log archive of a job (``logs.tar.gz``) and the pruning of its checkpoints.
+"""The log archive of a job (``logs.tar.gz``) and the removal of its checkpoints after upload.
 
 ``write_log_archive`` runs at every end of a job (succeeded, failed, cancelled, timed out): the
 log, the resolved config, the progress events and the TensorBoard events are what one needs to
@@ -15,25 +15,24 @@ import tarfile
 import uuid
 from pathlib import Path
 
+from lora_farm.protocol import JobDir
+
 log = logging.getLogger(__name__)
-ARCHIVE_NAME = "logs.tar.gz"
-CHECKPOINTS_DIR = "checkpoints"
-# Files and folders (relative to job_dir) that go into the archive when present.
-ARCHIVED = ("config.resolved.yaml", "events.jsonl", "tensorboard")
 
 
 def archive_members(job_dir: Path) -> list[Path]:
     """Every top-level ``*.log`` (train.log, the runner's log) plus the fixed list, sorted."""
+    folder = JobDir(job_dir)
     members = sorted(p for p in job_dir.glob("*.log") if p.is_file())
-    members += [job_dir / name for name in ARCHIVED if (job_dir / name).exists()]
+    members += [p for p in (folder.resolved_config, folder.events, folder.tensorboard) if p.exists()]
     return members
 
 
 def write_log_archive(job_dir: Path) -> Path:
     """(Re)write ``job_dir/logs.tar.gz``; atomic, so a reader never sees half an archive."""
     job_dir = Path(job_dir)
-    target = job_dir / ARCHIVE_NAME
-    tmp = job_dir / f".{ARCHIVE_NAME}.{uuid.uuid4().hex}.part"
+    target = JobDir(job_dir).log_archive
+    tmp = job_dir / f".{target.name}.{uuid.uuid4().hex}.part"
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             for member in archive_members(job_dir):
@@ -63,18 +62,15 @@ def _regular_files_only(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info if info.isfile() or info.isdir() else None
 
 
-def prune_checkpoints(job_dir: Path, keep: int = 0) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns what was removed.
+def remove_checkpoints(job_dir: Path) -> list[Path]:
+    """Delete every checkpoint of a finished job; returns what was removed.
 
-    Called after a verified upload only: until then a checkpoint is the way back.
+    Called after a verified upload only: until then a checkpoint is the way back. (The trainer's
+    ``checkpoint.prune_checkpoints`` keeps the newest N while it trains.)
     """
-    folder = Path(job_dir) / CHECKPOINTS_DIR
+    folder = JobDir(Path(job_dir)).checkpoints
     if not folder.is_dir():
         return []
-    checkpoints = sorted(p for p in folder.iterdir() if p.is_dir())
-    doomed = checkpoints[:-keep] if keep > 0 else checkpoints
-    for path in doomed:
-        shutil.rmtree(path)
-    if keep == 0:
-        shutil.rmtree(folder, ignore_errors=True)
+    doomed = sorted(p for p in folder.iterdir() if p.is_dir())
+    shutil.rmtree(folder, ignore_errors=True)
     return doomed

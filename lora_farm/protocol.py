@@ -2,6 +2,8 @@
 
 **Exit codes** (:class:`ExitCode`): the runner classifies a job's end from these.
 
+**The job folder** (:class:`JobDir`): every path in it, named once.
+
 **Events**: JSON lines the trainer writes to ``events.jsonl`` and the runner reads, one object per
 line with ``event`` and ``time`` keys:
 
@@ -23,6 +25,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +37,77 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # the spec, data or model is unusable; retrying will not help
     OUT_OF_MEMORY = 3  # CUDA (or host) out of memory; retry with a degraded plan
     INTERRUPTED = 4  # SIGTERM/SIGINT: a checkpoint was written, then the process exited
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """One job's folder: ``<output_dir or output root>/<batch>/<job id or name>/`` and what is in it."""
+
+    root: Path
+
+    WEIGHT_FOLDERS = ("diffusers", "adapter")  # image: diffusers/ ; llm: adapter/
+
+    @classmethod
+    def locate(cls, output_dir: str | os.PathLike[str] | None, output_root: Path, batch: str,
+               leaf: str) -> JobDir:
+        """The farm names the leaf by job id, ``lorafarm train`` by job name."""
+        base = Path(output_dir) if output_dir else Path(output_root)
+        return cls(base.expanduser().absolute() / batch / leaf)
+
+    @classmethod
+    def of_spec(cls, spec: Any, output_root: Path) -> JobDir:
+        """A job run outside the farm (``lorafarm train``): the farm's layout, named by the job's
+        name for its id (``<output_dir>/<name>`` itself is the published adapter)."""
+        from lora_farm.jobs.spec import DEFAULT_BATCH
+
+        return cls.locate(spec.output_dir, output_root, spec.batch or DEFAULT_BATCH, spec.name)
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.resolved.yaml"  # the spec as it runs (degraded plan applied)
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def log_archive(self) -> Path:
+        return self.root / "logs.tar.gz"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def diffusers(self) -> Path:
+        return self.root / "diffusers"  # image: the diffusers LoRA file
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"  # llm: the PEFT adapter folder
+
+    def kohya(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"  # image: the single-file LoRA
+
+
+def published_adapter(output_dir: str | os.PathLike[str] | None, output_root: Path, name: str,
+                      task: str) -> Path:
+    """Where a finished adapter is also copied: ``<output_dir>/<name>.safetensors`` (image) or
+    ``<output_dir>/<name>/`` (llm), where lora-scripts users look."""
+    base = Path(output_dir) if output_dir else Path(output_root)
+    return base / (f"{name}.safetensors" if task == "image" else name)
 
 
 class EventWriter:

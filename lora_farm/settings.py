@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     output_root: Path = Field(Path("output"), validate_default=True,
                               description="where job folders live (shared FS)")
     gpus: str = Field("", description="declared inventory 'name:memory,...' when there is no NVML")
-    # the placement policy (headroom, jobs per card) lives in scheduler/policy.yaml (LORAFARM_POLICY)
+    policy: str = Field("", description="placement policy file (default: scheduler/policy.yaml)")
+    headroom: str = Field("", description="overrides the policy's headroom (a fraction)")
     visibility_timeout: int = Field(7 * 24 * 3600, description="seconds before Redis redelivers")
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 60.0
@@ -57,6 +58,12 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    """The settings of this process, loaded once."""
+    return load_settings()
+
+
+def load_settings() -> Settings:
+    """The settings as the environment says now (``get_settings`` keeps the first)."""
     try:
         return Settings()
     except ValidationError as error:

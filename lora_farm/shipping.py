@@ -21,16 +21,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lora_farm.archive import ARCHIVE_NAME, prune_checkpoints, write_log_archive
+from lora_farm.archive import remove_checkpoints, write_log_archive
 from lora_farm.errors import ArtifactMissing, StorageError
 from lora_farm.jobs.spec import DEFAULT_BATCH
+from lora_farm.protocol import JobDir
 from lora_farm.settings import Settings, get_settings
 from lora_farm.storage import Storage, sha256_of, storage_from_settings
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = JobDir(Path()).manifest.name  # the same name locally and in storage
 COMPLETE_NAME = "_COMPLETE"
-RESOLVED_CONFIG = "config.resolved.yaml"
-WEIGHT_FOLDERS = ("diffusers", "adapter")  # image: diffusers/ ; llm: adapter/
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def job_prefix(batch: str | None, job_id: str, settings: Settings | None = None)
 def weight_files(job_dir: Path) -> list[Path]:
     """Top-level ``*.safetensors`` and everything under diffusers/ and adapter/."""
     found = sorted(p for p in job_dir.glob("*.safetensors") if p.is_file())
-    for folder in WEIGHT_FOLDERS:
+    for folder in JobDir.WEIGHT_FOLDERS:
         found += sorted(p for p in (job_dir / folder).rglob("*") if p.is_file())
     return found
 
@@ -61,7 +60,7 @@ def files_to_ship(job_dir: Path) -> list[Path]:
         raise ArtifactMissing(
             f"{job_dir} holds no weights (*.safetensors, diffusers/ or adapter/); the trainer did "
             "not export, so there is nothing to ship: read train.log in that folder")
-    extras = [job_dir / name for name in (RESOLVED_CONFIG, ARCHIVE_NAME) if (job_dir / name).is_file()]
+    extras = [p for p in (JobDir(job_dir).resolved_config, JobDir(job_dir).log_archive) if p.is_file()]
     return weights + extras
 
 
@@ -124,7 +123,7 @@ def ship_job(job_dir: Path, job_id: str, batch: str | None, name: str, *,
     marker = {"manifest_sha256": sha256_of(job_dir / MANIFEST_NAME), "completed": manifest["created"]}
     storage.put_bytes(f"{base_key}/{COMPLETE_NAME}", json.dumps(marker).encode())
     if prune:
-        prune_checkpoints(job_dir)
+        remove_checkpoints(job_dir)
     return ShipResult({e["path"]: e["uri"] for e in manifest["files"]}, storage.uri(manifest_key))
 
 

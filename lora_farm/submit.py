@@ -22,8 +22,8 @@ from lora_farm.redis_conn import bytes_client
 from lora_farm.scheduler.calibration import calibrated_estimate
 from lora_farm.scheduler.gpus import read_gpus, to_snapshot
 from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm
-from lora_farm.scheduler.policy import Policy, load_policy
-from lora_farm.settings import Settings, get_settings
+from lora_farm.scheduler.policy import Policy, placement_of
+from lora_farm.settings import Settings
 from lora_farm.workers.dispatch import (
     Sender,
     celery_sender,
@@ -63,8 +63,8 @@ def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None 
                  priority: int | None = None, settings: Settings | None = None,
                  policy: Policy | None = None, send: Sender = celery_sender) -> SubmitReport:
     check_batch_name(batch)
-    settings = settings or get_settings()
-    policy = policy or load_policy()
+    settings = settings or ledger.settings
+    policy = policy or placement_of(settings)
     raw = bytes_client(ledger.client)
     estimates = [calibrated_estimate(raw, ledger.keys.prefix, spec).total_mb for spec in specs]
     refuse_what_never_fits(specs, estimates, farm_cards(ledger, settings), policy)

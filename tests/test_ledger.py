@@ -58,7 +58,7 @@ def test_schedule_reserves_and_release_lands_with_the_transition(ledger):
     assert record.state == "scheduled" and record.gpus == ["gpu0"]
     assert ledger.reservations()[job_id]["mb"] == 1234.5
     assert job_id not in ledger.queued_ids()
-    assert tr.start(ledger, job_id, "wrong-token", "host") is None  # a stale message
+    assert isinstance(tr.start(ledger, job_id, "wrong-token", "host"), tr.Refused)  # a stale message
     assert tr.start(ledger, job_id, "t1", "host").state == "running"
     failed = tr.fail(ledger, job_id, "crashed (exit 1)", expect={S.RUNNING}, exit_code=1)
     assert failed.state == "failed" and failed.exit_reason == "crashed (exit 1)"
@@ -108,7 +108,7 @@ def test_illegal_transition_raises_and_writes_nothing(ledger):
 def test_lost_race_returns_none(ledger):
     job_id = submit(ledger, "alpha")[0].record.id
     tr.finish_cancelled(ledger, job_id, expect={S.QUEUED})
-    assert tr.schedule(ledger, job_id, ["gpu0"], 10, token="t") is None
+    assert isinstance(tr.schedule(ledger, job_id, ["gpu0"], 10, token="t"), tr.Refused)
     assert ledger.get(job_id).state == "cancelled" and ledger.reservations() == {}
 
 
@@ -118,7 +118,7 @@ def test_upload_path_and_retry(ledger):
     tr.start(ledger, job_id, "t", "host")
     assert tr.begin_upload(ledger, job_id, "t", "/tmp/x").state == "uploading"
     assert ledger.reservations() == {}  # the card is free while the upload runs
-    assert tr.upload_failed(ledger, job_id, "endpoint down").state == "uploading"
+    assert tr.upload_waits(ledger, job_id, "endpoint down").state == "uploading"
     done = tr.upload_succeeded(ledger, job_id, {"a.safetensors": "s3://b/a"}, "s3://b/manifest.json")
     assert done.state == "succeeded" and done.artifacts == {"a.safetensors": "s3://b/a"}
     with pytest.raises(IllegalTransition):

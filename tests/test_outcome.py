@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from lora_farm.settings import Settings
-from lora_farm.workers.app import celery_config, make_app
+from lora_farm.workers.broker import celery_config, make_app
 from lora_farm.workers.outcome import Outcome, RunEvidence, classify, degraded_plan
 
 

@@ -320,14 +320,14 @@ def test_an_error_after_spawn_does_not_orphan_the_trainer(ledger, make_job, monk
 
 
 def test_a_cancel_that_races_a_crash_is_honoured(ledger, make_job):
+    from lora_farm.workers.lifecycle import end_attempt
     from lora_farm.workers.outcome import Outcome, Verdict
-    from lora_farm.workers.runner import _retry_or_fail
 
     job_id = make_job("crash")
     tr.start(ledger, job_id, "tok1", "host")
     ledger.request_cancel(job_id)  # arrives as the trainer dies, before the runner saw it
     verdict = Verdict(Outcome.CRASHED, "crashed (exit 1)", {"returncode": 1})
-    _retry_or_fail(ledger, ledger.get(job_id), verdict, get_settings())
+    end_attempt(ledger, ledger.get(job_id), verdict.reason, exit_code=verdict.extra["returncode"])
     record = ledger.get(job_id)
     assert (record.state, record.attempt) == ("cancelled", 1), record.exit_reason
     assert "cancelled by user" in record.exit_reason and ledger.reservations() == {}

@@ -126,11 +126,12 @@ def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
     """Print a job's train.log (the trainer's output, one header per attempt)."""
     from lora_farm.jobs.state import TERMINAL, JobState
     from lora_farm.settings import get_settings
+    from lora_farm.protocol import JobDir
     from lora_farm.workers.runner import job_dir_for
 
     ledger = _ledger()
     record = ledger.find(job)
-    path = Path(record.job_dir or job_dir_for(record, get_settings())) / "train.log"
+    path = JobDir(Path(record.job_dir or job_dir_for(record, get_settings()))).log
     if not path.exists() and not follow:
         raise typer.Exit(_no_log(record, path))
     offset = 0
@@ -165,18 +166,15 @@ def _no_log(record, path: Path) -> int:
 def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefixes)."),
            batch: str = typer.Option(None, "--batch", "-b", help="Cancel every unfinished job of a batch.")) -> None:
     """Cancel jobs: queued ones at once; running ones stop their trainer (SIGTERM, grace, SIGKILL)."""
-    from lora_farm.archive import archive_at_end
-    from lora_farm.ledger import transitions as tr
     from lora_farm.workers.dispatch import dispatch_once
+    from lora_farm.workers.lifecycle import cancel as cancel_job
 
     ledger = _ledger()
     if not jobs and not batch:
         raise typer.BadParameter("name one or more jobs, or --batch NAME")
     records = [ledger.find(j) for j in jobs or []] + (ledger.list_jobs(batch=batch) if batch else [])
     for record in records:
-        outcome = tr.cancel(ledger, record.id)
-        if outcome == "cancelled":  # a requeued job's earlier attempts left logs to keep
-            archive_at_end(record.job_dir)
+        outcome = cancel_job(ledger, record.id)
         console.print(f"{record.id} {record.name}: {outcome}", highlight=False)
     dispatch_once(ledger)  # reservations freed by cancelled scheduled jobs go to others
 
@@ -190,8 +188,9 @@ def retry(job: str = typer.Argument(..., help="A failed or cancelled job.")) -> 
 
     ledger = _ledger()
     record = ledger.find(job)
-    if tr.retry(ledger, record.id) is None:
-        raise LoraFarmError(f"job {record.id} is `{ledger.get(record.id).state}`; only failed or "
+    result = tr.retry(ledger, record.id)
+    if isinstance(result, tr.Refused):
+        raise LoraFarmError(f"job {record.id} is `{result.state}`; only failed or "
                             "cancelled jobs can be retried (an uploading one: `lorafarm retry-upload`).")
     console.print(f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})")
     dispatch_once(ledger)

@@ -62,14 +62,14 @@ def artifacts(job: str = typer.Argument(..., help="job id (or a unique prefix)")
 
 def _no_artifacts(record) -> str:
     """Why a job that did not succeed has no artifacts, and what it does have."""
-    from lora_farm.archive import ARCHIVE_NAME
+    from lora_farm.protocol import JobDir
 
     job = f"job {record.id} ({record.name})"
     if record.state not in ("cancelled", "failed"):
         return (f"{job} is {record.state}: its artifacts are stored when it succeeds; "
                 f"`lorafarm status {record.id}` shows where it is.")
     reason = f" ({record.exit_reason})" if record.exit_reason else ""
-    archive = Path(record.job_dir) / ARCHIVE_NAME if record.job_dir else None
+    archive = JobDir(Path(record.job_dir)).log_archive if record.job_dir else None
     has = (f"Its log archive: {archive}; `lorafarm logs {record.id}` prints its log."
            if archive and archive.is_file() else "It never ran: there is no log either.")
     return f"{job} was {record.state}{reason}: it has no artifacts (only a succeeded job has). {has}"

@@ -12,16 +12,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from lora_farm.cli.app import app, console, fail
 from lora_farm.errors import SpecError
-from lora_farm.jobs.spec import JobSpec
-from lora_farm.protocol import ExitCode
-from lora_farm.trainers.entry import default_job_dir
-from lora_farm.trainers.publish import ADAPTER_DIR, published_path
+from lora_farm.protocol import ExitCode, JobDir, published_adapter
+
+if TYPE_CHECKING:  # pydantic: not paid by `--help`
+    from lora_farm.jobs.spec import JobSpec
 
 _ENDINGS = {
     ExitCode.INTERRUPTED: "interrupted; a checkpoint was written. Run the same command again to resume.",
@@ -41,12 +41,13 @@ def train(
 ) -> None:
     """Train one job in the foreground (no Redis, no workers) and print where the outputs are."""
     from lora_farm.jobs.loader import load_spec_file
+    from lora_farm.settings import get_settings
 
     try:
         loaded = load_spec_file(spec)
     except SpecError as error:
         fail(str(error), code=ExitCode.BAD_INPUT)
-    folder = (job_dir or default_job_dir(loaded.spec)).absolute()
+    folder = (job_dir or JobDir.of_spec(loaded.spec, get_settings().output_root_abs).root).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     code = run_trainer(spec, folder)
     _report(code, folder, loaded.spec)
@@ -62,7 +63,7 @@ def run_trainer(spec: Path, folder: Path) -> int:
     forward = lambda number, _frame: child.send_signal(number)  # noqa: E731
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(folder / "train.log", "a", encoding="utf-8") as log:
+        with open(JobDir(folder).log, "a", encoding="utf-8") as log:
             assert child.stdout is not None
             for line in child.stdout:
                 sys.stdout.write(line)
@@ -80,10 +81,14 @@ def _report(code: int, folder: Path, spec: JobSpec) -> None:
         ending = _ENDINGS.get(code, f"the trainer ended with exit code {code}.")
         console.print(f"[bold red]training stopped:[/] {ending}\njob folder: {folder}", highlight=False, soft_wrap=True)
         return
-    published = published_path(spec)
-    weights = folder / ADAPTER_DIR if spec.task == "llm" else folder / f"{spec.name}.safetensors"
+    from lora_farm.settings import get_settings
+
+    published = published_adapter(spec.output_dir, get_settings().output_root_abs, spec.name, spec.task)
+    paths = JobDir(folder)
+    weights = paths.adapter if spec.task == "llm" else paths.kohya(spec.name)
     console.print(f"[bold green]done.[/] job folder: {folder}\n"
                   f"  adapter:     {published if published.exists() else weights}\n"
-                  f"  events:      {folder / 'events.jsonl'}\n"
-                  f"  log:         {folder / 'train.log'}\n"
-                  f"  tensorboard: tensorboard --logdir {folder / 'tensorboard'}", highlight=False, soft_wrap=True)
+                  f"  events:      {paths.events}\n"
+                  f"  log:         {paths.log}\n"
+                  f"  tensorboard: tensorboard --logdir {paths.tensorboard}", highlight=False, soft_wrap=True)
+

@@ -42,6 +42,14 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
+# terminal states the job ended in without shipping: their logs are archived as they are entered
+ENDED_UNSHIPPED = frozenset({S.FAILED, S.CANCELLED})
+
+
+def sources(target: JobState) -> frozenset[JobState]:
+    """The states a job may move to ``target`` from (a state's move to itself left out)."""
+    return frozenset(state for state, targets in TRANSITIONS.items()
+                     if target in targets and state != target)
 # states in which the job holds a VRAM reservation on a card
 HOLDS_RESERVATION = frozenset({S.SCHEDULED, S.RUNNING})
 

@@ -2,7 +2,7 @@
 
 A test with prefix ``lorafarm-test-<uuid>`` is isolated from every other user of the server and
 cleans up with one ``SCAN <prefix>:*`` + ``DEL``. Celery's own keys (queues, unacked messages,
-bindings) live under the same prefix through kombu's ``global_keyprefix`` (see workers/app.py).
+bindings) live under the same prefix through kombu's ``global_keyprefix`` (see workers/broker.py).
 """
 
 from __future__ import annotations

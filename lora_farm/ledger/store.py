@@ -51,14 +51,21 @@ class Created:
 class Ledger:
     """The farm's job records in Redis, all keys under ``prefix``."""
 
-    def __init__(self, client: redis.Redis, prefix: str):
+    def __init__(self, client: redis.Redis, prefix: str, settings: Settings | None = None):
         self.client = client
         self.keys = Keys(prefix)
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this ledger was opened with (what works on the ledger reads them here);
+        a ledger opened without any follows the process's settings."""
+        return self._settings or get_settings()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "Ledger":
         settings = settings or get_settings()
-        return cls(connect(settings), settings.key_prefix)
+        return cls(connect(settings), settings.key_prefix, settings)
 
     # ---- creating -------------------------------------------------------------------------
 

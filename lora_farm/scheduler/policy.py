@@ -1,21 +1,22 @@
 """The placement policy: headroom, jobs per card, starvation, CPU slot (``scheduler/policy.yaml``).
 
-``load_policy()`` reads the file named by ``LORAFARM_POLICY``, else ``scheduler/policy.yaml``
-in the current directory, else the one next to the package (a source checkout); with no file
-the defaults below hold. ``LORAFARM_HEADROOM`` in the environment overrides the file's
-``headroom`` (one knob to turn on one host without editing the shared file).
+It is part of the farm's settings (``Settings.placement``, read once per process): the file named
+by ``LORAFARM_POLICY``, else ``scheduler/policy.yaml`` in the current directory, else the one next
+to the package (a source checkout); with no file the defaults below hold. ``LORAFARM_HEADROOM``
+overrides the file's ``headroom`` (one knob to turn on one host without editing the shared file).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lora_farm.errors import ConfigError
+from lora_farm.settings import Settings, load_settings
 
 _REPO_POLICY = Path(__file__).resolve().parents[2] / "scheduler" / "policy.yaml"
 
@@ -35,23 +36,39 @@ class Policy:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"policy `{name}` must be {expected}, got {getattr(self, name)!r}. "
-                                  f"Fix: correct it in {policy_path()} (or LORAFARM_HEADROOM).")
+                                  "Fix: correct it in the policy file (LORAFARM_POLICY) or "
+                                  "LORAFARM_HEADROOM.")
 
 
-def policy_path() -> Path:
-    """Where the policy is read from (it need not exist)."""
-    if os.environ.get("LORAFARM_POLICY"):
-        return Path(os.environ["LORAFARM_POLICY"]).expanduser()
+def policy_path(configured: str = "") -> Path:
+    """Where the policy is read from (it need not exist): the configured file, else the defaults."""
+    if configured:
+        return Path(configured).expanduser()
     local = Path("scheduler") / "policy.yaml"
     return local if local.is_file() else _REPO_POLICY
 
 
+def placement_of(settings: Settings) -> Policy:
+    """The policy these settings name (``policy``, ``headroom``), read once per process."""
+    return _read_once(settings.policy, settings.headroom)
+
+
+@lru_cache(maxsize=8)
+def _read_once(configured: str, headroom: str) -> Policy:
+    return read_policy(policy_path(configured), headroom)
+
+
 def load_policy(path: Path | None = None) -> Policy:
-    """The policy from ``path`` (default: ``policy_path()``), with LORAFARM_HEADROOM applied."""
-    path = path or policy_path()
+    """The policy of the environment as it is now (fresh settings); ``path`` overrides the file."""
+    settings = load_settings()
+    return read_policy(path or policy_path(settings.policy), settings.headroom)
+
+
+def read_policy(path: Path, headroom: str = "") -> Policy:
+    """The policy in ``path`` (defaults where it does not exist), ``headroom`` text overriding."""
     values = _read_yaml(path) if path.is_file() else {}
-    if os.environ.get("LORAFARM_HEADROOM"):
-        values["headroom"] = _headroom_from_env(os.environ["LORAFARM_HEADROOM"])
+    if headroom:
+        values["headroom"] = _headroom_from_env(headroom)
     known = {f.name for f in fields(Policy)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -1,8 +1,8 @@
 """The trainer process: ``python -m lora_farm.trainers JOB_FILE [--job-dir DIR] [--events PATH]``.
 
 Loads the spec, picks the program by task, runs the runtime, and turns how it ended into an exit
-code (``protocol.ExitCode``) plus a last ``error`` event. This module imports torch lazily, so the
-CLI can use ``default_job_dir`` without paying for it.
+code (``protocol.ExitCode``) plus a last ``error`` event. Torch is imported lazily, once a
+training really starts.
 """
 
 from __future__ import annotations
@@ -17,21 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
-from lora_farm.protocol import EventWriter, ExitCode
+from lora_farm.protocol import EventWriter, ExitCode, JobDir
 
 PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
             "image": ("lora_farm.trainers.image", "ImageProgram")}
-
-
-def default_job_dir(spec: Any) -> Path:
-    """``<output_dir or LORAFARM_OUTPUT_ROOT>/<batch or "default">/<name>/``: the farm's layout
-    (``<batch>/<job id>/``) with the name for an id; ``<output_dir>/<name>`` is the published
-    adapter (``publish.py``)."""
-    from lora_farm.jobs.spec import DEFAULT_BATCH
-    from lora_farm.settings import get_settings
-
-    root = Path(spec.output_dir) if spec.output_dir else get_settings().output_root_abs
-    return root.expanduser().absolute() / (spec.batch or DEFAULT_BATCH) / spec.name
 
 
 class _Events:
@@ -106,6 +95,12 @@ def _ranks_to_launch(args: argparse.Namespace) -> int:
         return 1  # the single process reports the spec problem properly
 
 
+def _output_root() -> Path:
+    from lora_farm.settings import get_settings
+
+    return get_settings().output_root_abs
+
+
 def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
     from lora_farm.jobs.loader import load_spec_file, write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
@@ -116,15 +111,16 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
     # farm's output root, which a relative LORAFARM_OUTPUT_ROOT would not reproduce from here)
     loaded = load_spec_file(Path(args.job_file), check_output=args.job_dir is None)
     spec = loaded.spec
-    job_dir = Path(args.job_dir).absolute() if args.job_dir else default_job_dir(spec)
+    job_dir = Path(args.job_dir).absolute() if args.job_dir else JobDir.of_spec(spec, _output_root()).root
     job_dir.mkdir(parents=True, exist_ok=True)
-    events.open_default(job_dir / "events.jsonl")
-    if dist.is_main and not (job_dir / "config.resolved.yaml").exists():
-        write_resolved(spec, job_dir / "config.resolved.yaml")
+    paths = JobDir(job_dir)
+    events.open_default(paths.events)
+    if dist.is_main and not paths.resolved_config.exists():
+        write_resolved(spec, paths.resolved_config)
     device = choose_device(dist.local_rank)
     precision = choose_precision(spec.mixed_precision, device)
     dist.init(device)
-    resume = latest_checkpoint(job_dir / "checkpoints")
+    resume = latest_checkpoint(paths.checkpoints)
     events.emit("start", pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 device=device_label(device), attempt_resume_step=resume.step if resume else 0,
                 job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.spec import ImageJobSpec
 from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from lora_farm.protocol import JobDir
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.distributed import DistContext
@@ -281,7 +282,7 @@ class ImageProgram(TrainingProgram):
             if set(part) != expected or getattr(result, "unexpected_keys", None):
                 raise ModelLoadError(
                     f"checkpoint LoRA for `{name}` does not match the model ({len(part)} tensors, "
-                    f"expected {len(expected)}). Fix: delete {self.job_dir / 'checkpoints'} to start over.")
+                    f"expected {len(expected)}). Fix: delete {JobDir(self.job_dir).checkpoints} to start over.")
 
     # -- export -----------------------------------------------------------------------------
 
@@ -294,9 +295,9 @@ class ImageProgram(TrainingProgram):
                  "text_encoder_trained": len(self.adapted) > 1,
                  "prediction_type": self.model.noise_scheduler.config.prediction_type}
         metadata = exporter.kohya_metadata(self.spec, self.model.family, self.model.base_model_version, facts)
-        kohya = exporter.write_kohya(self.job_dir / f"{self.spec.name}.safetensors", tensors, metadata)
+        kohya = exporter.write_kohya(JobDir(self.job_dir).kohya(self.spec.name), tensors, metadata)
         configs = {name: module.peft_config[ADAPTER].to_dict() for name, module in self.adapted.items()}
-        diffusers = exporter.write_diffusers(self.job_dir / "diffusers", pipeline_class(self.model.family),
+        diffusers = exporter.write_diffusers(JobDir(self.job_dir).diffusers, pipeline_class(self.model.family),
                                              states, configs, self.spec)
         return [(kohya, "kohya"), (diffusers, "diffusers")]
 

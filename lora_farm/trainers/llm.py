@@ -17,7 +17,8 @@ from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.jobs.datasets import TextExample, load_examples
 from lora_farm.trainers.llm_data import IGNORE_INDEX, collate, tokenize_example
-from lora_farm.trainers.publish import ADAPTER_DIR, FILE_MODE, write_model_card
+from lora_farm.protocol import JobDir
+from lora_farm.trainers.publish import FILE_MODE, write_model_card
 
 USAGE = """from peft import AutoPeftModelForCausalLM
 
@@ -133,7 +134,7 @@ class LlmProgram(TrainingProgram):
 
     # -- export -------------------------------------------------------------------------------
     def export(self) -> list[tuple[Path, str]]:
-        folder = Path(self.job_dir) / ADAPTER_DIR
+        folder = JobDir(Path(self.job_dir)).adapter
         # peft would write the local model folder's absolute path: useless on any other machine
         self.model.peft_config["default"].base_model_name_or_path = self.spec.base_model_ref
         self.model.save_pretrained(folder, safe_serialization=True)

@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ADAPTER_DIR = "adapter"  # job_dir/adapter/: the LLM's PEFT adapter folder
+from lora_farm.protocol import JobDir, published_adapter
+
 ADAPTER_CONFIG = "adapter_config.json"
 FILE_MODE = 0o644  # artifacts are meant to be shared (safetensors writes 0600)
 
@@ -30,8 +31,7 @@ class PublishRefused(Exception):
 def published_path(spec: Any) -> Path:
     from lora_farm.settings import get_settings
 
-    root = Path(spec.output_dir) if spec.output_dir else get_settings().output_root_abs
-    return root / (f"{spec.name}.safetensors" if spec.task == "image" else spec.name)
+    return published_adapter(spec.output_dir, get_settings().output_root_abs, spec.name, spec.task)
 
 
 def publish(spec: Any, job_dir: Path) -> Path:
@@ -43,11 +43,11 @@ def publish(spec: Any, job_dir: Path) -> Path:
         if spec.task == "image":
             if target.is_dir():
                 raise PublishRefused(f"{target} is a folder, not an earlier adapter file")
-            shutil.copyfile(job_dir / f"{spec.name}.safetensors", staging)
+            shutil.copyfile(JobDir(job_dir).kohya(spec.name), staging)
             os.chmod(staging, FILE_MODE)
             os.replace(staging, target)
         else:
-            shutil.copytree(job_dir / ADAPTER_DIR, staging)
+            shutil.copytree(JobDir(job_dir).adapter, staging)
             _replace_folder(staging, target)
     finally:
         if staging.is_dir():

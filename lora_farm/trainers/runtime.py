@@ -24,7 +24,7 @@ from typing import IO, Any
 import torch
 
 from lora_farm.errors import DatasetError, ModelLoadError
-from lora_farm.protocol import EventWriter
+from lora_farm.protocol import EventWriter, JobDir
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.device import (
@@ -148,7 +148,7 @@ class Runtime:
         self.dist = dist or DistContext()  # gpus: N -> this process is one of N ranks
         self.stop = StopFlag()
         self.phase_seconds: dict[str, float] = {}
-        self.checkpoint_root = Path(program.job_dir) / "checkpoints"
+        self.checkpoint_root = JobDir(Path(program.job_dir)).checkpoints
         self.step_losses: dict[int, float] = {}  # optimizer step (1-based) -> loss, this attempt
         self._cursor = _EpochCursor()
 
@@ -345,7 +345,7 @@ class _Reporter:
         # purge_step drops what a crashed attempt logged after the checkpoint we resume from
         self.board: Any = _NullBoard()  # only rank 0 writes TensorBoard events
         if runtime.dist.is_main:
-            self.board = SummaryWriter(log_dir=str(Path(runtime.program.job_dir) / "tensorboard"),
+            self.board = SummaryWriter(log_dir=str(JobDir(Path(runtime.program.job_dir)).tensorboard),
                                        purge_step=start_step + 1 if start_step else None)
 
     def step_done(self, step: int, loss: float, lr: float) -> None:

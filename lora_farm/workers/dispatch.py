@@ -26,8 +26,8 @@ from lora_farm.scheduler.place import (
     Reservation,
     place,
 )
-from lora_farm.scheduler.policy import Policy, load_policy
-from lora_farm.settings import Settings, get_settings
+from lora_farm.scheduler.policy import Policy, placement_of
+from lora_farm.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ QUEUE_WINDOW = 5000  # queued jobs one pass looks at (the rest wait their turn)
 
 
 def celery_sender(job_id: str, token: str, queue: str) -> None:
-    from lora_farm.workers.app import send_run_job
+    from lora_farm.workers.broker import send_run_job
 
     send_run_job(job_id, token, queue)
 
@@ -49,8 +49,8 @@ def dispatch_once(ledger: Ledger, send: Sender = celery_sender, *, settings: Set
 
     Returns the jobs placed; empty also when another pass held the lock (it runs again for us).
     """
-    settings = settings or get_settings()
-    policy = policy or load_policy()
+    settings = settings or ledger.settings
+    policy = policy or placement_of(settings)
     keys = ledger.keys
     lock = RedisLock(ledger.client, keys.dispatch_lock, ttl_seconds=60)
     if not lock.acquire():
@@ -86,8 +86,7 @@ def placement_pass(ledger: Ledger, send: Sender, settings: Settings, policy: Pol
 def _route(ledger: Ledger, placement: Placement, mb: float, send: Sender) -> bool:
     """Reserve in the ledger first, then send; a failed send gives the job back to the queue."""
     token = uuid.uuid4().hex[:16]
-    record = tr.schedule(ledger, placement.job_id, placement.gpu_uuids, mb, token)
-    if record is None:
+    if isinstance(tr.schedule(ledger, placement.job_id, placement.gpu_uuids, mb, token), tr.Refused):
         return False  # cancelled since the pass read the queue
     queue = f"gpu.{placement.gpu_uuids[0]}"
     try:

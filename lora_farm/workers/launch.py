@@ -21,7 +21,8 @@ from lora_farm.errors import GpuInventoryError
 from lora_farm.redis_conn import connect
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
 from lora_farm.settings import get_settings
-from lora_farm.workers.app import gpu_queue
+from lora_farm.workers.broker import gpu_queue
+from lora_farm.scheduler.policy import placement_of
 from lora_farm.workers.presence import GPU_ENV, slots_for
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def select_cards(wanted: list[str] | None) -> list[GpuInfo]:
 
 
 def worker_argv(card: GpuInfo, pool: str, loglevel: str) -> list[str]:
+    slots = slots_for(card, placement_of(get_settings()))
     return [sys.executable, "-m", "celery", "-A", "lora_farm.workers.app", "worker",
-            "-Q", gpu_queue(card.uuid), "-c", str(slots_for(card)), "-P", pool, "-E",
+            "-Q", gpu_queue(card.uuid), "-c", str(slots), "-P", pool, "-E",
             "-n", f"gpu-{card.uuid}@{socket.gethostname()}", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle"]
 

@@ -20,8 +20,8 @@ import redis
 from lora_farm.errors import GpuInventoryError
 from lora_farm.ledger import Ledger
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
-from lora_farm.scheduler.policy import load_policy
-from lora_farm.settings import Settings, get_settings
+from lora_farm.scheduler.policy import Policy, placement_of
+from lora_farm.settings import Settings
 from lora_farm.workers.dispatch import dispatch_once, publish_gpu
 from lora_farm.workers.reaper import reap
 
@@ -29,9 +29,8 @@ log = logging.getLogger(__name__)
 GPU_ENV = "LORAFARM_WORKER_GPU"
 
 
-def slots_for(info: GpuInfo) -> int:
+def slots_for(info: GpuInfo, policy: Policy) -> int:
     """How many jobs may share the card: the policy's limit (the placement enforces the same)."""
-    policy = load_policy()
     return policy.cpu_slot_jobs if info.source == "cpu" else policy.max_jobs_per_gpu
 
 
@@ -49,7 +48,7 @@ class Presence(threading.Thread):
                  settings: Settings | None = None):
         super().__init__(name="lorafarm-presence", daemon=True)
         self.ledger, self.gpu_uuid, self.worker_name, self.queues = ledger, gpu_uuid, worker_name, queues
-        self.settings = settings or get_settings()
+        self.settings = settings or ledger.settings
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -65,7 +64,7 @@ class Presence(threading.Thread):
 
     def tick(self) -> None:
         info = find_card(self.gpu_uuid, self.settings)
-        slots = slots_for(info)
+        slots = slots_for(info, placement_of(self.settings))
         publish_gpu(self.ledger, info.to_dict(), self.worker_name, slots)
         self.publish_worker(slots)
         dispatch_once(self.ledger, settings=self.settings)

@@ -18,13 +18,12 @@ import socket
 import time
 from pathlib import Path
 
-from lora_farm.archive import archive_at_end
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock, kept_alive
-from lora_farm.settings import Settings, get_settings
-from lora_farm.workers.outcome import retries_left
+from lora_farm.settings import Settings
+from lora_farm.workers import lifecycle
 from lora_farm.workers.trainer_process import kill_stale_group
 from lora_farm.workers.upload import ship_and_finish
 
@@ -34,7 +33,7 @@ S = JobState
 
 def reap(ledger: Ledger, settings: Settings | None = None, now: float | None = None) -> list[str]:
     """One sweep; returns a line per job it acted on."""
-    settings = settings or get_settings()
+    settings = settings or ledger.settings
     lock = RedisLock(ledger.client, ledger.keys.reaper_lock, ttl_seconds=120)
     if not lock.acquire():
         return []
@@ -59,26 +58,21 @@ def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: fl
     killed = ""
     if record.host == socket.gethostname() and record.pid and kill_stale_group(record.pid):
         killed = f"; killed its orphaned trainer group {record.pid}"
-    reason = f"runner heartbeat stale since {time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))} (worker lost)"
-    expect = {S.RUNNING}
-    if ledger.cancel_requested(record.id):
-        archive_at_end(record.job_dir)
-        tr.finish_cancelled(ledger, record.id, "cancelled (runner was lost)", expect=expect,
-                            token=record.token)
-        return "cancelled" + killed
-    if retries_left(record):
-        tr.requeue(ledger, record.id, reason, expect=expect, token=record.token)
-        return f"requeued for attempt {record.attempt + 1}" + killed
-    archive_at_end(record.job_dir)
-    tr.fail(ledger, record.id, f"{reason}; no retries left", expect=expect, token=record.token)
-    return "failed (no retries left)" + killed
+    stale = time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))
+    after = lifecycle.end_attempt(ledger, record, f"runner heartbeat stale since {stale} (worker lost)",
+                                  cancel_reason="cancelled (runner was lost)")
+    if isinstance(after, tr.Refused):
+        return ""
+    if after.state == S.QUEUED.value:
+        return f"requeued for attempt {after.attempt}" + killed
+    return ("failed (no retries left)" if after.state == S.FAILED.value else after.state) + killed
 
 
 def _reap_scheduled(ledger: Ledger, record: JobRecord, settings: Settings, now: float) -> str:
     if now - (record.scheduled_at or now) <= settings.stale_after_seconds:
         return ""
     reason = f"not started on {record.gpu} within {settings.stale_after_seconds:.0f}s"
-    if tr.unschedule(ledger, record.id, reason, record.token) is None:
+    if isinstance(tr.unschedule(ledger, record.id, reason, record.token), tr.Refused):
         return ""
     return "back to the queue: " + reason
 

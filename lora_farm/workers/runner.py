@@ -21,7 +21,6 @@ from typing import Any
 
 import redis
 
-from lora_farm.archive import archive_at_end
 from lora_farm.backoff import backoff_seconds
 from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.spec import spec_from_dict
@@ -29,17 +28,16 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import Heartbeat, RedisLock
-from lora_farm.protocol import EventTail
+from lora_farm.protocol import EventTail, JobDir
 from lora_farm.scheduler.gpus import pinned_env
 from lora_farm.settings import Settings, get_settings
+from lora_farm.workers import lifecycle
 from lora_farm.workers import trainer_process as tp
 from lora_farm.workers.outcome import (
     Outcome,
     RunEvidence,
     Verdict,
     classify,
-    degraded_plan,
-    retries_left,
 )
 from lora_farm.workers.shutdown import claim_stop_signal, is_stopping, sigterm_sets_flag
 from lora_farm.workers.upload import ship_and_finish
@@ -63,8 +61,8 @@ class RunnerOptions:
 
 def job_dir_for(record: JobRecord, settings: Settings) -> Path:
     """``<output_dir or LORAFARM_OUTPUT_ROOT>/<batch>/<job_id>/`` (docs/internals.md)."""
-    root = Path(record.spec.get("output_dir") or settings.output_root_abs)
-    return root / record.batch / record.id
+    return JobDir.locate(record.spec.get("output_dir"), settings.output_root_abs, record.batch,
+                         record.id).root
 
 
 def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | None = None) -> str:
@@ -76,8 +74,8 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
         return "duplicate"
     try:
         record = tr.start(ledger, job_id, token, socket.gethostname(), worker=options.worker_name)
-        if record is None:
-            log.info("job %s: not scheduled with token %s any more; dropping the message", job_id, token)
+        if isinstance(record, tr.Refused):
+            log.info("job %s: %s (token %s); dropping the message", job_id, record.why, token)
             return "stale"
         # the lock is kept alive until the job has left our hands (after the upload too)
         heartbeat = Heartbeat(lambda: _beat(ledger, record, lock), options.settings.heartbeat_seconds,
@@ -102,7 +100,7 @@ class _Watch:
 
     def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path):
         self.ledger, self.record, self.job_dir = ledger, record, job_dir
-        self.tail = EventTail(job_dir / "events.jsonl")
+        self.tail = EventTail(JobDir(job_dir).events)
         self.tail.read_new()  # skip the events of earlier attempts
         self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
         self.artifacts: dict[str, str] = {}
@@ -136,10 +134,11 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     job_dir.mkdir(parents=True, exist_ok=True)
     resolved = _write_resolved(record, job_dir)
     watch = _Watch(ledger, record, job_dir)
-    _log_header(job_dir / "train.log", record)
-    process = tp.spawn(options.trainer_argv(resolved, job_dir, job_dir / "events.jsonl"),
+    paths = JobDir(job_dir)
+    _log_header(paths.log, record)
+    process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
                        tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
-                       job_dir / "train.log", cwd=job_dir)
+                       paths.log, cwd=job_dir)
     try:
         ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
         _watch_until_exit(process, watch, heartbeat, lock, options)
@@ -228,65 +227,29 @@ def _beat(ledger: Ledger, record: JobRecord, lock: RedisLock) -> bool:
 
 
 def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: RunnerOptions) -> None:
-    """Move the job on; every branch leaves ``running`` and so releases the reservation."""
-    job_id, token, outcome = record.id, record.token, verdict.outcome
-    code = verdict.extra.get("returncode")
+    """Move the job on (lifecycle.py); every branch leaves ``running`` and so releases the card."""
+    outcome, code = verdict.outcome, verdict.extra.get("returncode")
     if outcome == Outcome.LOST:
-        log.warning("job %s: lost its lock; leaving the ledger to the new owner", job_id)
+        log.warning("job %s: lost its lock; leaving the ledger to the new owner", record.id)
         return
     if outcome == Outcome.SUCCEEDED:
-        _calibrate(ledger, job_id)
+        _calibrate(ledger, record.id)
         job_dir = job_dir_for(record, options.settings)
-        if tr.begin_upload(ledger, job_id, token, str(job_dir)) is not None:
+        if not isinstance(lifecycle.trained(ledger, record, str(job_dir)), tr.Refused):
             if options.after_release is not None:  # the card is free while we upload
                 _safely(options.after_release, "dispatch before upload")
-            ship_and_finish(ledger, job_id, job_dir)
+            ship_and_finish(ledger, record.id, job_dir)
         return
     if outcome == Outcome.SHUTDOWN:
         reason = f"worker {options.worker_name or '(this one)'} shut down; {verdict.reason}"
-        log.info("job %s: %s; requeued (retry budget untouched)", job_id, reason)
-        tr.requeue(ledger, job_id, reason, expect={S.RUNNING}, token=token, exit_code=code,
-                   shutdown=True)
-        return
-    if outcome == Outcome.CANCELLED:
-        _archive_logs(record, options.settings)
-        tr.finish_cancelled(ledger, job_id, expect={S.RUNNING}, token=token)
-        return
-    if outcome in (Outcome.OOM, Outcome.CRASHED, Outcome.INTERRUPTED):
-        _retry_or_fail(ledger, record, verdict, options.settings)
-        return
-    _archive_logs(record, options.settings)
-    tr.fail(ledger, job_id, verdict.reason, expect={S.RUNNING}, token=token, exit_code=code)
-
-
-def _retry_or_fail(ledger: Ledger, record: JobRecord, verdict: Verdict, settings: Settings) -> None:
-    current = ledger.get(record.id)
-    if current.cancel_requested:  # the user asked to cancel while the trainer crashed: honour it
-        _archive_logs(record, settings)
-        tr.finish_cancelled(ledger, record.id, f"cancelled by user (the run had ended: "
-                            f"{verdict.reason})", expect={S.RUNNING}, token=record.token)
-        return
-    plan: dict[str, Any] | None = None
-    reason = verdict.reason
-    if verdict.outcome == Outcome.OOM:
-        plan = degraded_plan(current.spec, current.plan)
-        if plan is None:
-            reason += "; nothing left to degrade (batch_size 1 with gradient checkpointing)"
-    if retries_left(current) and not (verdict.outcome == Outcome.OOM and plan is None):
-        log.info("job %s: %s; requeued for attempt %d", record.id, reason, current.attempt + 1)
-        tr.requeue(ledger, record.id, reason, expect={S.RUNNING}, plan=plan, token=record.token,
-                   exit_code=verdict.extra.get("returncode"))
-        return
-    if not retries_left(current):
-        reason += f"; no retries left ({current.max_retries} allowed)"
-    _archive_logs(record, settings)
-    tr.fail(ledger, record.id, reason, expect={S.RUNNING}, token=record.token,
-            exit_code=verdict.extra.get("returncode"))
-
-
-def _archive_logs(record: JobRecord, settings: Settings) -> None:
-    """``logs.tar.gz`` next to the job's files at every end (shipping writes it on success)."""
-    archive_at_end(job_dir_for(record, settings))
+        lifecycle.requeue_after_shutdown(ledger, record, reason, exit_code=code)
+    elif outcome == Outcome.CANCELLED:
+        lifecycle.stopped_on_request(ledger, record)
+    elif outcome in (Outcome.OOM, Outcome.CRASHED, Outcome.INTERRUPTED):
+        lifecycle.end_attempt(ledger, record, verdict.reason, exit_code=code,
+                              degrade=outcome == Outcome.OOM)
+    else:
+        lifecycle.fail_attempt(ledger, record, verdict.reason, exit_code=code)
 
 
 def _calibrate(ledger: Ledger, job_id: str) -> None:
@@ -308,7 +271,7 @@ def _write_resolved(record: JobRecord, job_dir: Path) -> Path:
     from lora_farm.jobs.loader import write_resolved
 
     spec = spec_from_dict(record.effective_spec())
-    return write_resolved(spec, job_dir / "config.resolved.yaml")
+    return write_resolved(spec, JobDir(job_dir).resolved_config)
 
 
 def _log_header(log_path: Path, record: JobRecord) -> None:

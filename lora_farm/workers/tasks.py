@@ -13,11 +13,10 @@ import logging
 import os
 from functools import lru_cache
 
-from celery import signals
+from celery import shared_task, signals
 
 from lora_farm.ledger import Ledger
 from lora_farm.settings import get_settings
-from lora_farm.workers.app import app
 from lora_farm.workers.dispatch import dispatch_once
 from lora_farm.workers.presence import GPU_ENV, Presence
 from lora_farm.workers.runner import RunnerOptions, run_job
@@ -36,7 +35,7 @@ def worker_ledger() -> Ledger:
     return _ledger_for(os.getpid())
 
 
-@app.task(name="lorafarm.run_job", bind=True)
+@shared_task(name="lorafarm.run_job", bind=True)
 def run_job_task(self, job_id: str, token: str) -> str:
     ledger = worker_ledger()
     options = RunnerOptions(settings=get_settings(), after_release=lambda: dispatch_once(ledger),

@@ -18,13 +18,14 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock, kept_alive
-from lora_farm.settings import Settings, get_settings
+from lora_farm.settings import Settings
+from lora_farm.workers import lifecycle
 
 log = logging.getLogger(__name__)
 
 
 def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
-                    settings: Settings | None = None) -> JobRecord | None:
+                    settings: Settings | None = None) -> tr.Result:
     """One upload attempt of a job in ``uploading``; returns the record after it.
 
     Success -> ``succeeded`` with the artifact URIs. A storage failure keeps it ``uploading``
@@ -34,19 +35,19 @@ def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
         ship_job,  # boto3 is loaded only where something is shipped
     )
 
-    settings = settings or get_settings()
+    settings = settings or ledger.settings
     record = ledger.get(job_id)
     try:
         result = ship_job(Path(job_dir), job_id, record.batch, record.name, settings=settings)
     except ArtifactMissing as error:
-        return tr.upload_failed(ledger, job_id, str(error), final=True)
+        return lifecycle.upload_impossible(ledger, job_id, str(error))
     except StorageError as error:
         tries = record.upload_tries + 1
         wait = backoff_seconds(tries, settings.upload_retry_seconds, settings.upload_retry_max_seconds)
         log.warning("job %s: upload failed (try %d), next try in %.0fs: %s", job_id, tries, wait, error)
         ledger.update(job_id, {"upload_tries": tries, "next_upload_at": time.time() + wait})
-        return tr.upload_failed(ledger, job_id, str(error))
-    return tr.upload_succeeded(ledger, job_id, result.uris, result.manifest_uri)
+        return tr.upload_waits(ledger, job_id, str(error))
+    return lifecycle.uploaded(ledger, job_id, result.uris, result.manifest_uri)
 
 
 def retry_upload(ledger: Ledger, job_id: str, settings: Settings | None = None) -> JobRecord:
@@ -55,7 +56,7 @@ def retry_upload(ledger: Ledger, job_id: str, settings: Settings | None = None) 
     Holds the job lock while it ships, so the reaper or a second command never uploads the same
     job at the same time. Raises ``LoraFarmError`` when the job is not waiting for an upload.
     """
-    settings = settings or get_settings()
+    settings = settings or ledger.settings
     record = ledger.find(job_id)
     if record.state != JobState.UPLOADING.value:
         raise LoraFarmError(f"job {record.id} is `{record.state}`, not `uploading`: there is no "
@@ -66,6 +67,6 @@ def retry_upload(ledger: Ledger, job_id: str, settings: Settings | None = None) 
                             "in a minute.")
     with lock, kept_alive(lock, settings.heartbeat_seconds):
         after = ship_and_finish(ledger, record.id, Path(record.job_dir), settings=settings)
-    if after is None:
+    if isinstance(after, tr.Refused):
         raise JobNotFound(f"job {record.id} left `uploading` while the upload ran.")
     return after

@@ -171,7 +171,8 @@ class ImageJobSpec(JobSpec):
     cache_latents: bool = Field(False, description="encode each image with the VAE once")
     train_text_encoder: bool = Field(False, description="also put LoRA on the text encoder(s)")
     base_model_config: Path | None = Field(
-        None, description="diffusers folder with the configs/tokenizers of a single-file checkpoint")
+        None, description="diffusers folder with the configs/tokenizers of a single-file checkpoint "
+                          "(not needed for the released SD 1.5 / SDXL shapes)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset noise (darker/brighter "
                                 "images); 0 = off")
 

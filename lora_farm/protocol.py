@@ -39,6 +39,10 @@ class ExitCode(IntEnum):
     INTERRUPTED = 4  # SIGTERM/SIGINT: a checkpoint was written, then the process exited
 
 
+def _in_job_dir(name: str) -> property:
+    return property(lambda self: self.root / name)
+
+
 @dataclass(frozen=True)
 class JobDir:
     """One job's folder: ``<output_dir or output root>/<batch>/<job id or name>/`` and what is in it."""
@@ -62,41 +66,15 @@ class JobDir:
 
         return cls.locate(spec.output_dir, output_root, spec.batch or DEFAULT_BATCH, spec.name)
 
-    @property
-    def resolved_config(self) -> Path:
-        return self.root / "config.resolved.yaml"  # the spec as it runs (degraded plan applied)
-
-    @property
-    def log(self) -> Path:
-        return self.root / "train.log"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    @property
-    def log_archive(self) -> Path:
-        return self.root / "logs.tar.gz"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def diffusers(self) -> Path:
-        return self.root / "diffusers"  # image: the diffusers LoRA file
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"  # llm: the PEFT adapter folder
+    resolved_config = _in_job_dir("config.resolved.yaml")  # the spec as it runs (degraded plan applied)
+    log = _in_job_dir("train.log")
+    events = _in_job_dir("events.jsonl")
+    checkpoints = _in_job_dir("checkpoints")
+    tensorboard = _in_job_dir("tensorboard")
+    log_archive = _in_job_dir("logs.tar.gz")
+    manifest = _in_job_dir("manifest.json")
+    diffusers = _in_job_dir("diffusers")  # image: the diffusers LoRA file
+    adapter = _in_job_dir("adapter")  # llm: the PEFT adapter folder
 
     def kohya(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"  # image: the single-file LoRA

@@ -23,9 +23,9 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock, kept_alive
+from lora_farm.process_group import kill_group
 from lora_farm.settings import Settings, get_settings
 from lora_farm.workers.outcome import retries_left
-from lora_farm.workers.trainer_process import kill_stale_group
 from lora_farm.workers.upload import ship_and_finish
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: fl
     if now - (record.heartbeat or record.started or 0) <= settings.stale_after_seconds:
         return ""
     killed = ""
-    if record.host == socket.gethostname() and record.pid and kill_stale_group(record.pid):
+    if record.host == socket.gethostname() and record.pid and kill_group(record.pid):
         killed = f"; killed its orphaned trainer group {record.pid}"
     reason = f"runner heartbeat stale since {time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))} (worker lost)"
     expect = {S.RUNNING}

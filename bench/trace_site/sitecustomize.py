@@ -40,16 +40,17 @@ def _role() -> str:
     return os.path.basename(sys.argv[0] or "python")
 
 
-def _caller() -> str:
-    """The innermost lora_farm function outside the wrapped ones and the ledger's store."""
-    frame = sys._getframe(3)  # past _caller, record and the wrapper
-    while frame is not None:
+def _caller(depth: int = 3) -> str:
+    """The innermost ``depth`` lora_farm functions outside the ledger's store, innermost first:
+    ``ledger.transitions.apply < ledger.transitions.start < workers.runner.run_job``."""
+    frame, chain = sys._getframe(3), []  # past _caller, record and the wrapper
+    while frame is not None and len(chain) < depth:
         path = frame.f_code.co_filename.replace(os.sep, "/")
         if "/lora_farm/" in path and not path.endswith("ledger/store.py"):
             module = path.rsplit("/lora_farm/", 1)[1][:-3].replace("/", ".")
-            return f"{module}.{frame.f_code.co_name}"
+            chain.append(f"{module}.{frame.f_code.co_name}")
         frame = frame.f_back
-    return "?"
+    return " < ".join(chain) or "?"
 
 
 def record(kind: str, what: str) -> None:

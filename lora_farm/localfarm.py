@@ -19,10 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +28,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from lora_farm.errors import BrokerUnavailable, ConfigError
+from lora_farm.process_group import signal_group, spawn_in_own_group, terminate_then_kill, wait_while
 from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings, get_settings
 
@@ -114,9 +113,8 @@ def _spawn(role: str, argv: list[str], log: Path, name: str = "", stdin: str | N
            env: dict[str, str] | None = None) -> FarmProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as stream:
-        process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                   start_new_session=True, env=env)
+        process = spawn_in_own_group(argv, stdout=stream, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
     if stdin is not None:
         process.stdin.write(stdin.encode())
         process.stdin.close()
@@ -264,16 +262,11 @@ def process_count(processes: list[FarmProcess]) -> int:
 
 
 def stop_processes(processes: list[FarmProcess], grace: float) -> None:
+    """Role by role, each process with its whole group: a worker's pool children and its
+    trainers go with it."""
     for role in STOP_ORDER:
-        group = [p for p in processes if p.role == role and _alive(p)]
-        for process in group:
-            _signal(process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while any(_alive(p) for p in group) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for process in group:
-            if _alive(process):
-                _signal(process, signal.SIGKILL)
+        terminate_then_kill([p for p in processes if p.role == role], grace, alive=_alive,
+                            send=lambda process, sig: signal_group(process.pid, sig))
 
 
 def _alive(process: FarmProcess) -> bool:
@@ -285,20 +278,10 @@ def _alive(process: FarmProcess) -> bool:
         return False
 
 
-def _signal(process: FarmProcess, sig: signal.Signals) -> None:
-    # the whole group: a worker's pool children and its trainers go with it
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise ConfigError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+    wait_while(lambda: not condition(), timeout)
+    if not condition():
+        raise ConfigError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def state_file(settings: Settings) -> Path:

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from lora_farm.ledger import transitions as tr
+from lora_farm.process_group import group_exists
 from lora_farm.settings import get_settings
 from lora_farm.submit import submit_files
 from lora_farm.workers.broker import send_run_job
-from lora_farm.workers.trainer_process import group_exists
 from tests.fixtures_farm import (
     all_done,
     checkpoint_events,

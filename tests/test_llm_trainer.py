@@ -243,6 +243,24 @@ def test_bad_data_exits_with_bad_input_before_training(tmp_path, tiny_llm):
     assert not any(e["event"] == "phase" and e["phase"] == "train" for e in events)
 
 
+def test_a_resolved_spec_whose_data_is_gone_exits_with_bad_input_naming_it(tmp_path, tiny_llm):
+    """--resolved (the runner, `lorafarm train`): the file is not validated again, but data and
+    model that vanished since submit are named before anything loads."""
+    from lora_farm.jobs.loader import load_spec_file, write_resolved
+
+    data = write_text_dataset(tmp_path / "data.jsonl", 8, "jsonl")
+    spec = load_spec_file(write_spec(tmp_path, tiny_llm, data)).spec
+    job = tmp_path / "job"
+    resolved = write_resolved(spec, job / "config.resolved.yaml")
+    data.unlink()
+    process = start_trainer(resolved, job, trainer_env(tmp_path), "--resolved", "--events",
+                            str(job / "events.jsonl"))
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == ExitCode.BAD_INPUT, output
+    assert "`train_data_dir`" in output and str(data) in output and "Traceback" not in output
+    assert list(read_events(job / "events.jsonl"))[-1]["kind"] == "bad_input"
+
+
 def test_bad_records_past_the_validated_head_fail_in_check_data(tmp_path, tiny_llm):
     data = write_text_dataset(tmp_path / "data.jsonl", 150, "jsonl")
     with open(data, "a") as stream:

@@ -17,11 +17,11 @@ from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.ledger import NewJob
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock
+from lora_farm.process_group import group_exists
 from lora_farm.protocol import read_events
 from lora_farm.settings import get_settings
 from lora_farm.workers.reaper import reap
 from lora_farm.workers.runner import RunnerOptions, job_dir_for, run_job
-from lora_farm.workers.trainer_process import group_exists
 
 FAKE = Path(__file__).with_name("fake_trainer.py")
 

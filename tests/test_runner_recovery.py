@@ -86,7 +86,9 @@ def test_a_stopped_image_job_keeps_its_dataloader_workers_until_it_checkpointed(
                         resolution=64, num_workers=2, max_steps=100000, save_steps=100000)
     job_id = ledger.create_jobs([NewJob(spec, "runner", 0, 100.0)])[0].record.id
     tr.schedule(ledger, job_id, ["gpu0"], 100.0, token="tok1")
-    options = RunnerOptions(settings=get_settings(), poll_seconds=0.1, worker_name="w-loader")
+    # a step takes seconds on a busy 2-core machine: the checkpoint gets a grace that fits it
+    patient = get_settings().model_copy(update={"cancel_grace_seconds": 30.0})
+    options = RunnerOptions(settings=patient, poll_seconds=0.1, worker_name="w-loader")
     result = {}
     thread = threading.Thread(target=lambda: result.update(out=run_job(ledger, job_id, "tok1",
                                                                        options)))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lora_farm.cli import app
 from lora_farm.errors import SpecError
-from lora_farm.jobs.loader import load_spec_file, load_spec_files, write_resolved
+from lora_farm.jobs.loader import load_resolved, load_spec_file, load_spec_files, write_resolved
 from lora_farm.jobs.spec import ImageJobSpec, LlmJobSpec, parse_duration, spec_from_dict
 from lora_farm.settings import reload_settings
 
@@ -148,6 +148,34 @@ def test_resolved_spec_round_trips(tmp_path):
     again = load_spec_file(resolved).spec
     assert again == spec
     assert again.config_hash() == spec.config_hash()
+
+
+def test_a_resolved_spec_is_loaded_as_it_is_not_validated_again(tmp_path):
+    """The trainer's load of a config.resolved.yaml: no filesystem checks (they ran at submit;
+    the trainer reads every record itself before its first step), only that the data and model
+    are still there."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    path = tmp_path / "job.yaml"
+    path.write_text(f"base_model: {SPECS}/models/llm\ntrain_data_dir: {data}\n")
+    resolved = write_resolved(load_spec_file(path).spec, tmp_path / "config.resolved.yaml")
+    data.write_text('{"title": "no text"}\n')  # full validation rejects it now; not asked again
+    with pytest.raises(SpecError):
+        load_spec_file(resolved)
+    assert load_resolved(resolved).spec == load_spec_file(path, check_files=False).spec
+    data.unlink()
+    with pytest.raises(SpecError) as caught:
+        load_resolved(resolved)
+    problem = caught.value.problems[0]
+    assert (problem.file, problem.field) == (str(resolved), "train_data_dir")
+    assert str(data) in problem.message and problem.fix
+
+
+def test_a_records_spec_data_is_written_as_the_spec_itself_would_be(tmp_path):
+    spec = load_spec_file(SPECS / "valid" / "full_image.yaml").spec
+    record_data = dict(sorted(spec.to_yaml_dict().items()))  # a ledger record keeps keys sorted
+    from_spec = write_resolved(spec, tmp_path / "a.yaml").read_text()
+    assert write_resolved(record_data, tmp_path / "b.yaml").read_text() == from_spec
 
 
 def test_duplicate_names_in_one_submit_are_an_error(tmp_path):

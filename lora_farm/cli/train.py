@@ -1,14 +1,14 @@
 """``lorafarm train SPEC.yaml``: one job in the foreground, no Redis (lora-scripts' ``train.py``).
 
-The training runs in a child process (``python -m lora_farm.trainers``), exactly as on the farm, so
-exit codes, checkpoints and signal handling are the same; its output is shown and kept in
-``job_dir/train.log``. Ctrl-C or SIGTERM: the trainer checkpoints and stops; run the same
+The spec is validated here, once, and written to ``job_dir/config.resolved.yaml``, which the
+training reads as it is in a child process (``python -m lora_farm.trainers --resolved``), exactly
+as on the farm: exit codes, checkpoints and signal handling are the same. Its output is shown and
+kept in ``job_dir/train.log``. Ctrl-C or SIGTERM: the trainer checkpoints and stops; run the same
 command again to resume.
 """
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,7 @@ import typer
 
 from lora_farm.cli.app import app, console, fail
 from lora_farm.errors import SpecError
+from lora_farm.process_group import forwarding_signals, spawn_in_own_group
 from lora_farm.protocol import ExitCode, JobDir, published_adapter
 
 if TYPE_CHECKING:  # pydantic: not paid by `--help`
@@ -40,7 +41,7 @@ def train(
                                            help="job folder (default: <output_dir>/<batch>/<name>)"),
 ) -> None:
     """Train one job in the foreground (no Redis, no workers) and print where the outputs are."""
-    from lora_farm.jobs.loader import load_spec_file
+    from lora_farm.jobs.loader import load_spec_file, write_resolved
     from lora_farm.settings import get_settings
 
     try:
@@ -48,32 +49,28 @@ def train(
     except SpecError as error:
         fail(str(error), code=ExitCode.BAD_INPUT)
     folder = (job_dir or JobDir.of_spec(loaded.spec, get_settings().output_root_abs).root).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
-    code = run_trainer(spec, folder)
+    for note in loaded.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    code = run_trainer(write_resolved(loaded.spec, JobDir(folder).resolved_config), folder)
     _report(code, folder, loaded.spec)
     raise typer.Exit(code)
 
 
-def run_trainer(spec: Path, folder: Path) -> int:
+def run_trainer(resolved: Path, folder: Path) -> int:
     """Run the trainer process to its end, showing its output and appending it to train.log."""
-    command = [sys.executable, "-m", "lora_farm.trainers", str(spec), "--job-dir", str(folder)]
+    command = [sys.executable, "-m", "lora_farm.trainers", str(resolved), "--resolved",
+               "--job-dir", str(folder)]
     # its own session: a Ctrl-C reaches the trainer once, through us, and never twice
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             bufsize=1, start_new_session=True)
-    forward = lambda number, _frame: child.send_signal(number)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with open(JobDir(folder).log, "a", encoding="utf-8") as log:
-            assert child.stdout is not None
-            for line in child.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                log.write(line)
-                log.flush()
+    child = spawn_in_own_group(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1)
+    with forwarding_signals([child]), open(JobDir(folder).log, "a", encoding="utf-8") as log:
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
         return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _report(code: int, folder: Path, spec: JobSpec) -> None:

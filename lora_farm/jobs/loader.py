@@ -92,11 +92,33 @@ def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool =
     return LoadedSpec(spec, path, notes)
 
 
-def write_resolved(spec: JobSpec, path: Path) -> Path:
-    """Write the spec with absolute paths and every default: what the trainer actually runs."""
+def load_resolved(path: Path) -> LoadedSpec:
+    """A ``config.resolved.yaml`` as it is: validated in full once already (at submit, or by
+    `lorafarm train`), so only read into its model; of what may have changed since, only its
+    data and model are checked to be still there (the trainer reads every example anyway)."""
+    label = str(path)
+    problems: list[SpecProblem] = []
+    spec, _ = _validate(label, _read_mapping(Path(path), label), problems)
+    if not problems:  # a whole spec: are its data and model still there?
+        problems = [SpecProblem(label, key, f"no longer exists: {str(value)!r}.", "restore it, or "
+                                "submit the job again with the new path.") for key in PATH_FIELDS
+                    if key != "output_dir" and (value := getattr(spec, key, None)) is not None
+                    and not value.exists()]
+    if problems or spec is None:
+        raise SpecError(problems)
+    return LoadedSpec(spec, Path(path))
+
+
+def write_resolved(spec: JobSpec | dict[str, Any], path: Path) -> Path:
+    """Write the spec with absolute paths and every default: what the trainer actually runs.
+    A dict is a spec's ``to_yaml_dict()`` (a job record's, validated at submit): written as it is,
+    its keys in the model's order (a record holds them sorted)."""
+    data = spec if isinstance(spec, dict) else spec.to_yaml_dict()
+    order = {key: index for index, key in enumerate(SPEC_CLASSES[data["task"]].model_fields)}
+    data = dict(sorted(data.items(), key=lambda item: order.get(item[0], len(order))))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_yaml(spec.to_yaml_dict()), encoding="utf-8")
+    tmp.write_text(dump_yaml(data), encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -10,7 +10,6 @@ TensorBoard and the exported adapter; every rank reads the checkpoint it resumes
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lora_farm.process_group import forwarding_signals, signal_process, terminate_then_kill
 from lora_farm.protocol import ExitCode
 
 RANK_GRACE_SECONDS = 30.0  # a failed rank's peers get this long to stop before SIGKILL
@@ -103,37 +103,21 @@ def launch_ranks(argv: list[str], world: int) -> int:
     port = _free_port()
     children = [subprocess.Popen([sys.executable, "-m", "lora_farm.trainers", *argv],
                                  env=_rank_env(rank, world, port)) for rank in range(world)]
-
-    def forward(number: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(number)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes = _wait_all(children)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return combine_exit_codes(codes)
+    with forwarding_signals(children):
+        return combine_exit_codes(_wait_all(children))
 
 
 def _wait_all(children: list[subprocess.Popen], grace_seconds: float = RANK_GRACE_SECONDS) -> list[int]:
     """Wait for every rank. When one fails, the others would block in a collective until the
-    backend's timeout (minutes, holding every card): stop them — SIGTERM, grace, SIGKILL."""
-    failed_at: float | None = None
+    backend's timeout (minutes, holding every card): stop them — SIGTERM, grace, SIGKILL (each
+    rank alone: they share the launcher's group, which the runner stops as a whole)."""
     while any(child.poll() is None for child in children):
-        if failed_at is None and any(child.returncode not in (None, 0) for child in children):
-            failed_at = time.monotonic()
-            for child in children:
-                if child.poll() is None:
-                    child.terminate()
-        if failed_at is not None and time.monotonic() - failed_at > grace_seconds:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
+        if any(child.returncode not in (None, 0) for child in children):
+            terminate_then_kill(children, grace_seconds, alive=lambda child: child.poll() is None,
+                                send=lambda child, sig: signal_process(child.pid, sig))
+            break
         time.sleep(0.1)
-    return [child.returncode for child in children]
+    return [child.wait() for child in children]
 
 
 def combine_exit_codes(codes: list[int]) -> int:

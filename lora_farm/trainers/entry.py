@@ -1,8 +1,8 @@
-"""The trainer process: ``python -m lora_farm.trainers JOB_FILE [--job-dir DIR] [--events PATH]``.
+"""The trainer process: ``python -m lora_farm.trainers JOB_FILE [--resolved] [--job-dir DIR] ...``.
 
-Loads the spec, picks the program by task, runs the runtime, and turns how it ended into an exit
-code (``protocol.ExitCode``) plus a last ``error`` event. Torch is imported lazily, once a
-training really starts.
+Loads the spec (``--resolved``: validated already, taken as it is), picks the program by task, runs
+the runtime, and turns how it ended into an exit code (``protocol.ExitCode``) plus a last ``error``
+event. Torch is imported lazily, once a training really starts.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lora_farm.trainers",
                                      description="Run one LoRA training job in this process.")
     parser.add_argument("job_file", help="job spec YAML (a user's or a config.resolved.yaml)")
+    parser.add_argument("--resolved", action="store_true",
+                        help="JOB_FILE was validated already: only check its data and model exist")
     parser.add_argument("--job-dir", help="job folder (default: <output_dir>/<batch>/<name>)")
     parser.add_argument("--events", help="events file (default: <job_dir>/events.jsonl)")
     return parser.parse_args(argv)
@@ -89,10 +91,24 @@ def _ranks_to_launch(args: argparse.Namespace) -> int:
         return 1  # already a rank
     from lora_farm.jobs.loader import load_spec_file
 
-    try:
-        return load_spec_file(Path(args.job_file), check_files=False).spec.gpus
+    try:  # a user's file is only parsed here: _run validates it, its signal handlers in place
+        loaded = _load(args) if args.resolved else load_spec_file(Path(args.job_file),
+                                                                    check_files=False)
+        return loaded.spec.gpus
     except LoraFarmError:
         return 1  # the single process reports the spec problem properly
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The ``LoadedSpec``, loaded once per process."""
+    from lora_farm.jobs.loader import load_resolved, load_spec_file
+
+    if not hasattr(args, "loaded"):
+        # with --job-dir the caller chose the folder (the runner: checked at submit against the
+        # farm's output root, which a relative LORAFARM_OUTPUT_ROOT would not reproduce here)
+        args.loaded = load_resolved(Path(args.job_file)) if args.resolved else load_spec_file(
+            Path(args.job_file), check_output=args.job_dir is None)
+    return args.loaded
 
 
 def _output_root() -> Path:
@@ -102,14 +118,12 @@ def _output_root() -> Path:
 
 
 def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
-    from lora_farm.jobs.loader import load_spec_file, write_resolved
+    from lora_farm.jobs.loader import write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
     from lora_farm.trainers.device import choose_device, choose_precision, device_label
     from lora_farm.trainers.runtime import Runtime
 
-    # with --job-dir the caller chose the folder (the runner: checked at submit against the
-    # farm's output root, which a relative LORAFARM_OUTPUT_ROOT would not reproduce from here)
-    loaded = load_spec_file(Path(args.job_file), check_output=args.job_dir is None)
+    loaded = _load(args)
     spec = loaded.spec
     job_dir = Path(args.job_dir).absolute() if args.job_dir else JobDir.of_spec(spec, _output_root()).root
     job_dir.mkdir(parents=True, exist_ok=True)

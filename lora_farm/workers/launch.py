@@ -18,6 +18,7 @@ import sys
 import time
 
 from lora_farm.errors import GpuInventoryError
+from lora_farm.process_group import signal_running
 from lora_farm.redis_conn import connect
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
 from lora_farm.settings import get_settings
@@ -61,9 +62,7 @@ def run_workers(wanted: list[str] | None, pool: str = "prefork", loglevel: str =
 
     def forward(signum: int, _frame: object) -> None:
         stopping.append(signum)
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        signal_running(processes.values(), signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
@@ -80,7 +79,5 @@ def _supervise(processes: dict[str, subprocess.Popen], stopping: list[int]) -> i
             print(f"lorafarm: the worker of {uuid} exited with {code}; stopping the others",
                   file=sys.stderr, flush=True)
             stopping.append(signal.SIGTERM)
-            for process in processes.values():
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
+            signal_running(processes.values(), signal.SIGTERM)
         time.sleep(0.5)

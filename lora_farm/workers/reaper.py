@@ -22,9 +22,9 @@ from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock, kept_alive
+from lora_farm.process_group import kill_group
 from lora_farm.settings import Settings
 from lora_farm.workers import lifecycle
-from lora_farm.workers.trainer_process import kill_stale_group
 from lora_farm.workers.upload import ship_and_finish
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ def reap(ledger: Ledger, settings: Settings | None = None, now: float | None = N
         now = now or time.time()
         for state, handler in ((S.RUNNING, _reap_running), (S.SCHEDULED, _reap_scheduled),
                                (S.UPLOADING, _reap_uploading)):
-            for record in ledger.records(ledger.ids_in_state(state)):
-                if ledger.client.exists(ledger.keys.job_lock(record.id)):
-                    continue  # a live runner owns it
+            for record in ledger.records(_unowned(ledger, ledger.ids_in_state(state))):
                 action = handler(ledger, record, settings, now)
                 if action:
                     log.warning("reaper: job %s: %s", record.id, action)
@@ -52,11 +50,20 @@ def reap(ledger: Ledger, settings: Settings | None = None, now: float | None = N
     return actions
 
 
+def _unowned(ledger: Ledger, job_ids: set[str]) -> list[str]:
+    """The jobs no live runner holds (its job lock); only those records are read."""
+    ids = sorted(job_ids)
+    pipe = ledger.client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.exists(ledger.keys.job_lock(job_id))
+    return [job_id for job_id, held in zip(ids, pipe.execute()) if not held]
+
+
 def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: float) -> str:
     if now - (record.heartbeat or record.started or 0) <= settings.stale_after_seconds:
         return ""
     killed = ""
-    if record.host == socket.gethostname() and record.pid and kill_stale_group(record.pid):
+    if record.host == socket.gethostname() and record.pid and kill_group(record.pid):
         killed = f"; killed its orphaned trainer group {record.pid}"
     stale = time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))
     after = lifecycle.end_attempt(ledger, record, f"runner heartbeat stale since {stale} (worker lost)",

@@ -23,11 +23,13 @@ import redis
 
 from lora_farm.backoff import backoff_seconds
 from lora_farm.errors import LoraFarmError
+from lora_farm.jobs.loader import write_resolved
 from lora_farm.jobs.spec import spec_from_dict
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import Heartbeat, RedisLock
+from lora_farm.process_group import stop_group
 from lora_farm.protocol import EventTail, JobDir
 from lora_farm.scheduler.gpus import pinned_env
 from lora_farm.settings import Settings, get_settings
@@ -132,9 +134,10 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     settings = options.settings
     job_dir = job_dir_for(record, settings)
     job_dir.mkdir(parents=True, exist_ok=True)
-    resolved = _write_resolved(record, job_dir)
-    watch = _Watch(ledger, record, job_dir)
     paths = JobDir(job_dir)
+    # the spec was validated at submit; the plan (if any) is the farm's own: written as it is
+    resolved = write_resolved(record.effective_spec(), paths.resolved_config)
+    watch = _Watch(ledger, record, job_dir)
     _log_header(paths.log, record)
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
                        tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
@@ -144,7 +147,7 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
         _watch_until_exit(process, watch, heartbeat, lock, options)
     except BaseException:  # whatever went wrong here, no trainer is left running unwatched
         log.exception("job %s: the runner failed while its trainer ran; stopping it", record.id)
-        tp.stop_group(process, settings.cancel_grace_seconds)
+        stop_group(process, settings.cancel_grace_seconds)
         raise
     _safely(watch.absorb_events, "reading the last events")
     watch.record.artifacts = watch.artifacts
@@ -178,13 +181,13 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
         # at a shutdown the worker's main process may have sent the SIGTERM already: one only
         sigterm = not evidence.shutdown or claim_stop_signal(watch.ledger, watch.record.id,
                                                                watch.record.token)
-        evidence.returncode = tp.stop_group(process, options.settings.cancel_grace_seconds,
-                                            sigterm=sigterm)
+        evidence.returncode = stop_group(process, options.settings.cancel_grace_seconds,
+                                         sigterm=sigterm)
         return
     evidence.returncode = process.returncode
     # the worker's main process may have sent the SIGTERM itself (shutdown.stop_trainers)
     evidence.shutdown = process.returncode != 0 and is_stopping(watch.ledger, options.worker_name)
-    tp.stop_group(process, grace_seconds=2)  # children the trainer left behind
+    stop_group(process, grace_seconds=2)  # children the trainer left behind
 
 
 def _cancel_requested(watch: _Watch) -> bool:
@@ -264,14 +267,6 @@ def _calibrate(ledger: Ledger, job_id: str) -> None:
                        spec_from_dict(record.effective_spec()), record.peak_vram_mb)
     except (redis.RedisError, ValueError, LoraFarmError) as error:
         log.warning("job %s: calibration not recorded: %s", job_id, error)
-
-
-def _write_resolved(record: JobRecord, job_dir: Path) -> Path:
-    """The spec with the degraded plan applied, as the trainer will read it."""
-    from lora_farm.jobs.loader import write_resolved
-
-    spec = spec_from_dict(record.effective_spec())
-    return write_resolved(spec, JobDir(job_dir).resolved_config)
 
 
 def _log_header(log_path: Path, record: JobRecord) -> None:

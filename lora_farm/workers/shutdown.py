@@ -30,7 +30,7 @@ import redis
 
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import Ledger
-from lora_farm.workers.trainer_process import signal_leader
+from lora_farm.process_group import signal_process
 
 log = logging.getLogger(__name__)
 STOPPING_TTL_SECONDS = 3600  # longer than any stop grace; cleared when a worker of the name starts
@@ -83,7 +83,7 @@ def stop_trainers(ledger: Ledger, worker_name: str) -> list[str]:
             log.warning("worker %s shutting down: SIGTERM to trainer %d of job %s "
                         "(it checkpoints and stops; the job is requeued)", worker_name,
                         record.pid, record.id)
-            signal_leader(record.pid, signal.SIGTERM)  # not its group: DataLoader workers
+            signal_process(record.pid, signal.SIGTERM)  # not its group: DataLoader workers
             stopped.append(record.id)
     return stopped
 

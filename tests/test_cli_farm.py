@@ -207,3 +207,23 @@ def test_fetch_into_a_folder_without_write_permission_says_so(farm_env, ledger, 
     refused = lorafarm(farm_env, "fetch", record.id, str(locked / "sub"), timeout=120)
     said = " ".join(refused.stderr.split())
     assert refused.returncode == 1 and f"the destination {locked} is not writable" in said
+
+
+def test_the_demo_watches_its_jobs_to_the_end_and_stops_when_no_worker_serves_them(ledger, tmp_path):
+    """`lorafarm demo` follows its batch in the live status view until every job ended; with no
+    worker left to run a queued job it says so and exits instead of waiting forever."""
+    import typer
+
+    from lora_farm.cli.ship import _watch_demo
+    from lora_farm.jobs.spec import LlmJobSpec
+    from lora_farm.ledger import NewJob
+    from lora_farm.ledger import transitions as tr
+    from lora_farm.settings import get_settings
+
+    spec = LlmJobSpec(name="watched", base_model=tmp_path, train_data_dir=tmp_path / "t.jsonl")
+    ended, waiting = (ledger.create_jobs([NewJob(spec, batch, 0, 100.0)])[0].record.id
+                      for batch in ("ended", "waiting"))
+    tr.finish_cancelled(ledger, ended)
+    assert [r.state for r in _watch_demo(ledger, get_settings(), [ended])] == ["cancelled"]
+    with pytest.raises(typer.Exit):  # no worker of this farm sends a heartbeat
+        _watch_demo(ledger, get_settings(), [waiting])

@@ -270,19 +270,9 @@ def _require_workers(ledger, settings) -> None:
 
 def _watch_demo(ledger, settings, job_ids: list[str]) -> list:
     """A live table until every job has ended, or no worker is left to run them."""
-    from rich.live import Live
+    from lora_farm.cli.status_view import watch_until_done
 
-    from lora_farm.cli.status_view import status_table
-    from lora_farm.jobs.state import TERMINAL, JobState
-
-    with Live(console=console, refresh_per_second=1) as live:
-        while True:
-            records = ledger.records(job_ids)
-            live.update(status_table(records))
-            if all(JobState(r.state) in TERMINAL for r in records):
-                return records
-            _require_workers(ledger, settings)
-            time.sleep(1)
+    return watch_until_done(console, ledger, job_ids, check=lambda: _require_workers(ledger, settings))
 
 
 def _leave_farm(state, keep_up: bool, settings) -> None:

@@ -261,9 +261,10 @@ def print_status(console, read: Reader, show_all: bool) -> None:
 
 
 def watch_status(console, read: Reader, show_all: bool = False, poll: float = 2.0,
-                 until_done: bool = False) -> StatusView:
+                 until_done: bool = False, check: Callable[[], None] | None = None) -> StatusView:
     """Refresh the view every ``poll`` s, fitted to the terminal each time (it may be resized);
-    with ``until_done``, return once every job has ended, else run until Ctrl-C."""
+    with ``until_done``, return once every job has ended, else run until Ctrl-C. ``check`` runs
+    at every refresh while jobs remain and may raise to stop watching."""
     from rich.live import Live
 
     with Live(console=console, auto_refresh=False) as live:
@@ -272,13 +273,16 @@ def watch_status(console, read: Reader, show_all: bool = False, poll: float = 2.
             live.update(status_renderable(console, view), refresh=True)
             if until_done and set(view.counts) <= set(FINISHED):
                 return view
+            if check is not None:
+                check()
             time.sleep(poll)
 
 
-def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0) -> list[JobRecord]:
+def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0,
+                     check: Callable[[], None] | None = None) -> list[JobRecord]:
     """A live table of these jobs until every one has ended; their final records."""
     watch_status(console, lambda rows: view_of(ledger.records(job_ids, fields=TABLE_FIELDS), rows),
-                 poll=poll, until_done=True)
+                 poll=poll, until_done=True, check=check)
     return ledger.records(job_ids, with_spec=False)
 
 

@@ -125,7 +125,8 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
 
     loaded = _load(args)
     spec = loaded.spec
-    job_dir = Path(args.job_dir).absolute() if args.job_dir else JobDir.of_spec(spec, _output_root()).root
+    job_dir = (Path(args.job_dir).absolute() if args.job_dir
+               else JobDir.of_spec(spec, _output_root()).root)
     job_dir.mkdir(parents=True, exist_ok=True)
     paths = JobDir(job_dir)
     events.open_default(paths.events)

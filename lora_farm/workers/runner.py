@@ -35,12 +35,7 @@ from lora_farm.scheduler.gpus import pinned_env
 from lora_farm.settings import Settings, get_settings
 from lora_farm.workers import lifecycle
 from lora_farm.workers import trainer_process as tp
-from lora_farm.workers.outcome import (
-    Outcome,
-    RunEvidence,
-    Verdict,
-    classify,
-)
+from lora_farm.workers.outcome import Outcome, RunEvidence, Verdict, classify
 from lora_farm.workers.shutdown import claim_stop_signal, is_stopping, sigterm_sets_flag
 from lora_farm.workers.upload import ship_and_finish
 

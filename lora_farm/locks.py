@@ -3,12 +3,15 @@ holder (compare-and-delete in Lua, so a lock that expired and was taken by someo
 deleted by the old holder).
 
 The per-job lock is what makes a redelivered Celery message harmless: the second copy finds the
-lock taken and drops out. The dispatch lock serialises placement passes across all workers.
+lock taken and drops out. The dispatch and reaper locks are leases (``lease``): one pass at a time
+across all workers, and a holder that died (or could not release it while Redis was away) blocks
+nobody for longer than a heartbeat period.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import uuid
@@ -35,8 +38,18 @@ return 0
 
 def owner_token() -> str:
     """Who holds a lock: host, pid and a random part (readable in `redis-cli GET`)."""
-    import os
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease(client: redis.Redis, key: str, heartbeat_seconds: float) -> "RedisLock":
+    """A lock for one pass of periodic work (dispatch, reaper), held under ``kept_alive``.
+
+    Its TTL is one heartbeat period, so a holder that died frees it within a period; its token
+    names this thread (host:pid:thread), so a holder whose release failed while Redis was away
+    (the AOF restores the key) takes its own lock again on its next tick.
+    """
+    token = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    return RedisLock(client, key, heartbeat_seconds, token=token)
 
 
 class RedisLock:
@@ -47,7 +60,8 @@ class RedisLock:
         self.token = token or owner_token()
 
     def acquire(self) -> bool:
-        return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        """Take the lock, or renew it when it is already ours (same token)."""
+        return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms)) or self.refresh()
 
     def refresh(self) -> bool:
         """Extend the TTL; False when the lock is no longer ours (expired, taken over)."""
@@ -102,10 +116,11 @@ class Heartbeat(threading.Thread):
 
 
 @contextmanager
-def kept_alive(lock: RedisLock, interval: float) -> Iterator[Heartbeat]:
-    """Refresh ``lock`` every ``interval`` seconds while the block runs (an upload may last
-    longer than the lock's TTL; an expired lock would let the reaper ship the job too)."""
-    heartbeat = Heartbeat(lock.refresh, interval, name=f"keep-{lock.key}")
+def kept_alive(lock: RedisLock, interval: float | None = None) -> Iterator[Heartbeat]:
+    """Refresh ``lock`` every ``interval`` seconds (default: a quarter of its TTL) while the block
+    runs (an upload may last longer than the lock's TTL; an expired lock would let the reaper
+    ship the job too)."""
+    heartbeat = Heartbeat(lock.refresh, interval or lock.ttl_ms / 4000, name=f"keep-{lock.key}")
     heartbeat.start()
     try:
         yield heartbeat

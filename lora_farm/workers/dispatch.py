@@ -4,8 +4,9 @@ Triggered by submit, by the end of every job (its card is free) and periodically
 worker. Passes never overlap: a trigger that finds the lock taken leaves a "dirty" mark, and the
 holder runs one more pass before it lets go, so no trigger is lost.
 
-Only cards whose worker heartbeat is fresh are placed on: a job is never routed to a queue no
-worker listens to.
+Only cards whose worker heartbeat is fresh (``card_alive``) are placed on: a job is never routed
+to a queue no worker listens to. The dispatch lock is a lease (locks.lease): a holder that died
+blocks the next pass for at most a heartbeat period.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from lora_farm.ledger import Ledger
 from lora_farm.ledger import transitions as tr
-from lora_farm.locks import RedisLock
+from lora_farm.locks import kept_alive, lease
 from lora_farm.scheduler.place import (
     GpuSnapshot,
     Placement,
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 Sender = Callable[[str, str, str], None]
 MAX_PASSES = 5
 QUEUE_WINDOW = 5000  # queued jobs one pass looks at (the rest wait their turn)
+LOST_BEATS = 3  # heartbeat periods without a card snapshot before its worker counts as gone
 
 
 def celery_sender(job_id: str, token: str, queue: str) -> None:
@@ -52,16 +54,15 @@ def dispatch_once(ledger: Ledger, send: Sender = celery_sender, *, settings: Set
     settings = settings or ledger.settings
     policy = policy or placement_of(settings)
     keys = ledger.keys
-    lock = RedisLock(ledger.client, keys.dispatch_lock, ttl_seconds=60)
+    lock = lease(ledger.client, keys.dispatch_lock, settings.heartbeat_seconds)
     if not lock.acquire():
         ledger.client.set(keys.dispatch_dirty, "1", ex=120)
         return []
     placed: list[Placement] = []
-    with lock:
+    with lock, kept_alive(lock):
         for _ in range(MAX_PASSES):
             ledger.client.delete(keys.dispatch_dirty)
             placed += placement_pass(ledger, send, settings, policy, now)
-            lock.refresh()
             if not ledger.client.exists(keys.dispatch_dirty):
                 break
     return placed
@@ -120,15 +121,22 @@ def reservations(ledger: Ledger) -> list[Reservation]:
 
 
 def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapshot]:
-    """Cards whose worker published a heartbeat within ``stale_after_seconds``."""
+    """Cards whose worker is alive (``card_alive``)."""
     snapshots = []
     for card in read_gpu_snapshots(ledger):
-        if now - float(card.get("heartbeat", 0)) <= settings.stale_after_seconds:
+        if card_alive(card, settings, now):
             snapshots.append(GpuSnapshot(uuid=card["uuid"], host=card["host"],
                                          total_mb=float(card["total_mb"]),
                                          free_mb=float(card["free_mb"]),
                                          cpu=card.get("source") == "cpu"))
     return snapshots
+
+
+def card_alive(card: dict, settings: Settings, now: float) -> bool:
+    """Whether the card's worker beat within ``LOST_BEATS`` heartbeat periods (one or two late
+    beats under load are not a death; ``stale_after_seconds`` is far longer: it waits out a
+    runner's Redis outage, not a worker's)."""
+    return now - float(card.get("heartbeat") or 0) <= LOST_BEATS * settings.heartbeat_seconds
 
 
 def read_gpu_snapshots(ledger: Ledger) -> list[dict]:

@@ -1,6 +1,6 @@
 """What a worker's main process does besides Celery: every ``heartbeat_seconds`` it publishes its
-card's snapshot and its own heartbeat, then runs a dispatch pass and a reaper sweep (both under
-locks, so with many workers one of each runs at a time).
+card's snapshot and its own heartbeat, then runs a reaper sweep and a dispatch pass (both under
+leases, so with many workers one of each runs at a time).
 
 Started on Celery's ``worker_ready`` (after the pool has forked) and stopped on shutdown.
 """
@@ -49,6 +49,7 @@ class Presence(threading.Thread):
         super().__init__(name="lorafarm-presence", daemon=True)
         self.ledger, self.gpu_uuid, self.worker_name, self.queues = ledger, gpu_uuid, worker_name, queues
         self.settings = settings or ledger.settings
+        self.since = time.time()  # in the card snapshot: the reaper re-places what was sent before
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -65,10 +66,10 @@ class Presence(threading.Thread):
     def tick(self) -> None:
         info = find_card(self.gpu_uuid, self.settings)
         slots = slots_for(info, placement_of(self.settings))
-        publish_gpu(self.ledger, info.to_dict(), self.worker_name, slots)
+        publish_gpu(self.ledger, {**info.to_dict(), "since": self.since}, self.worker_name, slots)
         self.publish_worker(slots)
+        reap(self.ledger, self.settings)  # first: what it requeues is placed in this tick
         dispatch_once(self.ledger, settings=self.settings)
-        reap(self.ledger, self.settings)
 
     def publish_worker(self, slots: int) -> None:
         active = [job_id for job_id, held in self.ledger.reservations().items()

@@ -3,12 +3,14 @@
 - ``running`` with no job lock (its heartbeat stopped renewing it): the runner is gone. On this
   host its trainer group is killed; the job is requeued (the trainer resumes from its last
   checkpoint), cancelled if a cancel was pending, or failed when its retries are spent.
-- ``scheduled`` for longer than ``stale_after_seconds`` with no lock: the message went to a card
-  whose worker vanished; the job goes back to the queue (a late copy of the message finds a new
-  token and is dropped).
+- ``scheduled`` with no lock whose card's worker is gone (no heartbeat for ``LOST_BEATS``
+  periods), was restarted since the message was sent, or never started it within
+  ``stale_after_seconds``: the job goes back to the queue and is placed again (a late copy of the
+  message finds a new token and is dropped).
 - ``uploading`` with no lock whose next try is due: the upload is tried again.
 
-Every worker runs it periodically under a lock, so one reaper works at a time.
+Every worker runs it on each presence tick under a lease (locks.lease), so one reaper works at a
+time and a holder that died (or lost Redis mid-sweep) delays the next sweep by at most a period.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
-from lora_farm.locks import RedisLock, kept_alive
+from lora_farm.locks import RedisLock, kept_alive, lease
 from lora_farm.process_group import kill_group
 from lora_farm.settings import Settings
 from lora_farm.workers import lifecycle
+from lora_farm.workers.dispatch import LOST_BEATS, card_alive
 from lora_farm.workers.upload import ship_and_finish
 
 log = logging.getLogger(__name__)
@@ -34,11 +37,11 @@ S = JobState
 def reap(ledger: Ledger, settings: Settings | None = None, now: float | None = None) -> list[str]:
     """One sweep; returns a line per job it acted on."""
     settings = settings or ledger.settings
-    lock = RedisLock(ledger.client, ledger.keys.reaper_lock, ttl_seconds=120)
+    lock = lease(ledger.client, ledger.keys.reaper_lock, settings.heartbeat_seconds)
     if not lock.acquire():
         return []
     actions: list[str] = []
-    with lock:
+    with lock, kept_alive(lock):
         now = now or time.time()
         for state, handler in ((S.RUNNING, _reap_running), (S.SCHEDULED, _reap_scheduled),
                                (S.UPLOADING, _reap_uploading)):
@@ -76,12 +79,27 @@ def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: fl
 
 
 def _reap_scheduled(ledger: Ledger, record: JobRecord, settings: Settings, now: float) -> str:
-    if now - (record.scheduled_at or now) <= settings.stale_after_seconds:
-        return ""
-    reason = f"not started on {record.gpu} within {settings.stale_after_seconds:.0f}s"
-    if isinstance(tr.unschedule(ledger, record.id, reason, record.token), tr.Refused):
+    reason = _undelivered(ledger, record, settings, now)
+    if not reason or isinstance(tr.unschedule(ledger, record.id, reason, record.token), tr.Refused):
         return ""
     return "back to the queue: " + reason
+
+
+def _undelivered(ledger: Ledger, record: JobRecord, settings: Settings, now: float) -> str:
+    """Why the run message of a scheduled job will not be taken; empty while it still may be.
+
+    The message is lost when the card's worker is gone, or when it was restarted after the
+    message was sent and has not taken it within ``LOST_BEATS`` heartbeat periods (the dead
+    worker had fetched it: Redis keeps it unacked until the visibility timeout)."""
+    card = ledger.client.hgetall(ledger.keys.gpu(record.gpus[0])) if record.gpus else {}
+    scheduled, since = record.scheduled_at or now, float(card.get("since") or 0)
+    if not card_alive(card, settings, now):
+        return f"the worker of {record.gpu} is gone (no heartbeat for {LOST_BEATS} periods)"
+    if scheduled < since < now - LOST_BEATS * settings.heartbeat_seconds:
+        return f"the worker of {record.gpu} restarted after the job was sent to it"
+    if now - scheduled > settings.stale_after_seconds:
+        return f"not started on {record.gpu} within {settings.stale_after_seconds:.0f}s"
+    return ""
 
 
 def _reap_uploading(ledger: Ledger, record: JobRecord, settings: Settings, now: float) -> str:

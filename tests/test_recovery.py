@@ -101,6 +101,33 @@ def test_the_reaper_replaces_jobs_whose_card_worker_is_gone_or_restarted(ledger,
     assert ledger.get(jobs["dead"]).attempt == 1 and jobs["dead"] not in ledger.reservations()
 
 
+def test_the_supervisor_restarts_a_worker_that_exits_and_gives_up_on_a_crash_loop(monkeypatch,
+                                                                                  capsys):
+    """Real child processes under ``launch._supervise``: one exits at once each time (exit 3), the
+    other runs on; the first is restarted with backoff until the crash-loop limit, then the other
+    is stopped and the supervisor exits 1."""
+    from lora_farm.workers import launch
+
+    monkeypatch.setattr(launch, "RESTART_FIRST", 0.05)
+    monkeypatch.setattr(launch, "RESTART_MOST", 0.2)
+    started: list[str] = []
+
+    def start(card: str) -> subprocess.Popen:
+        started.append(card)
+        code = "raise SystemExit(3)" if card == "bad" else "import time; time.sleep(60)"
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    processes = {card: start(card) for card in ("bad", "good")}
+    good = processes["good"]
+    assert launch._supervise(processes, start, []) == 1
+    assert started.count("bad") == launch.MAX_RESTARTS + 1 and started.count("good") == 1
+    assert good.returncode == -signal.SIGTERM
+    said = capsys.readouterr()
+    assert said.err.count("exited with code 3; restarting it in") == launch.MAX_RESTARTS
+    assert f"exited {launch.MAX_RESTARTS + 1} times in 300s (last code 3): a crash loop" in said.err
+    assert said.out.count("lorafarm: restarted the worker of bad") == launch.MAX_RESTARTS
+
+
 # ---- a real farm on a private Redis ----------------------------------------------------------
 
 class PrivateRedis:

@@ -233,7 +233,8 @@ def worker(
     pool: str = typer.Option("prefork", "--pool", help="Celery pool (prefork, threads, solo)."),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
-    """Start one Celery worker per card of this host, each on its queue gpu.<uuid>; Ctrl-C stops all."""
+    """Start one Celery worker per card of this host, each on its queue gpu.<uuid>, restarted if it
+    exits (backoff; a crash loop exits 1); Ctrl-C stops all."""
     from lora_farm.workers.launch import run_workers
 
     selected = [g.strip() for g in gpus_option.split(",") if g.strip()] if gpus_option else None

@@ -130,8 +130,10 @@ def example_problems(example: Example) -> list[str]:
     """What is wrong with one example short of decoding it: a missing image, an empty caption."""
     problems = []
     if not example.image.is_file():
-        problems.append(f"{example.image}: {what_is(example.image)}, not an image file (listed in "
-                        f"{example.caption_source}); add the image or remove its row")
+        kind = what_is(example.image)
+        what = "image file not found" if kind == "does not exist" else f"{kind}, not an image file"
+        problems.append(f"{example.image}: {what} (listed in {example.caption_source}); add the "
+                        "file or remove its row")
     if not example.caption:
         if example.caption_source.suffix == ".csv":
             problems.append(f"{example.image}: empty caption in {example.caption_source}; write one")

@@ -86,8 +86,8 @@ def _real_path(file: Path, real_parents: dict[Path, Path]) -> Path:
 
 def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
     if not metadata.is_file():  # never opened: reading a FIFO would block
-        raise DatasetError(f"`metadata_path`: {metadata} {what_is(metadata)}. Fix: point it at a "
-                           "metadata.csv file with a header line file_name,text.")
+        raise DatasetError(f"{metadata} {what_is(metadata)}, not a CSV file. Fix: point "
+                           "`metadata_path` at a metadata.csv with a header line file_name,text.")
     try:
         with open(metadata, newline="", encoding="utf-8-sig") as stream:
             reader = csv.DictReader(stream)

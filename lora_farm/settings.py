@@ -6,6 +6,7 @@ never written to the ledger, a log or an error message.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 60.0
     cancel_grace_seconds: float = 20.0
+    data_roots: str = Field("", description="folders a dataset's symlinks and metadata.csv paths "
+                            "may lead into besides the dataset's own folder (absolute, os.pathsep-"
+                            "separated)")
     s3_bucket: str = ""
     s3_prefix: str = "lora-farm"
     s3_endpoint_url: str = ""
@@ -50,6 +54,18 @@ class Settings(BaseSettings):
         # a relative path would name another folder in each process whose cwd differs (a
         # worker, its trainer, a later `lorafarm artifacts`); the ledger records absolute ones
         return None if path is None else path.expanduser().resolve()
+
+    @field_validator("data_roots")
+    @classmethod
+    def _absolute_roots(cls, value: str) -> str:
+        relative = [root for root in value.split(os.pathsep) if root and not os.path.isabs(root)]
+        if relative:  # relative to which process's cwd? A worker's differs from submit's
+            raise ValueError(f"lists the relative path {relative[0]!r}; write absolute folders")
+        return value
+
+    @property
+    def data_roots_abs(self) -> tuple[Path, ...]:
+        return tuple(Path(root).resolve() for root in self.data_roots.split(os.pathsep) if root)
 
     @property
     def output_root_abs(self) -> Path:

@@ -1,5 +1,6 @@
-"""Header-only model folders (safetensors headers with real shapes, no data): SD 1.5-sized
-models for the VRAM estimate, which reads nothing but headers and configs."""
+"""Header-only model folders (safetensors headers with real shapes, no data written): SD 1.5-sized
+models for the VRAM estimate, which reads nothing but headers and configs. Each file is as long as
+its header says (a sparse file: the data are holes), since validation refuses a shorter one."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def write_header_only(path: Path, shapes: dict[str, list[int]], dtype: str = "F3
         offset += size
     raw = json.dumps(header).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with open(path, "wb") as stream:
+        stream.write(struct.pack("<Q", len(raw)) + raw)
+        stream.truncate(8 + len(raw) + offset)
 
 
 def sd15_unet_shapes() -> dict[str, list[int]]:

@@ -1,7 +1,8 @@
 """VRAM estimate from headers and configs: SD 1.5 / Llama-7B sized fakes, tiny real models, override.
 
 The big models cannot be downloaded here, so their folders are written with header-only
-safetensors files (8-byte length + JSON header, no data): the estimate reads nothing else.
+safetensors files (8-byte length + JSON header, the data a sparse hole): the estimate reads
+nothing else.
 """
 
 from __future__ import annotations

@@ -73,6 +73,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def refuse_blank_ids(value: str | list[str] | None) -> str | list[str] | None:
+    """The callback of every job-id argument: an empty or blank id is refused, since as a prefix
+    it would match any job (`lorafarm cancel ''` cancelled the only job of a ledger)."""
+    if any(not job.strip() for job in ([value] if isinstance(value, str) else value or [])):
+        fail("a job id must not be empty or blank. Fix: give a job id or a unique prefix of one; "
+             "`lorafarm status` lists them.")
+    return value
+
+
 def main() -> None:
     try:
         app(prog_name="lorafarm")  # also under `python -m lora_farm`

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from lora_farm.cli.app import app, console, err_console
+from lora_farm.cli.app import app, console, err_console, refuse_blank_ids
 from lora_farm.errors import SpecError
 
 
@@ -74,7 +74,8 @@ def _wait_for(ledger, submitted: list) -> None:
 
 @app.command()
 def status(
-    job: str = typer.Argument(None, help="A job id (or unique prefix) for its full record.",
+    job: str = typer.Argument(None, callback=refuse_blank_ids,
+                              help="A job id (or unique prefix) for its full record.",
                               show_default=False),
     batch: str = typer.Option(None, "--batch", "-b", metavar="NAME", help="Only this batch."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every 2 s until Ctrl-C."),
@@ -121,7 +122,7 @@ def _show_one(ledger, record, as_json: bool, as_csv: bool) -> None:
 
 
 @app.command()
-def logs(job: str = typer.Argument(..., help="Job id (or unique prefix)."),
+def logs(job: str = typer.Argument(..., callback=refuse_blank_ids, help="Job id (or unique prefix)."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines.")) -> None:
     """Print a job's train.log (the trainer's output, one header per attempt)."""
     from lora_farm.jobs.state import TERMINAL, JobState
@@ -163,7 +164,8 @@ def _no_log(record, path: Path) -> int:
 
 
 @app.command()
-def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefixes)."),
+def cancel(jobs: list[str] = typer.Argument(None, callback=refuse_blank_ids,
+                                            help="Job ids (or unique prefixes)."),
            batch: str = typer.Option(None, "--batch", "-b", help="Cancel every unfinished job of a batch.")) -> None:
     """Cancel jobs: queued ones at once; running ones stop their trainer (SIGTERM, grace, SIGKILL)."""
     from lora_farm.workers.dispatch import dispatch_once
@@ -180,7 +182,8 @@ def cancel(jobs: list[str] = typer.Argument(None, help="Job ids (or unique prefi
 
 
 @app.command()
-def retry(job: str = typer.Argument(..., help="A failed or cancelled job.")) -> None:
+def retry(job: str = typer.Argument(..., callback=refuse_blank_ids,
+                                    help="A failed or cancelled job.")) -> None:
     """Queue a failed or cancelled job again (fresh retry budget; resumes from its checkpoint)."""
     from lora_farm.errors import LoraFarmError
     from lora_farm.ledger import transitions as tr

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from lora_farm.cli.app import app, console, fail
+from lora_farm.cli.app import app, console, fail, refuse_blank_ids
 
 
 def _record(job: str):
@@ -39,7 +39,8 @@ def _human_size(size: int) -> str:
 
 
 @app.command()
-def artifacts(job: str = typer.Argument(..., help="job id (or a unique prefix)"),
+def artifacts(job: str = typer.Argument(..., callback=refuse_blank_ids,
+                                        help="job id (or a unique prefix)"),
               as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")) -> None:
     """List a job's stored files with their sizes, sha256 and URIs."""
     from lora_farm.shipping import read_manifest
@@ -76,7 +77,7 @@ def _no_artifacts(record) -> str:
 
 
 @app.command()
-def fetch(job: str = typer.Argument(..., help="job id (or a unique prefix)"),
+def fetch(job: str = typer.Argument(..., callback=refuse_blank_ids, help="job id (or a unique prefix)"),
           dest: Path = typer.Argument(..., help="folder to download into (created if missing)")) -> None:
     """Download a job's stored files into DEST and verify each sha256."""
     from lora_farm.shipping import fetch_job
@@ -105,7 +106,8 @@ def _check_destination(dest: Path) -> None:
 
 
 @app.command("retry-upload")
-def retry_upload_command(job: str = typer.Argument(..., help="job id waiting in `uploading`")) -> None:
+def retry_upload_command(job: str = typer.Argument(..., callback=refuse_blank_ids,
+                                                   help="job id waiting in `uploading`")) -> None:
     """Try the upload of a job waiting in `uploading` now (storage is back)."""
     from lora_farm.ledger import Ledger
     from lora_farm.workers.upload import retry_upload

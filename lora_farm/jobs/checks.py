@@ -15,7 +15,7 @@ from lora_farm.errors import DatasetError, SpecProblem
 from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, example_problems, find_data_files,
                                      find_examples, read_records, to_example)
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model, single_file_config_problem
-from lora_farm.jobs.paths import is_inside
+from lora_farm.jobs.paths import is_inside, what_is
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
 from lora_farm.settings import get_settings
 
@@ -92,8 +92,9 @@ def _check_output(label: str, spec: JobSpec) -> list[SpecProblem]:
 
 def _check_optional_paths(label: str, spec: JobSpec) -> list[SpecProblem]:
     problems = []
-    if spec.resume_from is not None and not spec.resume_from.exists():
-        problems.append(SpecProblem(label, "resume_from", f"does not exist: {str(spec.resume_from)!r}.",
+    resume = spec.resume_from
+    if resume is not None and not (resume.is_file() or resume.is_dir()):
+        problems.append(SpecProblem(label, "resume_from", f"{what_is(resume)}: {str(resume)!r}.",
                                     "point it at an existing LoRA file (image) or adapter folder (llm)."))
     config = getattr(spec, "base_model_config", None)
     single_file = spec.base_model.is_file()  # _check_base_model asks the trainer's rule for those
@@ -116,7 +117,7 @@ def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
     """The trainer's own dataset rules (``jobs.datasets``), short of decoding every image."""
     folder = spec.train_data_dir
     if not folder.is_dir():
-        return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r}.",
+        return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r} {what_is(folder)}.",
                             "point it at the folder that holds the training images.")]
     uses_metadata = spec.metadata_path is not None or (folder / "metadata.csv").is_file()
     field = "metadata_path" if uses_metadata else "train_data_dir"
@@ -148,9 +149,10 @@ def check_text_dataset(label: str, spec: LlmJobSpec) -> list[SpecProblem]:
             for line, record in records:
                 to_example(record, f"{file}:{line}", spec.text_field)
     except DatasetError as error:
-        return [SpecProblem(label, "train_data_dir", f"{error}.",
-                            f"each record needs a non-empty `{spec.text_field}` or instruction + "
-                            "output; files are .jsonl, .json (a list) or .csv.")]
+        message, _, fix = str(error).partition(" Fix: ")
+        return [SpecProblem(label, "train_data_dir", message.rstrip(".") + ".", fix or (
+            f"each record needs a non-empty `{spec.text_field}` or instruction + output; files "
+            "are .jsonl, .json (a list) or .csv."))]
     except (UnicodeDecodeError, csv.Error) as error:
         return [SpecProblem(label, "train_data_dir", f"is not readable UTF-8 text ({error}).",
                             "save the data files as UTF-8.")]

@@ -9,18 +9,25 @@ or the spec's ``text_field``) or an instruction record (``instruction``, optiona
 
 Every problem is a ``DatasetError`` naming the file (and line); the trainer adds what needs the
 pixels (each image decodes) before its first step.
+
+**Confined**: a dataset is read only inside its own folder. A file whose real path (symlinks and
+``..`` followed) lies outside it is refused, unless it lies under a root the operator allowed
+(``LORAFARM_DATA_ROOTS``), for farms whose datasets are symlink trees. Validation and the trainer
+both list a dataset's files here, so a dataset changed after submit cannot escape either.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import DatasetError
+from lora_farm.jobs.paths import what_is
+from lora_farm.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_LISTED_PROBLEMS = 20
@@ -40,11 +47,47 @@ def find_examples(train_data_dir: Path, metadata_path: Path | None, caption_exte
                            "Fix: point it at the folder holding the training images.")
     metadata = metadata_path or train_data_dir / "metadata.csv"
     if metadata_path is not None or metadata.is_file():
-        return _examples_from_metadata(metadata, train_data_dir)
+        if metadata_path is None:  # one the spec names is the spec's own path, like base_model
+            confine([metadata], train_data_dir)
+        examples = _examples_from_metadata(metadata, train_data_dir)
+        confine([example.image for example in examples], train_data_dir)
+        return examples
     return _examples_from_sidecars(train_data_dir, caption_extension)
 
 
+def confine(files: Iterable[Path], folder: Path) -> None:
+    """``DatasetError`` naming each file whose real path lies outside ``folder`` and outside
+    every root of LORAFARM_DATA_ROOTS."""
+    roots = (folder.resolve(), *get_settings().data_roots_abs)
+    real_parents: dict[Path, Path] = {}
+    escaped = []
+    for file in files:
+        real = _real_path(file, real_parents)
+        if not any(real.is_relative_to(root) for root in roots):
+            escaped.append(f"{file} leads to {real}")
+    if escaped:
+        more = f"; and {len(escaped) - 5} more" if len(escaped) > 5 else ""
+        raise DatasetError(
+            f"{len(escaped)} file(s) of the dataset lie outside its folder {folder}: "
+            f"{'; '.join(escaped[:5])}{more}. Fix: copy them into the dataset folder (a symlink "
+            "must point inside it, a metadata.csv `file_name` must be a path inside it), or have "
+            "the operator add the folder that holds them to LORAFARM_DATA_ROOTS.")
+
+
+def _real_path(file: Path, real_parents: dict[Path, Path]) -> Path:
+    """``file.resolve()`` with one resolve per folder (a dataset's files share a few folders)
+    and one lstat per file: cheap enough for the trainer to ask again for every example."""
+    if file.name in ("", ".", "..") or file.is_symlink():
+        return file.resolve()
+    if file.parent not in real_parents:
+        real_parents[file.parent] = file.parent.resolve()
+    return real_parents[file.parent] / file.name
+
+
 def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
+    if not metadata.is_file():  # never opened: reading a FIFO would block
+        raise DatasetError(f"{metadata} {what_is(metadata)}, not a CSV file. Fix: point "
+                           "`metadata_path` at a metadata.csv with a header line file_name,text.")
     try:
         with open(metadata, newline="", encoding="utf-8-sig") as stream:
             reader = csv.DictReader(stream)
@@ -61,12 +104,10 @@ def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
 
 def _examples_from_sidecars(folder: Path, caption_extension: str) -> list[Example]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    examples = []
-    for image in images:
-        sidecar = image.with_suffix(caption_extension)
-        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
-        examples.append(Example(image, caption, sidecar))
-    return examples
+    sidecars = [image.with_suffix(caption_extension) for image in images]
+    confine(images + sidecars, folder)  # before a caption is read
+    return [Example(image, sidecar.read_text(encoding="utf-8", errors="replace").strip()
+                    if sidecar.is_file() else "", sidecar) for image, sidecar in zip(images, sidecars)]
 
 
 def check_examples(examples: list[Example], where: Path,
@@ -89,8 +130,10 @@ def example_problems(example: Example) -> list[str]:
     """What is wrong with one example short of decoding it: a missing image, an empty caption."""
     problems = []
     if not example.image.is_file():
-        problems.append(f"{example.image}: image file not found (listed in {example.caption_source}); "
-                        "add the file or remove its row")
+        kind = what_is(example.image)
+        what = "image file not found" if kind == "does not exist" else f"{kind}, not an image file"
+        problems.append(f"{example.image}: {what} (listed in {example.caption_source}); add the "
+                        "file or remove its row")
     if not example.caption:
         if example.caption_source.suffix == ".csv":
             problems.append(f"{example.image}: empty caption in {example.caption_source}; write one")
@@ -130,11 +173,12 @@ def find_data_files(path: Path) -> list[Path]:
                                f"(or a folder of them), got a '{path.suffix}' file")
         return [path]
     if not path.is_dir():
-        raise DatasetError(f"{path}: `train_data_dir` does not exist; point it at a .jsonl/.csv "
+        raise DatasetError(f"{path}: `train_data_dir` {what_is(path)}; point it at a .jsonl/.csv "
                            "file or a folder of them")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise DatasetError(f"{path}: no .jsonl, .json or .csv file in this folder")
+    confine(files, path)
     return files
 
 

@@ -6,19 +6,32 @@ Used by validation (is the format known?), task inference, the VRAM estimate and
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_farm.jobs.paths import what_is
+from lora_farm.jobs.problems import show
 from lora_farm.jobs.released import released_config_mismatch
 
 Kind = Literal["diffusers", "single_file", "transformers"]
 Family = Literal["sd1", "sd2", "sdxl", "causal_lm"]
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1,
+               "F8_E5M2": 1, "F8_E8M0": 1}
+
+# what a single file must hold besides its UNet: training encodes images and captions with them
+SINGLE_FILE_PARTS = {
+    "sd1": (("first_stage_model.", "VAE"), ("cond_stage_model.transformer.", "text encoder")),
+    "sd2": (("first_stage_model.", "VAE"), ("cond_stage_model.model.", "text encoder")),
+    "sdxl": (("first_stage_model.", "VAE"), ("conditioner.embedders.0.transformer.", "text encoder"),
+             ("conditioner.embedders.1.model.", "second text encoder")),
+}
 
 
 @dataclass(frozen=True)
@@ -39,38 +52,65 @@ class UnknownModelFormat(ValueError):
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, metadata)."""
+    """The JSON header of a .safetensors file (tensor names, dtypes, shapes, metadata), each
+    tensor checked against the file's size, so no reader later trusts a forged or cut file."""
+    if not path.is_file():  # never opened: a FIFO named *.safetensors would block
+        raise UnknownModelFormat(f"{path} {what_is(path)}")
     with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
         raw_length = stream.read(8)
         if len(raw_length) != 8:
             raise UnknownModelFormat(f"{path} is too short to be a .safetensors file")
         (length,) = struct.unpack("<Q", raw_length)
-        if length > 100 * 1024 * 1024:
+        if length > min(100 * 1024 * 1024, size - 8):
             raise UnknownModelFormat(f"{path} has no valid safetensors header")
         try:
-            return json.loads(stream.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            header = json.loads(stream.read(length))
+        except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, 5,000 digits, [[[[...
             raise UnknownModelFormat(f"{path} has no valid safetensors header") from error
+    if not isinstance(header, dict):
+        raise UnknownModelFormat(f"{path} has no valid safetensors header (not a JSON object)")
+    for name, entry in header.items():
+        problem = None if name == "__metadata__" else _tensor_problem(entry, size - 8 - length)
+        if problem:
+            raise UnknownModelFormat(f"{path}: tensor {show(name, 100)} {problem} (a damaged or "
+                                     "incomplete file: download or export it again)")
+    return header
+
+
+def _tensor_problem(entry: Any, data_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry; None when it is whole."""
+    if not isinstance(entry, dict):
+        return f"is described by {show(entry)}, not by a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        return f"has the unknown dtype {show(dtype)}"
+    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+        return f"has the shape {show(shape)}, not a list of whole numbers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"has the data_offsets {show(offsets)}, not [begin, end]"
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != need:
+        return (f"of shape {show(shape)} and dtype {dtype} needs {need:,} bytes but its "
+                f"data_offsets {show(offsets)} hold {offsets[1] - offsets[0]:,}")
+    if offsets[1] > data_bytes:
+        return (f"needs bytes {offsets[0]:,} to {offsets[1]:,} of the data, but the file holds "
+                f"only {data_bytes:,} bytes after its header")
+    return None
 
 
 def tensor_bytes(header: dict[str, Any]) -> int:
-    total = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in entry.get("shape", []):
-            count *= dim
-        total += count * DTYPE_BYTES.get(entry.get("dtype", "F32"), 4)
-    return total
+    return sum(math.prod(entry["shape"]) * DTYPE_BYTES[entry["dtype"]]
+               for name, entry in header.items() if name != "__metadata__")
 
 
 def inspect_base_model(path: Path) -> BaseModelInfo:
     """Classify ``path``; raise ``UnknownModelFormat`` with the reason when it is none we know."""
     if path.is_file():
         return _inspect_single_file(path)
-    if not path.is_dir():
-        raise UnknownModelFormat(f"{path} does not exist")
+    if not path.is_dir():  # a device, a FIFO or a socket is named as such, never opened
+        raise UnknownModelFormat(f"{path} {what_is(path)}")
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
         return _inspect_diffusers(path)
     if (path / "config.json").is_file():
@@ -123,7 +163,9 @@ def _inspect_single_file(path: Path) -> BaseModelInfo:
     else:
         raise UnknownModelFormat(
             f"{path} holds no Stable Diffusion UNet (no `model.diffusion_model.*` tensors)")
-    details = {"tensors": len(names), "unet": single_file_unet_shape(header)}
+    missing = [part for prefix, part in SINGLE_FILE_PARTS[family]
+               if not any(name.startswith(prefix) for name in names)]
+    details = {"tensors": len(names), "unet": single_file_unet_shape(header), "missing": missing}
     return BaseModelInfo(path, "single_file", family, tensor_bytes(header), details)
 
 
@@ -134,17 +176,22 @@ def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
     the last level is as wide as the middle block. Empty where the file lacks those tensors.
     """
     prefix = "model.diffusion_model."
-    downsamplers = sorted((int(name.split(".")[3]), entry["shape"][0]) for name, entry in header.items()
+
+    def dim(entry: dict[str, Any] | None, index: int) -> int | None:  # a forged header: any rank
+        shape = (entry or {}).get("shape", [])
+        return shape[index] if len(shape) > index else None
+
+    downsamplers = sorted((int(name.split(".")[3]), dim(entry, 0)) for name, entry in header.items()
                           if re.fullmatch(re.escape(prefix) + r"input_blocks\.\d+\.0\.op\.weight", name))
-    middle = header.get(prefix + "middle_block.0.in_layers.2.weight", {}).get("shape")
-    cross = next((entry["shape"][1] for name, entry in header.items()
+    middle = dim(header.get(prefix + "middle_block.0.in_layers.2.weight"), 0)
+    cross = next((dim(entry, 1) for name, entry in header.items()
                   if name.startswith(prefix) and name.endswith("attn2.to_k.weight")), None)
-    conv_in = header.get(prefix + "input_blocks.0.0.weight", {}).get("shape")
+    in_channels = dim(header.get(prefix + "input_blocks.0.0.weight"), 1)
     shape: dict[str, Any] = {}
-    if conv_in:  # 4 latent channels; 9 for inpainting models
-        shape["in_channels"] = conv_in[1]
+    if in_channels:  # 4 latent channels; 9 for inpainting models
+        shape["in_channels"] = in_channels
     if middle:
-        shape["block_out_channels"] = [width for _, width in downsamplers] + [middle[0]]
+        shape["block_out_channels"] = [width for _, width in downsamplers] + [middle]
     if cross:
         shape["cross_attention_dim"] = cross
     return shape
@@ -176,6 +223,10 @@ def single_file_config_problem(info: BaseModelInfo, config_folder: Path | None) 
     Without a folder, a released SD 1.x / SDXL model loads with the configs lora-farm ships.
     """
     field_name = "base_model_config"
+    if info.details.get("missing"):  # a config folder holds no weights: nothing to load them from
+        return ModelProblem("base_model", f"holds no {' and no '.join(info.details['missing'])} "
+                            f"({info.path} is a {info.family} single file with a UNet only).",
+                            "use a whole checkpoint (UNet, VAE and text encoders) or a diffusers folder.")
     if config_folder is None:
         mismatch = released_config_mismatch(info)
         if mismatch is None:

@@ -13,10 +13,11 @@ from pydantic import ValidationError, create_model
 
 from lora_farm.errors import SpecError, SpecProblem
 from lora_farm.jobs import checks
-from lora_farm.jobs.paths import PathProblem, resolve_spec_path
-from lora_farm.jobs.problems import NAME_RULE, problems_from_validation, unknown_key_problem
+from lora_farm.jobs.paths import PathProblem, resolve_spec_path, what_is
+from lora_farm.jobs.problems import (MAX_PROBLEMS, NAME_RULE, capped, problems_from_validation, show,
+                                     unknown_key_problem)
 from lora_farm.jobs.spec import NAME_PATTERN, PATH_FIELDS, SPEC_CLASSES, JobSpec, valid_keys
-from lora_farm.jobs.yaml_io import dump_yaml, parse_spec_yaml
+from lora_farm.jobs.yaml_io import YamlRefused, dump_yaml, parse_spec_yaml
 from lora_farm.settings import get_settings
 
 MAX_SPEC_BYTES = 1024 * 1024
@@ -71,7 +72,8 @@ def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool =
     problems = _key_problems(label, data)
     for key in [key for key in data if not isinstance(key, str)]:
         data.pop(key)
-    data = {key: value for key, value in data.items() if key in valid_keys(None)}
+    known = set(valid_keys(None))
+    data = {key: value for key, value in data.items() if key in known}
     problems += _default_name(label, path, data)
     problems += _resolve_paths(label, path.parent.resolve(), (cwd or Path.cwd()).resolve(), data, notes)
     if "task" not in data:
@@ -127,8 +129,8 @@ def _read_mapping(path: Path, label: str) -> dict[Any, Any]:
     def fail(message: str, fix: str) -> SpecError:
         return SpecError([SpecProblem(label, "", message, fix)])
 
-    if not path.is_file():
-        raise fail("does not exist or is not a file.", "check the path you passed.")
+    if not path.is_file():  # never opened: reading a FIFO would block
+        raise fail(f"{what_is(path)}; a job spec is a YAML file.", "check the path you passed.")
     if path.stat().st_size > MAX_SPEC_BYTES:
         raise fail(f"is {path.stat().st_size} bytes; a job spec is a short YAML file.",
                    "pass the job's YAML, not a dataset or model file.")
@@ -139,6 +141,9 @@ def _read_mapping(path: Path, label: str) -> dict[Any, Any]:
                    "save the file as UTF-8.") from None
     try:
         data = parse_spec_yaml(text)
+    except YamlRefused as error:
+        found = [SpecProblem(label, field, message, fix) for field, message, fix in error.problems]
+        raise SpecError(capped(found, len(found), "duplicate keys")) from None
     except Exception as error:  # yaml.YAMLError and its marks
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -154,15 +159,13 @@ def _read_mapping(path: Path, label: str) -> dict[Any, Any]:
 
 
 def _key_problems(label: str, data: dict[Any, Any]) -> list[SpecProblem]:
-    task = data.get("task") if data.get("task") in SPEC_CLASSES else None
+    task = data.get("task") if isinstance(data.get("task"), str) else None  # a list is unhashable
     allowed = valid_keys(task)
-    problems = []
-    for key in data:
-        if not isinstance(key, str):
-            problems.append(SpecProblem(label, str(key), "is not a text key.", "quote the key."))
-        elif key not in allowed:
-            problems.append(unknown_key_problem(label, key, allowed))
-    return problems
+    unknown = [key for key in data if not isinstance(key, str) or key not in allowed]
+    problems = [unknown_key_problem(label, key, allowed) if isinstance(key, str) else
+                SpecProblem(label, show(key), "is not a text key.", "quote the key.")
+                for key in unknown[:MAX_PROBLEMS]]
+    return capped(problems, len(unknown), "unknown keys")
 
 
 def _default_name(label: str, path: Path, data: dict[str, Any]) -> list[SpecProblem]:
@@ -197,10 +200,11 @@ def _resolve_paths(label: str, spec_dir: Path, cwd: Path, data: dict[str, Any],
 def _validate(label: str, data: dict[str, Any], problems: list[SpecProblem]
               ) -> tuple[JobSpec | None, set[str]]:
     """The spec and the fields that failed; with failures, a partial spec (see ``_partial``)."""
-    cls = SPEC_CLASSES.get(data.get("task"))  # type: ignore[arg-type]
+    task = data.get("task")
+    cls = SPEC_CLASSES.get(task) if isinstance(task, str) else None
     if cls is None:
         if "task" in data:
-            problems.append(SpecProblem(label, "task", f"must be 'image' or 'llm', got {data['task']!r}.",
+            problems.append(SpecProblem(label, "task", f"must be 'image' or 'llm', got {show(data['task'])}.",
                                         "write `task: image` or `task: llm`."))
         return None, set()
     try:

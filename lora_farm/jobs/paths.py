@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 _UNSET_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
@@ -54,3 +55,20 @@ def is_inside(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+_KINDS = ((stat.S_ISDIR, "is a folder"), (stat.S_ISCHR, "is a character device"),
+          (stat.S_ISBLK, "is a block device"), (stat.S_ISFIFO, "is a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "is a socket"), (stat.S_ISREG, "is a file"))
+
+
+def what_is(path: Path) -> str:
+    """``"is a FIFO (named pipe)"``, ``"does not exist"`` ...: what ``path`` is, from its stat
+    alone (never opened: opening a FIFO blocks, reading /dev/zero never ends)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    return next((kind for test, kind in _KINDS if test(mode)), "is not a file or folder")

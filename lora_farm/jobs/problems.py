@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,9 +21,27 @@ NAME_RULE = ("may hold only letters, digits, '.', '_' and '-', must start with a
              "and be at most 100 characters (it names files and folders under the output root)")
 
 
+MAX_PROBLEMS = 10  # per kind and file: 20,000 unknown keys print 11 lines, not 2.8 MB
+
+# reprlib stops at a few items per level and a few levels, so a huge value (an alias bomb's
+# list of lists) costs as little to show as a small one; repr() would build the whole text first
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+
+
 def show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    text = _SHORT.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def capped(problems: list[SpecProblem], total: int, what: str) -> list[SpecProblem]:
+    """The first ``MAX_PROBLEMS`` of ``total`` problems, then one line that counts the rest."""
+    if total <= MAX_PROBLEMS:
+        return problems
+    first = problems[:MAX_PROBLEMS]
+    return first + [SpecProblem(first[0].file, "", f"… and {total - MAX_PROBLEMS:,} more {what}.",
+                                "fix the ones above, then validate again.")]
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
@@ -38,14 +57,16 @@ def nearest_key(key: str, valid: list[str]) -> str | None:
 
 
 def unknown_key_problem(file: str, key: str, valid: list[str]) -> SpecProblem:
-    guess = nearest_key(key, valid)
+    guess = nearest_key(key, valid) if len(key) <= 100 else None
+    key = key if len(key) <= 100 else key[:97] + "..."
     fix = f"did you mean `{guess}`? Rename it, or remove the key." if guess else (
         "remove it; the README's job spec reference lists every key.")
     return SpecProblem(file, key, "is not a job spec key.", fix)
 
 
 def problems_from_validation(file: str, error: ValidationError) -> list[SpecProblem]:
-    return [_problem(file, item) for item in error.errors(include_url=False)]
+    items = error.errors(include_url=False)
+    return capped([_problem(file, item) for item in items[:MAX_PROBLEMS]], len(items), "invalid values")
 
 
 def _problem(file: str, item: dict[str, Any]) -> SpecProblem:

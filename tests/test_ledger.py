@@ -140,6 +140,13 @@ def test_find_by_prefix_and_not_found(ledger):
         ledger.find("zzzz")
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_a_blank_id_finds_no_job_even_when_one_job_matches_every_prefix(ledger, blank):
+    submit(ledger, "only")
+    with pytest.raises(JobNotFound, match="must not be empty or blank"):
+        ledger.find(blank)
+
+
 def test_every_key_is_under_the_prefix(ledger):
     job_id = submit(ledger, "alpha")[0].record.id
     tr.schedule(ledger, job_id, ["gpu0"], 10, token="t")

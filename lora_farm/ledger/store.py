@@ -129,7 +129,10 @@ class Ledger:
         return JobRecord.from_hash(data)
 
     def find(self, id_or_prefix: str) -> JobRecord:
-        """A job by its id or a unique prefix of it (as `git` does with hashes)."""
+        """A job by its id or a unique prefix of it (as `git` does with hashes); a blank one
+        names no job (as a prefix it would match them all)."""
+        if not id_or_prefix.strip():
+            raise JobNotFound("a job id must not be empty or blank; `lorafarm status` lists them.")
         if self.client.exists(self.keys.job(id_or_prefix)):
             return self.get(id_or_prefix)
         matches = [job_id for job_id in self.client.zrange(self.keys.jobs, 0, -1)

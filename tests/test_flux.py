@@ -216,3 +216,13 @@ def test_linear1_fusion_is_split_back_by_diffusers_converter_at_real_widths():
         assert torch.allclose(delta, scale * b @ a, atol=1e-4), name
     mlp = converted[f"{prefix}proj_mlp.lora_B.weight"] @ converted[f"{prefix}proj_mlp.lora_A.weight"]
     assert not mlp.any()
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "kohya"])
+def test_resume_from_either_file_continues_the_trained_lora(tmp_path, trained_flux, tiny_flux, kind):
+    program, files = trained_flux
+    resumed = ready(make_program(tmp_path, tiny_flux, program.spec.train_data_dir, resume_from=files[kind]))
+    expected = transformer_output(program.model.pipeline, program.model.denoiser)
+    got = transformer_output(resumed.model.pipeline, resumed.model.denoiser)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert train(resumed, steps=1)

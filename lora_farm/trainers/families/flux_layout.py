@@ -8,6 +8,11 @@ block-diagonal of the parts' B, so ``up @ down`` is the parts' deltas one under 
 without LoRA gets zero rows. ``alpha`` is k*alpha, so alpha/rank (the scale) is unchanged; parts
 trained with another scale (a resumed LoRA) have it folded into their B. diffusers' converter
 recognises the block-diagonal up and splits it back into the parts.
+
+Modules outside the blocks (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``,
+``final_layer``; none is a default target) are written under BFL's names as ComfyUI reads them;
+diffusers 0.42.1's converter names them without the ``transformer.`` prefix and its loader then
+drops them, so only the blocks' LoRA survives a diffusers load of such a file.
 """
 
 from __future__ import annotations

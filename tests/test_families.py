@@ -8,7 +8,6 @@ import ast
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from lora_farm import families

@@ -5,19 +5,21 @@ loaders (the BFL-layout single file through its kohya converter) to the trained 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.protocol import EventWriter
+from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.families.flux_layout import bfl_modules, fuse
 from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
-from tests.test_image_trainer import fixed_eval_loss, make_program, ready, train
+from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -226,3 +228,18 @@ def test_resume_from_either_file_continues_the_trained_lora(tmp_path, trained_fl
     got = transformer_output(resumed.model.pipeline, resumed.model.denoiser)
     assert torch.allclose(got, expected, atol=1e-4)
     assert train(resumed, steps=1)
+
+
+def test_entry_point_trains_flux_with_cached_latents_and_checkpointing(tmp_path, tiny_flux, image_dataset):
+    spec_file = tmp_path / "flux.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "flux", "base_model": str(tiny_flux), "train_data_dir": str(image_dataset),
+        "resolution": 64, "lora_rank": 4, "batch_size": 2, "max_steps": 4, "save_steps": 2,
+        "learning_rate": 1e-3, "num_workers": 0, "cache_latents": True, "gradient_checkpointing": True}))
+    job_dir = tmp_path / "job"
+    result = run_trainer(spec_file, job_dir)
+    assert result.returncode == ExitCode.SUCCESS, result.stderr[-3000:]
+    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    summary = [e for e in events if e["event"] == "summary"][-1]
+    assert summary["family"] == "flux-dev" and summary["cached_latents"] == 8
+    assert {e["kind"] for e in events if e["event"] == "artifact"} == {"kohya", "diffusers", "published"}

@@ -26,6 +26,18 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A FluxPipeline folder (Flux.1-dev layout: guidance input, dynamic shift; 64 px -> 4x4 tokens)."""
+    return demo.build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory) -> Path:
+    """A FluxPipeline folder in the Flux.1-schnell layout (no guidance input, static shift)."""
+    return demo.build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", schnell=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_single_file(tiny_sd, tmp_path_factory) -> Path:
     """tiny_sd as one original-layout .safetensors; load it with config=tiny_sd."""
     out = tmp_path_factory.mktemp("models") / "tiny-sd.safetensors"

@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 from lora_farm.errors import ModelLoadError
-from lora_farm.trainers.image_model import ImageModel, encode_prompts, pipeline_class, sdxl_time_ids
+from lora_farm.trainers.families.sd import encode_prompts, pipeline_class, sdxl_time_ids
+from lora_farm.trainers.image_model import ImageModel
 from tests.test_image_trainer import fixed_eval_loss, make_program, ready, train
 
 pytestmark = pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -33,9 +34,20 @@ def validate(
     for item in loaded:
         spec = item.spec
         console.print(f"[green]✓[/] {item.source}: {spec.task} job [bold]{spec.name}[/] "
-                      f"(rank {spec.lora_rank}, hash {spec.config_hash()})", highlight=False)
+                      f"({_model_of(spec)}rank {spec.lora_rank}, hash {spec.config_hash()})", highlight=False)
         for note in item.notes:
             console.print(f"  [yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         if show_resolved:
             console.print_json(data=spec.to_yaml_dict())
     console.print(f"{len(loaded)} spec(s) valid.")
+
+
+def _model_of(spec: Any) -> str:
+    """``Flux.1 dev (flux-dev), `` for an image job: the family the registry recognised."""
+    from lora_farm import families
+    from lora_farm.jobs.inspect import inspect_base_model
+
+    if spec.task != "image":
+        return ""
+    card = families.by_name(inspect_base_model(spec.base_model).family)  # validated: it is known
+    return f"{card.title} ({card.name}), "

@@ -2,7 +2,7 @@
 
 Layout under ``root``::
 
-    models/tiny-sd  tiny-sdxl  tiny-llm  tiny-sd.safetensors  tiny-sdxl.safetensors
+    models/tiny-sd  tiny-sdxl  tiny-flux-dev  tiny-llm  tiny-sd.safetensors  tiny-sdxl.safetensors
     data/shapes-metadata/  shapes-sidecar/  facts.jsonl  facts-instructions.jsonl
     jobs/demo-sd-shapes.yaml  demo-sdxl-shapes.yaml  demo-llm-facts.yaml  demo-llm-instructions.yaml
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_farm.demo.datasets import write_image_dataset, write_text_dataset
+from lora_farm.demo.flux import build_tiny_flux
 from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.sd import IMAGE_SIZE, build_tiny_sd, build_tiny_sdxl
 from lora_farm.demo.single_file import write_single_file_checkpoint
@@ -42,6 +43,7 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
     assets = {
         "sd": _ensure(models / "tiny-sd", build_tiny_sd),
         "sdxl": _ensure(models / "tiny-sdxl", build_tiny_sdxl),
+        "flux": _ensure(models / "tiny-flux-dev", build_tiny_flux),  # configs/flux-dev-lora.yaml
         "llm": _ensure(models / "tiny-llm", build_tiny_llm),
         "shapes_metadata": _ensure(data / "shapes-metadata",
                                    lambda p: write_image_dataset(p, n=8, captions="metadata")),

@@ -11,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from lora_farm import families
 from lora_farm.errors import DatasetError, SpecProblem
 from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, example_problems, find_data_files,
                                      find_examples, read_records, to_example)
@@ -68,16 +69,27 @@ def _check_base_model(label: str, spec: JobSpec) -> list[SpecProblem]:
         info = inspect_base_model(spec.base_model)
     except UnknownModelFormat as error:
         return [SpecProblem(label, "base_model", f"is not a model lora-farm can load: {error}.",
-                            "point it at a diffusers folder, an SD .safetensors checkpoint or a "
-                            "transformers causal-LM folder.")]
+                            "point it at the diffusers folder or .safetensors checkpoint of a "
+                            "supported image family, or a transformers causal-LM folder.")]
     if info.task != spec.task:
-        what = "a causal language model" if info.task == "llm" else f"a Stable Diffusion model ({info.family})"
+        what = ("a causal language model" if info.task == "llm"
+                else f"an image model ({families.by_name(info.family).title})")
         return [SpecProblem(label, "base_model", f"is {what}, but the job's task is {spec.task!r} "
                             f"(got {str(spec.base_model)!r}).",
                             f"set `task: {info.task}` or use a {spec.task} base model.")]
-    problem = (single_file_config_problem(info, spec.base_model_config)
-               if info.kind == "single_file" and isinstance(spec, ImageJobSpec) else None)
-    return [SpecProblem(label, problem.field, problem.message, problem.fix)] if problem else []
+    if not isinstance(spec, ImageJobSpec):
+        return []
+    problem = single_file_config_problem(info, spec.base_model_config) if info.kind == "single_file" else None
+    problems = [SpecProblem(label, problem.field, problem.message, problem.fix)] if problem else []
+    return problems + _family_problems(label, spec, families.by_name(info.family))
+
+
+def _family_problems(label: str, spec: ImageJobSpec, card: families.Family) -> list[SpecProblem]:
+    """What the base model's family cannot do that the spec asks for."""
+    if spec.train_text_encoder and not card.trains_text_encoders:
+        return [SpecProblem(label, "train_text_encoder", f"is true, but lora-farm trains {card.title} "
+                            "LoRAs on the transformer only.", "remove `train_text_encoder`.")]
+    return []
 
 
 def _check_output(label: str, spec: JobSpec) -> list[SpecProblem]:

@@ -8,47 +8,39 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_farm import families
 from lora_farm.jobs.paths import what_is
 from lora_farm.jobs.problems import show
 from lora_farm.jobs.released import released_config_mismatch
 
 Kind = Literal["diffusers", "single_file", "transformers"]
-Family = Literal["sd1", "sd2", "sdxl", "causal_lm"]
+LLM_FAMILY = "causal_lm"  # image families are the registry's (lora_farm.families)
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1,
                "F8_E5M2": 1, "F8_E8M0": 1}
-
-# what a single file must hold besides its UNet: training encodes images and captions with them
-SINGLE_FILE_PARTS = {
-    "sd1": (("first_stage_model.", "VAE"), ("cond_stage_model.transformer.", "text encoder")),
-    "sd2": (("first_stage_model.", "VAE"), ("cond_stage_model.model.", "text encoder")),
-    "sdxl": (("first_stage_model.", "VAE"), ("conditioner.embedders.0.transformer.", "text encoder"),
-             ("conditioner.embedders.1.model.", "second text encoder")),
-}
 
 
 @dataclass(frozen=True)
 class BaseModelInfo:
     path: Path
     kind: Kind
-    family: Family
+    family: str  # an image family's card name, or LLM_FAMILY
     weight_bytes: int = 0  # sum over safetensors files found (0 when unknown)
     details: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def task(self) -> str:
-        return "llm" if self.family == "causal_lm" else "image"
+        return "llm" if self.family == LLM_FAMILY else "image"
 
 
 class UnknownModelFormat(ValueError):
-    """Raised when a path is neither a diffusers folder, an SD .safetensors nor a causal LM."""
+    """Raised when a path is neither a registered image family (folder or single file) nor a causal LM."""
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -111,7 +103,8 @@ def inspect_base_model(path: Path) -> BaseModelInfo:
         return _inspect_single_file(path)
     if not path.is_dir():  # a device, a FIFO or a socket is named as such, never opened
         raise UnknownModelFormat(f"{path} {what_is(path)}")
-    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+    if (path / "model_index.json").is_file() or any((path / folder / "config.json").is_file()
+                                                    for folder in families.denoiser_folders()):
         return _inspect_diffusers(path)
     if (path / "config.json").is_file():
         return _inspect_transformers(path)
@@ -125,25 +118,25 @@ def _folder_weight_bytes(folder: Path) -> int:
 
 
 def _inspect_diffusers(path: Path) -> BaseModelInfo:
-    unet_config = _read_json(path / "unet" / "config.json")
-    has_second_encoder = (path / "text_encoder_2").is_dir()
-    cross_dim = unet_config.get("cross_attention_dim", 768)
-    if has_second_encoder or unet_config.get("addition_embed_type") == "text_time":
-        family: Family = "sdxl"
-    elif cross_dim == 1024:
-        family = "sd2"
-    else:
-        family = "sd1"
-    details = {"unet": unet_config, "cross_attention_dim": cross_dim,
-               "sample_size": unet_config.get("sample_size", 64)}
-    return BaseModelInfo(path, "diffusers", family, _folder_weight_bytes(path), details)
+    """A diffusers folder: its family from model_index.json and the denoiser's config.json."""
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    configs = {folder: _read_json(path / folder / "config.json") for folder in families.denoiser_folders()
+               if (path / folder / "config.json").is_file()}
+    folders = frozenset(p.name for p in path.iterdir() if p.is_dir())
+    card = families.recognise_folder(index, configs, folders)
+    if card is None:
+        pipeline = index.get("_class_name", "no _class_name")
+        raise UnknownModelFormat(f"{path} is a diffusers folder of an architecture lora-farm does not "
+                                 f"train ({pipeline}); supported: {families.supported()}")
+    details = {card.denoiser: configs.get(card.denoiser, {}), "pipeline": index.get("_class_name")}
+    return BaseModelInfo(path, "diffusers", card.name, _folder_weight_bytes(path), details)
 
 
 def _inspect_transformers(path: Path) -> BaseModelInfo:
     config = _read_json(path / "config.json")
     if "model_type" not in config:
         raise UnknownModelFormat(f"{path / 'config.json'} has no `model_type`; not a transformers model")
-    return BaseModelInfo(path, "transformers", "causal_lm", _folder_weight_bytes(path),
+    return BaseModelInfo(path, "transformers", LLM_FAMILY, _folder_weight_bytes(path),
                          {"config": config})
 
 
@@ -153,48 +146,12 @@ def _inspect_single_file(path: Path) -> BaseModelInfo:
             f"{path} is a {path.suffix or 'suffix-less'} file; only .safetensors single-file "
             "checkpoints are loaded (pickle checkpoints can run code: convert them first)")
     header = read_safetensors_header(path)
-    names = [name for name in header if name != "__metadata__"]
-    if any(name.startswith("conditioner.embedders.1") for name in names):
-        family: Family = "sdxl"
-    elif any(name.startswith("cond_stage_model.model.") for name in names):
-        family = "sd2"
-    elif any(name.startswith("model.diffusion_model.") for name in names):
-        family = "sd1"
-    else:
-        raise UnknownModelFormat(
-            f"{path} holds no Stable Diffusion UNet (no `model.diffusion_model.*` tensors)")
-    missing = [part for prefix, part in SINGLE_FILE_PARTS[family]
-               if not any(name.startswith(prefix) for name in names)]
-    details = {"tensors": len(names), "unet": single_file_unet_shape(header), "missing": missing}
-    return BaseModelInfo(path, "single_file", family, tensor_bytes(header), details)
-
-
-def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
-    """``in_channels``, ``block_out_channels``, ``cross_attention_dim`` of an original-layout UNet.
-
-    Every level but the last ends in a downsampler (``input_blocks.N.0.op``) as wide as the level;
-    the last level is as wide as the middle block. Empty where the file lacks those tensors.
-    """
-    prefix = "model.diffusion_model."
-
-    def dim(entry: dict[str, Any] | None, index: int) -> int | None:  # a forged header: any rank
-        shape = (entry or {}).get("shape", [])
-        return shape[index] if len(shape) > index else None
-
-    downsamplers = sorted((int(name.split(".")[3]), dim(entry, 0)) for name, entry in header.items()
-                          if re.fullmatch(re.escape(prefix) + r"input_blocks\.\d+\.0\.op\.weight", name))
-    middle = dim(header.get(prefix + "middle_block.0.in_layers.2.weight"), 0)
-    cross = next((dim(entry, 1) for name, entry in header.items()
-                  if name.startswith(prefix) and name.endswith("attn2.to_k.weight")), None)
-    in_channels = dim(header.get(prefix + "input_blocks.0.0.weight"), 1)
-    shape: dict[str, Any] = {}
-    if in_channels:  # 4 latent channels; 9 for inpainting models
-        shape["in_channels"] = in_channels
-    if middle:
-        shape["block_out_channels"] = [width for _, width in downsamplers] + [middle]
-    if cross:
-        shape["cross_attention_dim"] = cross
-    return shape
+    card = families.recognise_file(header)
+    if card is None:
+        raise UnknownModelFormat(f"{path} holds no model lora-farm recognises from its tensor names "
+                                 f"(supported: {families.supported()})")
+    details = card.file_details(header) if card.file_details else {}
+    return BaseModelInfo(path, "single_file", card.name, tensor_bytes(header), details)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -223,10 +180,16 @@ def single_file_config_problem(info: BaseModelInfo, config_folder: Path | None) 
     Without a folder, a released SD 1.x / SDXL model loads with the configs lora-farm ships.
     """
     field_name = "base_model_config"
+    card = families.by_name(info.family)
+    if not card.loads_single_file:
+        return ModelProblem("base_model", f"is a single-file {card.title} checkpoint ({info.path}); "
+                            f"lora-farm loads {card.title} from its diffusers folder only.",
+                            f"point `base_model` at the diffusers folder (model_index.json, "
+                            f"{', '.join(card.components)}).")
     if info.details.get("missing"):  # a config folder holds no weights: nothing to load them from
         return ModelProblem("base_model", f"holds no {' and no '.join(info.details['missing'])} "
-                            f"({info.path} is a {info.family} single file with a UNet only).",
-                            "use a whole checkpoint (UNet, VAE and text encoders) or a diffusers folder.")
+                            f"({info.path} is a {card.title} single file without them).",
+                            "use a whole checkpoint (denoiser, VAE and text encoders) or a diffusers folder.")
     if config_folder is None:
         mismatch = released_config_mismatch(info)
         if mismatch is None:

@@ -157,7 +157,7 @@ class JobSpec(BaseModel):
 
 
 class ImageJobSpec(JobSpec):
-    """A Stable Diffusion (1.x / 2.x / SDXL) LoRA trained with diffusers + peft."""
+    """An image-model LoRA (any family of ``lora_farm.families``) trained with diffusers + peft."""
 
     task: Literal["image"] = "image"
     metadata_path: Path | None = Field(None, description="metadata.csv with file_name,text "
@@ -175,6 +175,8 @@ class ImageJobSpec(JobSpec):
                           "(not needed for the released SD 1.5 / SDXL shapes)")
     noise_offset: float = Field(0.0, ge=0, le=1, description="offset noise (darker/brighter "
                                 "images); 0 = off")
+    guidance_scale: float = Field(1.0, ge=0, le=100, description="the guidance input of "
+                                  "guidance-distilled models (Flux.1 dev) while training")
 
 
 class LlmJobSpec(JobSpec):

@@ -1,7 +1,7 @@
-"""Which layers get LoRA when a spec names no ``target_modules`` (torch-free, shared by the
-trainers and the VRAM estimate so both count the same layers)."""
+"""Which text-encoder layers get LoRA with ``train_text_encoder`` (torch-free, shared by the
+trainers and the VRAM estimate so both count the same layers). A denoiser's default targets are
+its family card's (``lora_farm.families``)."""
 
 from __future__ import annotations
 
-UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the UNet attention projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention, always these

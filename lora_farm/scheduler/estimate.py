@@ -17,19 +17,19 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
   a GPU), 4 when ``no``. EMA copies in single-file checkpoints are not counted (never loaded).
 - ``lora_params``: rank x (in + out) per targeted layer, read from the weight shapes in the
   header, x 16 bytes: fp32 weights 4 + grads 4 + Adam's two moments 8.
-- ``activations``: image: ``batch x (resolution/512)^2 x`` a per-family figure for one 512 px
-  sample (IMAGE_ACTIVATION_MB), scaled by the UNet's width (sum of ``block_out_channels``, from
-  its config or, for a single file, from the header's shapes) relative to the real model's, so
+- ``activations``: image: ``batch x (resolution/512)^2 x`` the family card's figure for one 512 px
+  sample (``Family.activation_mb_512``), scaled by the denoiser's width (the card's ``width``
+  rule: a UNet's sum of ``block_out_channels``, from its config or, for a single file, from the
+  header's shapes; a transformer's hidden width x blocks) relative to the real model's, so
   tiny test models estimate tiny. LLM: ``batch x seq_len x
   hidden x (34 bytes x layers)`` (Korthikanti et al. 2022, with flash/SDPA attention) plus the
   logits ``batch x seq_len x vocab x 10 bytes``. fp32 (``no``) doubles them; gradient
-  checkpointing keeps ~1/3 of them (image) or one layer plus each layer's input (LLM).
+  checkpointing keeps the card's share of them (image) or one layer plus each layer's input (LLM).
 - ``cuda_context``: ~500 MiB per process (CUDA context + cuBLAS workspace + kernels); it is not in
   the trainer's ``peak_vram_mb`` (``torch.cuda.max_memory_reserved``).
 
-The per-family constants are from published SD 1.5 / SDXL LoRA training measurements (512 px
-batch 1 fp16 without checkpointing: ~6 GB all-in for SD 1.5; SDXL at 1024 px: ~18 GB); the
-calibration loop corrects them per job shape from real peaks.
+The per-family constants live on the family cards (``lora_farm.families``), each with where it
+comes from; the calibration loop corrects them per job shape from real peaks.
 """
 
 from __future__ import annotations
@@ -41,23 +41,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from lora_farm import families
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model, read_safetensors_header
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
-from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS
 
 MIB = 1024 * 1024
 CUDA_CONTEXT_MB = 500.0
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + Adam exp_avg + exp_avg_sq
-# one 512x512 sample, fp16, no checkpointing, the real model's width (sum of block_out_channels)
-IMAGE_ACTIVATION_MB = {"sd1": 3000.0, "sd2": 3200.0, "sdxl": 2400.0}
-IMAGE_REFERENCE_WIDTH = {"sd1": 3520, "sd2": 3520, "sdxl": 2240}
-IMAGE_CHECKPOINTING_KEEPS = 0.35
 LLM_BYTES_PER_TOKEN_LAYER_HIDDEN = 34  # mixed precision, flash/SDPA attention
 LLM_LOGIT_BYTES = 10  # fp16 logits + fp32 upcast for the loss + its grad
-# parameter counts when a model ships no safetensors (.bin only): header shapes unavailable
-FAMILY_PARAMS = {"sd1": 1.07e9, "sd2": 1.30e9, "sdxl": 3.47e9}
-FAMILY_LORA_PARAMS_PER_RANK = {"sd1": 2.0e5, "sd2": 2.5e5, "sdxl": 7.0e5}
 
 # what peft adapts when target_modules is unset, for the common causal-LM architectures
 LLM_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
@@ -80,7 +74,7 @@ class VramEstimate:
 
 @dataclass(frozen=True)
 class _Tensor:
-    component: str  # unet | text_encoder | vae | lm
+    component: str  # denoiser | text_encoder | vae | lm
     name: str
     shape: tuple[int, ...]
 
@@ -105,8 +99,8 @@ def base_model_info(spec: JobSpec) -> BaseModelInfo:
     except UnknownModelFormat as error:
         raise ModelLoadError(
             f"cannot estimate the VRAM of `{spec.name}`: `base_model` {error}. Fix: point "
-            "`base_model` at a diffusers/transformers folder or an SD .safetensors file, or set "
-            "`vram_gb` to skip the estimate.") from error
+            "`base_model` at a diffusers/transformers folder or a .safetensors checkpoint of a "
+            "supported family, or set `vram_gb` to skip the estimate.") from error
 
 
 def _model_parts(spec: JobSpec) -> dict[str, float]:
@@ -114,9 +108,10 @@ def _model_parts(spec: JobSpec) -> dict[str, float]:
     width = 4 if spec.mixed_precision == "no" else 2
     tensors = _tensors(info)
     if isinstance(spec, ImageJobSpec):
-        frozen = _frozen_mb(tensors, width, FAMILY_PARAMS.get(info.family, 1e9))
-        lora = _image_lora_params(spec, info, tensors)
-        activations = _image_activations_mb(spec, info)
+        card = families.by_name(info.family)
+        frozen = _frozen_mb(tensors, width, card.params)
+        lora = _image_lora_params(spec, card, tensors)
+        activations = _image_activations_mb(spec, card, info)
     elif isinstance(spec, LlmJobSpec):
         config = _llm_config(info)
         frozen = _frozen_mb(tensors, width, _llm_params_from_config(config))
@@ -139,17 +134,19 @@ def _inspect(path: Path) -> BaseModelInfo:
 
 def _tensors(info: BaseModelInfo) -> list[_Tensor]:
     """Every weight of the model with its component, from the safetensors headers ([] if none)."""
-    return list(_tensors_cached(info.path, info.kind))
+    return list(_tensors_cached(info.path, info.kind, info.family))
 
 
 @lru_cache(maxsize=64)
-def _tensors_cached(path: Path, kind: str) -> tuple[_Tensor, ...]:
+def _tensors_cached(path: Path, kind: str, family: str) -> tuple[_Tensor, ...]:
     if kind == "single_file":
-        return tuple(_single_file_tensors(path))
+        return tuple(_single_file_tensors(path, families.by_name(family).file_components))
     if kind == "diffusers":
+        card = families.by_name(family)
         found: list[_Tensor] = []
-        for folder in ("unet", "text_encoder", "text_encoder_2", "vae"):
-            component = "text_encoder" if folder.startswith("text_encoder") else folder
+        for folder in card.components:
+            component = ("denoiser" if folder == card.denoiser
+                         else "text_encoder" if folder.startswith("text_encoder") else folder)
             found += _folder_tensors(path / folder, component)
         return tuple(found)
     return tuple(_folder_tensors(path, "lm"))
@@ -167,9 +164,7 @@ def _folder_tensors(folder: Path, component: str) -> list[_Tensor]:
             if name != "__metadata__"]
 
 
-def _single_file_tensors(path: Path) -> list[_Tensor]:
-    prefixes = (("model.diffusion_model.", "unet"), ("cond_stage_model.", "text_encoder"),
-                ("conditioner.", "text_encoder"), ("first_stage_model.", "vae"))
+def _single_file_tensors(path: Path, prefixes: tuple[tuple[str, str], ...]) -> list[_Tensor]:
     found = []
     for name, entry in read_safetensors_header(path).items():
         for prefix, component in prefixes:
@@ -200,26 +195,25 @@ def _lora_params(tensors: Iterable[_Tensor], targets: Iterable[str], rank: int) 
 
 # ---- image ------------------------------------------------------------------------------------
 
-def _image_lora_params(spec: ImageJobSpec, info: BaseModelInfo, tensors: list[_Tensor]) -> float:
-    targets = tuple(spec.target_modules or UNET_TARGETS)
+def _image_lora_params(spec: ImageJobSpec, card: families.Family, tensors: list[_Tensor]) -> float:
+    targets = tuple(spec.target_modules or card.lora_targets)
     if not tensors:
-        return FAMILY_LORA_PARAMS_PER_RANK.get(info.family, 2e5) * spec.lora_rank
-    unet = _lora_params((t for t in tensors if t.component == "unet"), targets, spec.lora_rank)
+        return card.lora_params_per_rank * spec.lora_rank
+    denoiser = _lora_params((t for t in tensors if t.component == "denoiser"), targets, spec.lora_rank)
     if not spec.train_text_encoder:
-        return unet
+        return denoiser
     encoder_targets = TEXT_ENCODER_TARGETS  # the trainer ignores target_modules here
-    return unet + _lora_params((t for t in tensors if t.component == "text_encoder"),
-                               encoder_targets, spec.lora_rank)
+    return denoiser + _lora_params((t for t in tensors if t.component == "text_encoder"),
+                                   encoder_targets, spec.lora_rank)
 
 
-def _image_activations_mb(spec: ImageJobSpec, info: BaseModelInfo) -> float:
-    family = info.family if info.family in IMAGE_ACTIVATION_MB else "sd1"
-    per_sample = IMAGE_ACTIVATION_MB[family] * (spec.resolution / 512) ** 2
-    channels = info.details.get("unet", {}).get("block_out_channels")
-    if channels:  # a narrower UNet keeps proportionally smaller feature maps
-        per_sample *= sum(channels) / IMAGE_REFERENCE_WIDTH[family]
+def _image_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseModelInfo) -> float:
+    per_sample = card.activation_mb_512 * (spec.resolution / 512) ** 2
+    width = card.width(info.details.get(card.denoiser, {}))
+    if width:  # a narrower denoiser keeps proportionally smaller activations
+        per_sample *= width / card.reference_width
     if spec.gradient_checkpointing:
-        per_sample *= IMAGE_CHECKPOINTING_KEEPS
+        per_sample *= card.checkpointing_keeps
     if spec.mixed_precision == "no":
         per_sample *= 2
     return spec.batch_size * per_sample

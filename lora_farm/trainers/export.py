@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lora_farm.families import Family
 from lora_farm.jobs.spec import ImageJobSpec
 from lora_farm.trainers.publish import FILE_MODE, write_model_card
 
@@ -33,8 +34,6 @@ SDXL_KOHYA_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1"}
 # transformers 5 flattened CLIPTextModel (no `text_model.` level); kohya, A1111, ComfyUI and older
 # transformers expect it, and diffusers strips it again where the model has none
 CLIP_INNER_MODULES = ("encoder.", "embeddings.", "final_layer_norm.")
-MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                           "sdxl": "stable-diffusion-xl-v1-base/lora"}
 USAGE = """from diffusers import AutoPipelineForText2Image
 
 pipe = AutoPipelineForText2Image.from_pretrained("{base}")
@@ -59,7 +58,7 @@ def with_text_model_prefix(peft_states: dict[str, dict[str, torch.Tensor]]) -> d
     def fix(key: str) -> str:
         return f"text_model.{key}" if key.startswith(CLIP_INNER_MODULES) else key
 
-    return {component: state if component == "unet" else {fix(k): v for k, v in state.items()}
+    return {component: {fix(k): v for k, v in state.items()} if component.startswith("text_encoder") else state
             for component, state in peft_states.items()}
 
 
@@ -87,15 +86,15 @@ def _alpha_of(alphas: dict[str, tuple[int, float]], module: str) -> float:
     return rank_alpha[1]
 
 
-def kohya_metadata(spec: ImageJobSpec, family: str, base_model_version: str, facts: dict[str, Any]) -> dict[str, str]:
-    """The ``ss_*`` (kohya sd-scripts) and ``modelspec.*`` keys; every value a string."""
+def kohya_metadata(spec: ImageJobSpec, card: Family, facts: dict[str, Any]) -> dict[str, str]:
+    """The ``ss_*`` (kohya sd-scripts) and ``modelspec.*`` keys; every value a string. The
+    family's own keys (``ss_base_model_version``, ``ss_v2``...) come from its card."""
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(facts.get("rank", spec.lora_rank)),
         "ss_network_alpha": _number(facts.get("alpha", spec.alpha)),
         "ss_network_dropout": _number(spec.lora_dropout),
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(family == "sd2"),
+        **card.kohya_metadata,
         "ss_v_parameterization": str(facts.get("prediction_type") == "v_prediction"),
         "ss_sd_model_name": spec.base_model_ref,  # as kohya: a hub id, or the model's file name
         "ss_output_name": spec.name,
@@ -117,7 +116,7 @@ def kohya_metadata(spec: ImageJobSpec, family: str, base_model_version: str, fac
         "ss_noise_offset": _number(spec.noise_offset),
         "ss_training_comment": f"lora-farm job {spec.name}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURES[family],
+        "modelspec.architecture": card.modelspec_architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": spec.name,
         "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",

@@ -1,7 +1,10 @@
-"""Image LoRA (SD 1.x / 2.x / SDXL) with diffusers + peft: the program the runtime drives.
+"""Image LoRA (every family of ``lora_farm.families``) with diffusers + peft: the program the
+runtime drives.
 
 The runtime owns the loop (optimizer, schedule, accumulation, clipping, autocast, checkpoints);
-this module owns what one step means: latents, noise, the UNet's prediction and the loss.
+this module owns the data, the LoRA and the latents; the family's adapter
+(``lora_farm.trainers.families``) owns what differs: loading, conditioning, the objective, the
+single file's key layout.
 """
 
 from __future__ import annotations
@@ -16,27 +19,28 @@ import torch.nn.functional as F
 
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS
+from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS
 from lora_farm.protocol import JobDir
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.distributed import DistContext
 from lora_farm.jobs.datasets import check_examples, find_examples
 from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
-from lora_farm.trainers.image_model import (ImageModel, encode_prompts, load_image_model,
-                                            pipeline_class, sdxl_time_ids)
+from lora_farm.trainers.families import FamilyAdapter, adapter_for
+from lora_farm.trainers.image_model import ImageModel, load_image_model
 
 ADAPTER = "default"
 
 
 class ImageProgram(TrainingProgram):
-    """Train a LoRA on a Stable Diffusion UNet (and optionally its text encoders)."""
+    """Train a LoRA on an image model's denoiser (and optionally its text encoders)."""
 
     spec: ImageJobSpec
 
     def __init__(self, spec: ImageJobSpec, job_dir: Path, device: torch.device, dtype: torch.dtype):
         super().__init__(spec, job_dir, device, dtype)
         self.model: ImageModel | None = None
+        self.adapter: FamilyAdapter | None = None
         self.adapted: dict[str, torch.nn.Module] = {}  # component name -> module carrying LoRA
         self.trained: list[str] = []  # components whose LoRA the optimizer updates
         self.dataset: ImageDataset | None = None
@@ -49,16 +53,19 @@ class ImageProgram(TrainingProgram):
     def load(self) -> None:
         self.model = load_image_model(self.spec.base_model, self.spec.base_model_config, self.dtype)
         self.model.to(self.device)
+        card = self.model.card
+        self.adapter = adapter_for(card)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)  # LoRA init draws from the global RNG: same seed, same init
             if self.spec.resume_from is not None:
                 self._load_existing_lora(self.spec.resume_from)
             else:
-                self.model.unet.add_adapter(self._lora_config(self.spec.target_modules or list(UNET_TARGETS)))
-                self.adapted["unet"] = self.model.unet
+                targets = self.spec.target_modules or list(card.lora_targets)
+                self.model.denoiser.add_adapter(self._lora_config(targets))
+                self.adapted[card.denoiser] = self.model.denoiser
             if self.spec.train_text_encoder:
                 self._add_text_encoder_lora()
-        self.trained = ["unet"] + (self.model.text_encoder_names if self.spec.train_text_encoder else [])
+        self.trained = [card.denoiser] + (self.model.text_encoder_names if self.spec.train_text_encoder else [])
         self._mark_trainable()
         if self.spec.gradient_checkpointing:
             self._enable_gradient_checkpointing()
@@ -84,26 +91,15 @@ class ImageProgram(TrainingProgram):
 
     def _load_existing_lora(self, path: Path) -> None:
         """Continue a kohya or diffusers LoRA: its own ranks, alphas and modules are kept."""
-        assert self.model is not None
-        cls = pipeline_class(self.model.family)
+        assert self.model is not None and self.adapter is not None
         try:
-            state, alphas, metadata = cls.lora_state_dict(str(path), unet_config=self.model.unet.config,
-                                                          return_lora_metadata=True)
-            if not any(key.startswith("unet.") for key in state):
-                raise ValueError("it holds no UNet LoRA weights")
-            cls.load_lora_into_unet(state, alphas, self.model.unet, adapter_name=ADAPTER, metadata=metadata)
-            self.adapted["unet"] = self.model.unet
-            for name, encoder in zip(self.model.text_encoder_names, self.model.text_encoders):
-                if any(key.startswith(f"{name}.") for key in state):
-                    cls.load_lora_into_text_encoder(state, alphas, encoder, prefix=name,
-                                                    adapter_name=ADAPTER, metadata=metadata)
-                    self.adapted[name] = encoder
+            self.adapted.update(self.adapter.load_lora(self.model, path, ADAPTER))
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelLoadError(
                 f"`resume_from`: cannot load the LoRA {path} into {self.spec.base_model}: {error}. "
                 "Fix: point it at a kohya or diffusers LoRA .safetensors trained on this base model "
                 "family.") from error
-        ranks = {rank for rank, _ in exporter.lora_ranks_and_alphas(self.model.unet).values()}
+        ranks = {rank for rank, _ in exporter.lora_ranks_and_alphas(self.model.denoiser).values()}
         if ranks != {self.spec.lora_rank}:
             self.notes.append(f"resume_from: kept the LoRA's rank(s) {sorted(ranks)}; "
                               f"`lora_rank` {self.spec.lora_rank} is ignored")
@@ -119,9 +115,9 @@ class ImageProgram(TrainingProgram):
 
     def _enable_gradient_checkpointing(self) -> None:
         assert self.model is not None
-        self.model.unet.enable_gradient_checkpointing()
+        self.model.denoiser.enable_gradient_checkpointing()
         for name in self.trained:
-            if name != "unet":
+            if name != self.model.card.denoiser:
                 encoder = self.adapted[name]
                 # transformers 5 renamed it; older releases only have the old name
                 enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
@@ -201,21 +197,16 @@ class ImageProgram(TrainingProgram):
     # -- the step ---------------------------------------------------------------------------
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        assert self.model is not None
-        model = self.model
+        assert self.adapter is not None
         batch = self.materialize(batch)
         latents = self._latents(batch, generator)
-        noise = _randn(latents.shape, generator, latents.device)
-        if self.spec.noise_offset:
-            noise = noise + self.spec.noise_offset * _randn((*latents.shape[:2], 1, 1), generator, latents.device)
-        steps = model.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator,
-                                  device=generator.device).to(self.device)
-        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden, extra = self._conditioning(batch)
-        prediction = model.unet(noisy.to(self.dtype), timesteps, hidden.to(self.dtype),
-                                added_cond_kwargs=extra).sample
-        return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
+        prediction, target = self.adapter.predict(self, latents, batch, generator)
+        return F.mse_loss(prediction.float(), target.float())
+
+    @property
+    def text_trained(self) -> bool:
+        """Whether a text encoder's LoRA learns (its forward then keeps gradients)."""
+        return len(self.trained) > 1
 
     def _latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -229,28 +220,6 @@ class ImageProgram(TrainingProgram):
             latents = distribution.sample(generator=generator).float()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
-
-    def _conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        model = self.model
-        assert model is not None
-        text_trained = len(self.trained) > 1
-        with torch.set_grad_enabled(text_trained and torch.is_grad_enabled()):
-            hidden, pooled = encode_prompts(model, list(batch["caption"]), self.device)
-        if not model.is_sdxl:
-            return hidden, None
-        size = (self.spec.resolution, self.spec.resolution)
-        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], size, self.device, self.dtype)
-        return hidden, {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
-
-    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        scheduler = self.model.noise_scheduler  # type: ignore[union-attr]
-        kind = scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return scheduler.get_velocity(latents, noise, timesteps)
-        raise ModelLoadError(f"`base_model`: scheduler prediction_type {kind!r} is not supported. "
-                             "Fix: use a model trained with 'epsilon' or 'v_prediction'.")
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -290,21 +259,23 @@ class ImageProgram(TrainingProgram):
         assert self.model is not None
         states = self.peft_states()
         alphas = {name: exporter.lora_ranks_and_alphas(module) for name, module in self.adapted.items()}
-        tensors = exporter.kohya_state_dict(states, alphas, self.model.is_sdxl)
-        facts = {**self._rank_and_alpha(alphas), "examples": len(self.dataset or []),
+        assert self.adapter is not None
+        card = self.model.card
+        tensors = self.adapter.kohya_state_dict(self.model, states, alphas)
+        facts = {**self._rank_and_alpha(alphas[card.denoiser]), "examples": len(self.dataset or []),
                  "text_encoder_trained": len(self.adapted) > 1,
-                 "prediction_type": self.model.noise_scheduler.config.prediction_type}
-        metadata = exporter.kohya_metadata(self.spec, self.model.family, self.model.base_model_version, facts)
+                 "prediction_type": getattr(self.model.noise_scheduler.config, "prediction_type", None)}
+        metadata = exporter.kohya_metadata(self.spec, card, facts)
         kohya = exporter.write_kohya(JobDir(self.job_dir).kohya(self.spec.name), tensors, metadata)
         configs = {name: module.peft_config[ADAPTER].to_dict() for name, module in self.adapted.items()}
-        diffusers = exporter.write_diffusers(JobDir(self.job_dir).diffusers, pipeline_class(self.model.family),
+        diffusers = exporter.write_diffusers(JobDir(self.job_dir).diffusers, self.adapter.pipeline_class(),
                                              states, configs, self.spec)
         return [(kohya, "kohya"), (diffusers, "diffusers")]
 
     @staticmethod
-    def _rank_and_alpha(alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, Any]:
-        """kohya keeps one dim/alpha per network: the UNet's most common pair."""
-        pairs = list(alphas.get("unet", {}).values())
+    def _rank_and_alpha(alphas: dict[str, tuple[int, float]]) -> dict[str, Any]:
+        """kohya keeps one dim/alpha per network: the denoiser's most common pair."""
+        pairs = list(alphas.values())
         rank, alpha = max(set(pairs), key=pairs.count)
         return {"rank": rank, "alpha": alpha}
 
@@ -315,11 +286,6 @@ class ImageProgram(TrainingProgram):
                 "adapted": sorted(self.adapted), "trainable_parameters": trainable,
                 "examples": len(self.dataset) if self.dataset else 0,
                 "cached_latents": len(self.latent_cache), "notes": list(self.notes)}
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Noise drawn on the generator's device (same numbers on any card), then moved."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
 class _EpochLoader:

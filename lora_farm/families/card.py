@@ -1,0 +1,59 @@
+"""A model family's card: everything the farm side needs to know about it, as plain data (torch-free).
+
+The farm side (validation, task inference, the VRAM estimate, export metadata) reads cards; the
+trainer process imports the card's ``adapter`` by name to load, caption, train and export the
+family with torch. Cards hold small pure functions where a rule is easier said as code (how a
+folder or a file is recognised, how wide a denoiser is): those import nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Objective = Literal["ddpm", "flow"]
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a pipeline: its folders and the token sequence length it is fed."""
+
+    folder: str  # text_encoder, text_encoder_2 ... (also the prefix of its LoRA keys)
+    tokenizer: str
+    kind: Literal["clip", "t5"]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """One trainable image model family (e.g. SD 1.x, Flux.1-dev)."""
+
+    name: str  # what the ledger, summaries and errors print
+    title: str
+    denoiser: str  # the folder of the model LoRA trains: unet | transformer
+    components: tuple[str, ...]  # the diffusers folders holding weights
+    text_encoders: tuple[TextEncoder, ...]
+    objective: Objective  # ddpm: epsilon / v from the scheduler config; flow: flow matching
+    lora_targets: tuple[str, ...]  # peft target_modules when a spec names none
+    kohya_metadata: Mapping[str, str]  # ss_base_model_version and family-specific ss_* keys
+    modelspec_architecture: str
+    adapter: str  # "module:Class" of the torch-side adapter (the trainer process imports it)
+    # recognition: (model_index.json, the denoiser's config.json, the folder's subfolders) -> is
+    # this family? Never the folder's or file's name.
+    matches_folder: Callable[[dict[str, Any], dict[str, Any], frozenset[str]], bool]
+    # a single file's safetensors header -> is this family? None: never recognised from a file
+    matches_file: Callable[[dict[str, Any]], bool] | None = None
+    loads_single_file: bool = True  # False: recognised, but only its diffusers folder loads
+    # a single file's tensor-name prefixes -> component (denoiser | text_encoder | vae)
+    file_components: tuple[tuple[str, str], ...] = ()
+    file_details: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    trains_text_encoders: bool = True  # the text-encoder LoRA (train_text_encoder) is supported
+    # the VRAM model (scheduler/estimate.py): one 512 px sample, 16-bit, no checkpointing, at the
+    # real model's width; a narrower denoiser (tiny test models) scales it down
+    activation_mb_512: float = 3000.0
+    reference_width: float = 1.0
+    width: Callable[[dict[str, Any]], float | None] = field(default=lambda config: None)
+    checkpointing_keeps: float = 0.35  # the share of activations gradient checkpointing keeps
+    params: float = 1e9  # parameter count when a model ships no safetensors (.bin only)
+    lora_params_per_rank: float = 2e5

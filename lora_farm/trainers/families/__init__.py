@@ -1,0 +1,52 @@
+"""The torch side of each model family: one adapter per family line, named by its card
+(``lora_farm.families``) and imported here, in the trainer process only.
+
+An adapter says how its family loads, how a step predicts (conditioning, noise, objective), how
+an existing LoRA is loaded and how the single file's key layout is written; ``ImageProgram``
+drives every family through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lora_farm.families import Family
+
+if TYPE_CHECKING:
+    from lora_farm.trainers.image import ImageProgram
+    from lora_farm.trainers.image_model import ImageModel
+
+
+class FamilyAdapter:
+    """What differs between families; ``ImageProgram`` owns the rest (data, LoRA, the loop's seam)."""
+
+    def __init__(self, card: Family):
+        self.card = card
+
+    def pipeline_class(self) -> Any:
+        """The diffusers pipeline class (its LoRA loader and saver class methods are used)."""
+        raise NotImplementedError
+
+    def load(self, info: Any, config_folder: Any, dtype: Any) -> ImageModel:
+        """Every component, frozen later by the caller."""
+        raise NotImplementedError
+
+    def predict(self, program: ImageProgram, latents: Any, batch: dict[str, Any],
+                generator: Any) -> tuple[Any, Any]:
+        """``(prediction, target)`` for scaled latents; all randomness from ``generator``."""
+        raise NotImplementedError
+
+    def load_lora(self, model: ImageModel, path: Any, adapter_name: str) -> dict[str, Any]:
+        """Load an existing LoRA file into the model; ``{component: module}`` it adapted."""
+        raise NotImplementedError
+
+    def kohya_state_dict(self, model: ImageModel, peft_states: dict[str, dict[str, Any]],
+                         alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, Any]:
+        """The single file's tensors in the key layout ComfyUI and kohya use for the family."""
+        raise NotImplementedError
+
+
+def adapter_for(card: Family) -> FamilyAdapter:
+    module, _, name = card.adapter.partition(":")
+    return getattr(importlib.import_module(module), name)(card)

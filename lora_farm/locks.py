@@ -9,13 +9,14 @@ lock taken and drops out. The dispatch lock serialises placement passes across a
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
+
+from lora_farm.settings import host_name
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ return 0
 def owner_token() -> str:
     """Who holds a lock: host, pid and a random part (readable in `redis-cli GET`)."""
     import os
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{host_name()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class RedisLock:

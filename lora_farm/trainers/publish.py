@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lora_farm.protocol import JobDir, published_adapter
+from lora_farm.protocol import Fence, JobDir, published_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 FILE_MODE = 0o644  # artifacts are meant to be shared (safetensors writes 0600)
@@ -34,8 +34,10 @@ def published_path(spec: Any) -> Path:
     return published_adapter(spec.output_dir, get_settings().output_root_abs, spec.name, spec.task)
 
 
-def publish(spec: Any, job_dir: Path) -> Path:
-    """Copy the exported adapter of ``job_dir`` to ``published_path(spec)``; returns that path."""
+def publish(spec: Any, job_dir: Path, fence: Fence | None = None) -> Path:
+    """Copy the exported adapter of ``job_dir`` to ``published_path(spec)``; returns that path.
+    Under the farm, only while the attempt's ``fence`` holds (checked before the rename)."""
+    fence = fence or Fence(Path())
     target = published_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
@@ -45,10 +47,13 @@ def publish(spec: Any, job_dir: Path) -> Path:
                 raise PublishRefused(f"{target} is a folder, not an earlier adapter file")
             shutil.copyfile(JobDir(job_dir).kohya(spec.name), staging)
             os.chmod(staging, FILE_MODE)
-            os.replace(staging, target)
         else:
+            if target.exists() and not (target / ADAPTER_CONFIG).is_file():
+                raise PublishRefused(f"{target} exists and is not an earlier adapter folder (a "
+                                     "batch folder of the same name?); rename the job")
             shutil.copytree(JobDir(job_dir).adapter, staging)
-            _replace_folder(staging, target)
+        fence.check()
+        swap_into_place(staging, target)
     finally:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
@@ -57,11 +62,12 @@ def publish(spec: Any, job_dir: Path) -> Path:
     return target
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """A folder cannot be renamed over a full one: move the old adapter aside first."""
-    if target.exists() and not (target / ADAPTER_CONFIG).is_file():
-        raise PublishRefused(f"{target} exists and is not an earlier adapter folder (a batch "
-                             "folder of the same name?); rename the job")
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` (a file or a folder) to ``target``. A folder cannot be renamed over a
+    full one: the old one is moved aside first."""
+    if not staging.is_dir():
+        os.replace(staging, target)
+        return
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     if target.exists():
         os.rename(target, old)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +26,7 @@ from typing import IO, Any
 import torch
 
 from lora_farm.errors import DatasetError, ModelLoadError
-from lora_farm.protocol import EventWriter, JobDir
+from lora_farm.protocol import EventWriter, Fence, JobDir
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.device import (
@@ -36,6 +38,7 @@ from lora_farm.trainers.device import (
 )
 from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.progress import progress_line
+from lora_farm.trainers.publish import swap_into_place
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -137,8 +140,9 @@ class Runtime:
 
     def __init__(self, program: TrainingProgram, events: EventWriter, precision: Precision,
                  out: IO[str] | None = None, progress_interval: float = 1.0,
-                 dist: DistContext | None = None):
+                 dist: DistContext | None = None, fence: Fence | None = None):
         self.program = program
+        self.fence = fence or Fence(Path())  # the job folder is written only while it is ours
         self.spec = program.spec
         self.device = program.device
         self.events = events
@@ -170,9 +174,28 @@ class Runtime:
                 self._train(plan)
             with self._phase("export"):
                 self.program.train_mode(False)
-                for path, kind in self.program.export() if self.dist.is_main else ():
+                for path, kind in self._export() if self.dist.is_main else ():
                     self.events.emit("artifact", path=str(path), kind=kind)
         return self._summary(plan)
+
+    def _export(self) -> list[tuple[Path, str]]:
+        """Export into a folder of this process, then move each file or folder into the job
+        folder by a rename once the fence says it is still ours: a stale attempt never leaves
+        half an adapter over a newer one's."""
+        job_dir = Path(self.program.job_dir)
+        staging = job_dir / f".export-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.program.job_dir = staging
+        try:
+            exported = self.program.export()
+            self.fence.check()
+            for entry in sorted(staging.iterdir()):
+                swap_into_place(entry, job_dir / entry.name)
+        finally:
+            self.program.job_dir = job_dir
+            shutil.rmtree(staging, ignore_errors=True)
+        return [(job_dir / Path(path).relative_to(staging), kind) for path, kind in exported]
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -274,7 +297,8 @@ class Runtime:
         tensor_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "rng": ckpt.capture_rng_state()}
         saved = ckpt.save_checkpoint(self.checkpoint_root, step, self.program.lora_state_dict(),
-                                     trainer_state, tensor_state, self.spec.keep_checkpoints)
+                                     trainer_state, tensor_state, self.spec.keep_checkpoints,
+                                     self.fence)
         self.events.emit("checkpoint", step=step, path=str(saved.path))
 
     def _resume(self, optimizer: Any, scheduler: Any, scaler: Any) -> int:

@@ -4,6 +4,10 @@ The trainer runs in its own session (so its own process group): a Ctrl-C on the 
 never reaches it, and whatever it starts (DataLoader workers, ranks) can be killed with it
 (``process_group.stop_group``: SIGTERM to the trainer alone, SIGKILL to the group after the
 grace). It runs at lower CPU and I/O priority so the worker and Redis stay responsive.
+
+Its stdin is its lifeline (``protocol.LIFELINE_ENV``): a pipe whose write end only the runner
+holds, so when the runner dies by any means (SIGKILL of the worker's group, host loss) the
+trainer reads EOF and stops (trainers/entry.py), though it is in another session.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from lora_farm.process_group import spawn_in_own_group
+from lora_farm.protocol import LIFELINE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,13 @@ def trainer_env(pinned: dict[str, str], extra: dict[str, str]) -> dict[str, str]
 
 
 def spawn(argv: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
-    """Start the trainer in a new session, stdout+stderr appended to ``log_path``."""
+    """Start the trainer in a new session, stdout+stderr appended to ``log_path``; close
+    ``process.stdin`` once it has exited."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
-        process = spawn_in_own_group(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                     stdout=log_file, stderr=subprocess.STDOUT, close_fds=True)
+        process = spawn_in_own_group(argv, env={**env, LIFELINE_ENV: "stdin"}, cwd=cwd,
+                                     stdin=subprocess.PIPE, stdout=log_file,
+                                     stderr=subprocess.STDOUT, close_fds=True)
     _lower_priority(process.pid)
     return process
 

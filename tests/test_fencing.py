@@ -195,9 +195,7 @@ def test_an_attempt_fenced_out_mid_training_stops_without_writing(ledger, farm_e
 
 
 class _Exporting:
-    """Just enough of a program for Runtime._export: it writes an adapter folder."""
-
-    spec, device = None, "cpu"
+    """Just enough of a program for export_fenced: it writes an adapter folder."""
 
     def __init__(self, job_dir: Path):
         self.job_dir = job_dir
@@ -211,7 +209,7 @@ class _Exporting:
 
 @pytest.mark.parametrize("overtaken", [False, True], ids=["ours", "fenced"])
 def test_an_export_is_promoted_by_a_rename_only_while_the_fence_holds(tmp_path, overtaken):
-    from lora_farm.trainers.runtime import Runtime
+    from lora_farm.trainers.publish import export_fenced
 
     job = JobDir(tmp_path)
     job.adapter.mkdir()
@@ -220,12 +218,12 @@ def test_an_export_is_promoted_by_a_rename_only_while_the_fence_holds(tmp_path, 
     mine.raise_to()
     if overtaken:
         Fence(job.fence, 2).raise_to()
-    runtime = Runtime(_Exporting(tmp_path), EventWriter(None), precision=None, fence=mine)
+    program = _Exporting(tmp_path)
     if overtaken:
         with pytest.raises(Fenced):
-            runtime._export()
+            export_fenced(program, mine)
     else:
-        assert runtime._export() == [(job.adapter / "adapter_model.safetensors", "peft")]
+        assert export_fenced(program, mine) == [(job.adapter / "adapter_model.safetensors", "peft")]
     kept = (job.adapter / "adapter_model.safetensors").read_text()
     assert kept == ("a newer attempt's weights" if overtaken else "new weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "fence"]  # no staging left

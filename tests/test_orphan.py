@@ -109,11 +109,13 @@ def test_a_dead_hosts_trainer_never_runs_beside_the_next_attempt(ledger, hosts, 
     assert orphan == first.pid
     orphan_gone = sampler.seen(orphan)[1]
     retry_seen = sampler.seen(retry)[0]
-    running_again = next(e["t"] for e in ledger.timeline(job_id)
-                         if e["to"] == "running" and e["attempt"] == 2)
+    timeline = ledger.timeline(job_id)
+    requeued = next(e["t"] for e in timeline if e["to"] == "queued" and e.get("attempt") == 2)
+    running_again = next(e["t"] for e in timeline if e["to"] == "running" and e.get("attempt") == 2)
     print(f"\nhost {first.host} SIGKILLed; its orphaned trainer gone after "
-          f"{orphan_gone - killed_at:.2f}s; the job running again on {survivor} after "
-          f"{running_again - killed_at:.2f}s (its trainer seen after {retry_seen - killed_at:.2f}s)")
+          f"{orphan_gone - killed_at:.2f}s; requeued after {requeued - killed_at:.2f}s; the job "
+          f"running again on {survivor} after {running_again - killed_at:.2f}s (its trainer seen "
+          f"after {retry_seen - killed_at:.2f}s)")
     assert orphan_gone - killed_at < 15  # a step, a checkpoint: no lease, no Redis needed
 
     # the orphan stopped at a checkpoint of its own; the retry resumed from it

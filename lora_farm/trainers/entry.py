@@ -123,7 +123,7 @@ def hold_on_to_runner(fence: Fence) -> None:
 
 def _watch_lifeline(fence: Fence, grace: float) -> None:
     while not _runner_gone(timeout=1.0):
-        if fence.overtaken:  # a checkpoint would be refused: nothing to wait for
+        if _overtaken(fence):  # a checkpoint would be refused: nothing to wait for
             print(f"trainer: attempt {fence.token} fenced out by attempt {fence.current()}; "
                   "exiting at once", file=sys.stderr, flush=True)
             import psutil
@@ -137,6 +137,13 @@ def _watch_lifeline(fence: Fence, grace: float) -> None:
     print(f"trainer: still running {grace:.0f}s after its runner left: SIGKILL", file=sys.stderr,
           flush=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _overtaken(fence: Fence) -> bool:
+    try:
+        return fence.overtaken
+    except OSError:  # a shared filesystem hiccup: look again next second, keep the lifeline
+        return False
 
 
 def _runner_gone(timeout: float) -> bool:

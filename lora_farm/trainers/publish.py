@@ -1,5 +1,7 @@
 """The adapter as people meet it: a model card next to it, and a copy where lora-scripts users look.
 
+The export lands in the job folder by renames, only while the attempt's fence holds.
+
 - image: ``<output_dir>/<name>.safetensors`` (the kohya file);
 - llm: ``<output_dir>/<name>/`` (the PEFT adapter folder, model card included).
 
@@ -60,6 +62,26 @@ def publish(spec: Any, job_dir: Path, fence: Fence | None = None) -> Path:
         else:
             staging.unlink(missing_ok=True)
     return target
+
+
+def export_fenced(program: Any, fence: Fence) -> list[tuple[Path, str]]:
+    """``program.export()`` into a folder of this process, then each file or folder moved into
+    the job folder by a rename once the fence says it is still ours: a stale attempt never
+    leaves half an adapter over a newer one's. Returns the paths in the job folder."""
+    job_dir = Path(program.job_dir)
+    staging = job_dir / f".export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    program.job_dir = staging
+    try:
+        exported = program.export()
+        fence.check()
+        for entry in sorted(staging.iterdir()):
+            swap_into_place(entry, job_dir / entry.name)
+    finally:
+        program.job_dir = job_dir
+        shutil.rmtree(staging, ignore_errors=True)
+    return [(job_dir / Path(path).relative_to(staging), kind) for path, kind in exported]
 
 
 def swap_into_place(staging: Path, target: Path) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -38,7 +36,7 @@ from lora_farm.trainers.device import (
 )
 from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.progress import progress_line
-from lora_farm.trainers.publish import swap_into_place
+from lora_farm.trainers.publish import export_fenced
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -174,28 +172,10 @@ class Runtime:
                 self._train(plan)
             with self._phase("export"):
                 self.program.train_mode(False)
-                for path, kind in self._export() if self.dist.is_main else ():
+                exported = export_fenced(self.program, self.fence) if self.dist.is_main else []
+                for path, kind in exported:
                     self.events.emit("artifact", path=str(path), kind=kind)
         return self._summary(plan)
-
-    def _export(self) -> list[tuple[Path, str]]:
-        """Export into a folder of this process, then move each file or folder into the job
-        folder by a rename once the fence says it is still ours: a stale attempt never leaves
-        half an adapter over a newer one's."""
-        job_dir = Path(self.program.job_dir)
-        staging = job_dir / f".export-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        self.program.job_dir = staging
-        try:
-            exported = self.program.export()
-            self.fence.check()
-            for entry in sorted(staging.iterdir()):
-                swap_into_place(entry, job_dir / entry.name)
-        finally:
-            self.program.job_dir = job_dir
-            shutil.rmtree(staging, ignore_errors=True)
-        return [(job_dir / Path(path).relative_to(staging), kind) for path, kind in exported]
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:

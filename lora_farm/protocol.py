@@ -129,6 +129,7 @@ class JobDir:
     log = _in_job_dir("train.log")
     events = _in_job_dir("events.jsonl")
     fence = _in_job_dir("fence")  # Fence: one empty file per attempt, the highest owns the folder
+    trainer_lock = _in_job_dir("trainer.lock")  # flock held while a trainer of the job lives
     checkpoints = _in_job_dir("checkpoints")
     tensorboard = _in_job_dir("tensorboard")
     log_archive = _in_job_dir("logs.tar.gz")

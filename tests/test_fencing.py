@@ -227,3 +227,28 @@ def test_an_export_is_promoted_by_a_rename_only_while_the_fence_holds(tmp_path, 
     kept = (job.adapter / "adapter_model.safetensors").read_text()
     assert kept == ("a newer attempt's weights" if overtaken else "new weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "fence"]  # no staging left
+
+
+def test_a_new_trainer_waits_until_the_last_one_let_go_of_the_job_folder(tmp_path):
+    """``trainer.lock`` is held while a trainer of the job lives (inherited, so a SIGKILL frees
+    it too): the next spawn waits for it, then holds it."""
+    import fcntl
+
+    from lora_farm.workers import trainer_process as tp
+
+    held = open(JobDir(tmp_path).trainer_lock, "a")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(1.0, held.close).start()  # the earlier trainer ends a second from now
+    started = time.monotonic()
+    process = tp.spawn([sys.executable, "-c", "import time; time.sleep(60)"], tp.trainer_env({}, {}),
+                       tmp_path / "train.log", cwd=tmp_path, wait_seconds=20)
+    try:
+        assert time.monotonic() - started >= 1.0
+        probe = open(JobDir(tmp_path).trainer_lock, "a")
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        process.kill()
+        process.wait()
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its death let go of it
+    probe.close()

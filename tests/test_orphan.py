@@ -118,14 +118,17 @@ def test_a_dead_hosts_trainer_never_runs_beside_the_next_attempt(ledger, hosts, 
           f"after {retry_seen - killed_at:.2f}s)")
     assert orphan_gone - killed_at < 15  # a step, a checkpoint: no lease, no Redis needed
 
-    # the orphan stopped at a checkpoint of its own; the retry resumed from it
+    # the orphan stopped at a checkpoint of its own (unless the next attempt's fence came first:
+    # then it wrote nothing more); the retry resumed from the last checkpoint it wrote
     events = list(read_events(Path(record.job_dir) / "events.jsonl"))
     mine = [e for e in events if e.get("attempt") == 1]
-    assert mine[-1]["event"] == "error" and mine[-1]["kind"] == "interrupted"
-    stopped_at = mine[-1]["step"]
-    assert stopped_at == max(e["step"] for e in mine if e["event"] == "checkpoint")
+    last_saved = max(e["step"] for e in mine if e["event"] == "checkpoint")
     (resumed,) = [e for e in events if e["event"] == "start" and e.get("attempt") == 2]
-    assert resumed["attempt_resume_step"] == stopped_at
+    assert resumed["attempt_resume_step"] == last_saved
+    if mine[-1]["event"] == "error":
+        assert (mine[-1]["kind"], mine[-1]["step"]) == ("interrupted", last_saved)
+    print("the orphan " + ("checkpointed on its way out" if mine[-1]["event"] == "error" else
+                           "was fenced out before its last checkpoint"))
 
     # succeeded once; its artifacts are the last attempt's
     assert [e["to"] for e in ledger.timeline(job_id)].count("succeeded") == 1

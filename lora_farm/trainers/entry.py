@@ -102,8 +102,8 @@ def hold_on_to_runner(fence: Fence) -> None:
     """Under a runner (``LORAFARM_LIFELINE=stdin``): when the runner dies (EOF on stdin, whose
     other end it holds), stop as on SIGTERM (checkpoint, exit 4), and if that has not ended it
     after the cancel grace, SIGKILL this process group (DataLoader workers, ranks). When a newer
-    attempt raises the fence (checked every second), kill its children and exit 5 at once. No
-    Redis involved.
+    attempt raises the fence (looked at every second, every 0.2 s once the runner is gone: the
+    next attempt waits for us), kill its children and exit 5 at once. No Redis involved.
 
     Also ``PR_SET_PDEATHSIG`` (Linux): SIGTERM when the thread that spawned us ends. The runner
     spawns the trainer from the thread that then waits for it to exit, so that thread outlives a
@@ -122,21 +122,29 @@ def hold_on_to_runner(fence: Fence) -> None:
 
 
 def _watch_lifeline(fence: Fence, grace: float) -> None:
-    while not _runner_gone(timeout=1.0):
+    deadline = None  # once the runner is gone: the end of the grace
+    while deadline is None or time.monotonic() < deadline:
         if _overtaken(fence):  # a checkpoint would be refused: nothing to wait for
-            print(f"trainer: attempt {fence.token} fenced out by attempt {fence.current()}; "
-                  "exiting at once", file=sys.stderr, flush=True)
-            import psutil
-
-            for child in psutil.Process().children(recursive=True):  # loaders, ranks
-                with suppress(psutil.Error):
-                    child.kill()
-            os._exit(ExitCode.FENCED)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(grace)
+            _exit_fenced(fence)
+        if deadline is None and _runner_gone(timeout=1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + grace
+        elif deadline is not None:
+            time.sleep(0.2)
     print(f"trainer: still running {grace:.0f}s after its runner left: SIGKILL", file=sys.stderr,
           flush=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _exit_fenced(fence: Fence) -> None:
+    print(f"trainer: attempt {fence.token} fenced out by attempt {fence.current()}; exiting at "
+          "once", file=sys.stderr, flush=True)
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):  # DataLoader workers, ranks
+        with suppress(psutil.Error):
+            child.kill()
+    os._exit(ExitCode.FENCED)
 
 
 def _overtaken(fence: Fence) -> bool:

@@ -140,7 +140,7 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     _log_header(paths.log, record)
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
                        tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
-                       paths.log, cwd=job_dir)
+                       paths.log, cwd=job_dir, wait_seconds=settings.cancel_grace_seconds)
     try:
         ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
         _watch_until_exit(process, watch, heartbeat, lock, options)

@@ -240,8 +240,9 @@ def test_a_new_trainer_waits_until_the_last_one_let_go_of_the_job_folder(tmp_pat
     fcntl.flock(held, fcntl.LOCK_EX)
     threading.Timer(1.0, held.close).start()  # the earlier trainer ends a second from now
     started = time.monotonic()
-    process = tp.spawn([sys.executable, "-c", "import time; time.sleep(60)"], tp.trainer_env({}, {}),
-                       tmp_path / "train.log", cwd=tmp_path, wait_seconds=20)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    process = tp.spawn(sleeper, tp.trainer_env({}, {}), tmp_path / "train.log", cwd=tmp_path,
+                       wait_seconds=20)
     try:
         assert time.monotonic() - started >= 1.0
         probe = open(JobDir(tmp_path).trainer_lock, "a")

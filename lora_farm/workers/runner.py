@@ -1,7 +1,8 @@
 """The runner: executes one scheduled job on this worker's card, from lock to release.
 
-take the job lock -> scheduled->running -> write config.resolved.yaml -> fence older attempts out
-of the job folder (protocol.Fence) -> spawn the trainer pinned to the card, its lifeline held -> copy its progress events into the ledger while watching for cancel, timeout and a
+take the job lock -> scheduled->running -> fence older attempts out of the job folder
+(protocol.Fence) -> write config.resolved.yaml -> spawn the trainer pinned to the card, holding
+its lifeline -> copy its progress events into the ledger while watching for cancel, timeout and a
 lost lock -> classify the exit from evidence -> next state (uploading/retrying/failed/cancelled),
 which releases the card's reservation in the same pipeline -> ship -> trigger a dispatch.
 

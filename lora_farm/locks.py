@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
+
+from lora_farm.settings import host_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ return 0
 
 def owner_token() -> str:
     """Who holds a lock: host, pid and a random part (readable in `redis-cli GET`)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{host_name()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def lease(client: redis.Redis, key: str, heartbeat_seconds: float) -> "RedisLock":
@@ -48,7 +49,7 @@ def lease(client: redis.Redis, key: str, heartbeat_seconds: float) -> "RedisLock
     names this thread (host:pid:thread), so a holder whose release failed while Redis was away
     (the AOF restores the key) takes its own lock again on its next tick.
     """
-    token = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    token = f"{host_name()}:{os.getpid()}:{threading.get_ident()}"
     return RedisLock(client, key, heartbeat_seconds, token=token)
 
 

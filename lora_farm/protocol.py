@@ -17,6 +17,16 @@ line with ``event`` and ``time`` keys:
 - ``{"event": "artifact", "path": "...", "kind": "published"}`` after the summary: the adapter's
   copy at ``output_dir/<name>`` (``trainers/publish.py``)
 - ``{"event": "error", "kind": "bad_input"|"oom"|"crash"|"interrupted", "message": "..."}``
+
+Under the farm every event also carries ``attempt``: the runner reads only its own attempt's.
+
+**Fencing**: each attempt of a job has a token, its attempt number (``LORAFARM_ATTEMPT``). The
+runner raises the job folder's fence to it before spawning the trainer; the trainer checks the
+fence before each write that matters (:class:`Fence`) and, finding a newer attempt's, stops
+without writing (exit ``FENCED``).
+
+**Lifeline**: with ``LORAFARM_LIFELINE=stdin`` the trainer's stdin is a pipe whose other end its
+runner holds: EOF means the runner is gone, and the trainer stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -37,6 +47,55 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # the spec, data or model is unusable; retrying will not help
     OUT_OF_MEMORY = 3  # CUDA (or host) out of memory; retry with a degraded plan
     INTERRUPTED = 4  # SIGTERM/SIGINT: a checkpoint was written, then the process exited
+    FENCED = 5  # a newer attempt owns the job folder: this one stopped without writing
+
+
+ATTEMPT_ENV = "LORAFARM_ATTEMPT"  # the attempt number, also its fencing token
+LIFELINE_ENV = "LORAFARM_LIFELINE"
+
+
+class Fenced(Exception):
+    """Raised in a trainer whose job folder a newer attempt owns: it must write nothing more."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """An attempt's right to write its job folder. The fence is a folder of empty files named by
+    attempt; the highest one owns the job folder. Creating a file is atomic and never lowers the
+    highest, so a stale runner that wakes up late cannot fence a newer attempt out.
+    ``token`` None: not run by the farm (``lorafarm train``), never fenced."""
+
+    folder: Path
+    token: int | None = None
+
+    @classmethod
+    def of_attempt(cls, job_dir: str | os.PathLike[str] | None) -> Fence:
+        """This process's attempt (``LORAFARM_ATTEMPT``); unfenced outside the farm."""
+        token = os.environ.get(ATTEMPT_ENV)
+        if not (job_dir and token):
+            return cls(Path())
+        return cls(JobDir(Path(job_dir)).fence, int(token))
+
+    def current(self) -> int:
+        try:
+            return max((int(name) for name in os.listdir(self.folder) if name.isdigit()), default=0)
+        except FileNotFoundError:
+            return 0
+
+    def raise_to(self) -> bool:
+        """Fence older attempts out; False when a newer one holds the folder already."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(self.token)).touch()
+        return self.current() == self.token
+
+    @property
+    def overtaken(self) -> bool:
+        return self.token is not None and self.current() != self.token
+
+    def check(self) -> None:
+        if self.overtaken:
+            raise Fenced(f"attempt {self.token} was fenced out of {self.folder.parent} by attempt "
+                         f"{self.current()}; it stops without writing")
 
 
 def _in_job_dir(name: str) -> property:
@@ -69,6 +128,8 @@ class JobDir:
     resolved_config = _in_job_dir("config.resolved.yaml")  # the spec as it runs (degraded plan applied)
     log = _in_job_dir("train.log")
     events = _in_job_dir("events.jsonl")
+    fence = _in_job_dir("fence")  # Fence: one empty file per attempt, the highest owns the folder
+    trainer_lock = _in_job_dir("trainer.lock")  # flock held while a trainer of the job lives
     checkpoints = _in_job_dir("checkpoints")
     tensorboard = _in_job_dir("tensorboard")
     log_archive = _in_job_dir("logs.tar.gz")
@@ -89,9 +150,11 @@ def published_adapter(output_dir: str | os.PathLike[str] | None, output_root: Pa
 
 
 class EventWriter:
-    """Appends events to a file; every line is flushed so a reader sees it at once."""
+    """Appends events to a file; every line is flushed so a reader sees it at once. With a
+    ``fence``, each event carries the attempt and is written only while the fence is its own."""
 
-    def __init__(self, path: str | os.PathLike[str] | None):
+    def __init__(self, path: str | os.PathLike[str] | None, fence: Fence | None = None):
+        self.fence = fence or Fence(Path())
         self._stream: IO[str] | None = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +162,10 @@ class EventWriter:
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time": round(time.time(), 3), **fields}
+        if self.fence.token is not None:
+            record["attempt"] = self.fence.token
         if self._stream is not None:
+            self.fence.check()
             self._stream.write(json.dumps(record, default=str) + "\n")
             self._stream.flush()
         return record

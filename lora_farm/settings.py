@@ -7,6 +7,7 @@ never written to the ledger, a log or an error message.
 from __future__ import annotations
 
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("lorafarm", description="prefix of every Redis key the farm writes")
+    hostname: str = Field("", description="this host's name in the farm (default: the OS "
+                          "hostname); two worker hosts on one machine need two names")
     # output_root and storage_dir are made absolute once, at load (see _absolute)
     output_root: Path = Field(Path("output"), validate_default=True,
                               description="where job folders live (shared FS)")
@@ -70,6 +73,11 @@ class Settings(BaseSettings):
     @property
     def output_root_abs(self) -> Path:
         return self.output_root.expanduser().resolve()  # already so, unless set by model_copy
+
+
+def host_name() -> str:
+    """Who this host is in the ledger, locks and worker names: ``LORAFARM_HOSTNAME`` or the OS's."""
+    return get_settings().hostname or socket.gethostname()
 
 
 @lru_cache(maxsize=1)

@@ -2,7 +2,8 @@
 
 Order matters and is the contract other parts rely on:
 
-1. ``logs.tar.gz`` is (re)written and every file to ship is hashed into ``manifest.json``;
+1. ``logs.tar.gz`` is (re)written and every file to ship is hashed into ``manifest.json``, with
+   the attempt that owns the job folder (its fence): the only one whose trainer could write it;
 2. the old ``_COMPLETE`` marker of this job (a previous attempt) is withdrawn;
 3. each file is uploaded with its sha256 in the object metadata, then verified (size + sha256);
    a file already stored with the same size and hash is not sent again (a retry resumes);
@@ -24,7 +25,7 @@ from pathlib import Path
 from lora_farm.archive import remove_checkpoints, write_log_archive
 from lora_farm.errors import ArtifactMissing, StorageError
 from lora_farm.jobs.spec import DEFAULT_BATCH
-from lora_farm.protocol import JobDir
+from lora_farm.protocol import Fence, JobDir
 from lora_farm.settings import Settings, get_settings
 from lora_farm.storage import Storage, sha256_of, storage_from_settings
 
@@ -73,6 +74,7 @@ def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | N
         entries.append({"path": rel, "key": key, "size": path.stat().st_size,
                         "sha256": sha256_of(path), "uri": storage.uri(key)})
     return {"format": 1, "job_id": job_id, "batch": batch or DEFAULT_BATCH, "name": name,
+            "attempt": Fence(JobDir(job_dir).fence).current() or None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_uri": storage.uri(f"{base_key}/{MANIFEST_NAME}").rsplit("/", 1)[0],
             "files": entries}

@@ -4,7 +4,8 @@ writes real progress events (lora_farm.trainers.progress) and exits with the rea
 Its behaviour comes from the spec's first tag ``fake:<mode>``:
 ``ok`` (export and exit 0), ``oom`` (exit 3 unless batch_size == 1), ``crash`` (exit 1 on the
 first attempt, then ok), ``bad`` (exit 2), ``slow`` (4 s of progress, then ok), ``hang`` (a child in its process group, both sleep
-until signalled; SIGTERM -> exit 4), ``killed`` (SIGKILL itself).
+until signalled; SIGTERM -> exit 4; it holds on to its runner as the real trainer does: the
+runner's death is a SIGTERM), ``killed`` (SIGKILL itself).
 Usage: python tests/fake_trainer.py JOB_FILE --job-dir DIR --events PATH
 """
 
@@ -67,6 +68,10 @@ def main() -> int:
 
 
 def hang(job_dir: Path, events: EventWriter) -> int:
+    from lora_farm.protocol import Fence
+    from lora_farm.trainers.entry import hold_on_to_runner
+
+    hold_on_to_runner(Fence.of_attempt(job_dir))
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     (job_dir / "hang.pids").write_text(f"{os.getpid()} {child.pid}\n")
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_farm.errors import GpuInventoryError
-from lora_farm.settings import Settings, get_settings
+from lora_farm.settings import Settings, get_settings, host_name
 
 if TYPE_CHECKING:
     from lora_farm.scheduler.place import GpuSnapshot
@@ -108,7 +107,7 @@ def cpu_slot(host: str | None = None) -> GpuInfo:
 
 
 def this_host() -> str:
-    return socket.gethostname()
+    return host_name()
 
 
 def parse_declared(text: str, host: str | None = None) -> list[GpuInfo]:

@@ -8,7 +8,8 @@ A checkpoint folder holds
 
 It is written into a hidden temporary folder and renamed into place, so a folder named
 ``step-*`` is always complete; a process killed mid-write leaves only a ``.tmp-*`` folder, which
-the next save sweeps away.
+the next save sweeps away. Under the farm the fence is checked before the sweep and before the
+rename: a stale attempt neither touches nor replaces a newer attempt's checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lora_farm.protocol import Fence
 
 LORA_FILE = "lora.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -84,8 +87,10 @@ def _is_complete(folder: Path) -> bool:
 
 def save_checkpoint(root: Path, step: int, lora_state: dict[str, torch.Tensor],
                     trainer_state: dict[str, Any], tensor_state: dict[str, Any],
-                    keep: int) -> Checkpoint:
+                    keep: int, fence: Fence | None = None) -> Checkpoint:
     """Write one checkpoint atomically, then prune to the newest ``keep``."""
+    fence = fence or Fence(Path())
+    fence.check()
     root.mkdir(parents=True, exist_ok=True)
     _sweep_temporaries(root)
     final = root / step_dir_name(step)
@@ -101,6 +106,7 @@ def save_checkpoint(root: Path, step: int, lora_state: dict[str, torch.Tensor],
     (temporary / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2),
                                         encoding="utf-8")
     _fsync_folder(temporary)
+    fence.check()
     if final.exists():  # the same step saved twice (a resume that stopped at once): replace it
         shutil.rmtree(final)
     os.replace(temporary, final)

@@ -22,7 +22,8 @@ from lora_farm.protocol import ExitCode
 
 RANK_GRACE_SECONDS = 30.0  # a failed rank's peers get this long to stop before SIGKILL
 # which code wins when ranks disagree: the one that says most about what went wrong
-_SEVERITY = [ExitCode.OUT_OF_MEMORY, ExitCode.BAD_INPUT, ExitCode.CRASH, ExitCode.INTERRUPTED]
+_SEVERITY = [ExitCode.FENCED, ExitCode.OUT_OF_MEMORY, ExitCode.BAD_INPUT, ExitCode.CRASH,
+             ExitCode.INTERRUPTED]
 
 
 @dataclass(frozen=True)

@@ -3,21 +3,28 @@
 Loads the spec (``--resolved``: validated already, taken as it is), picks the program by task, runs
 the runtime, and turns how it ended into an exit code (``protocol.ExitCode``) plus a last ``error``
 event. Torch is imported lazily, once a training really starts.
+
+Under a runner it never outlives it (:func:`hold_on_to_runner`) and writes only while its
+attempt owns the job folder (``protocol.Fence``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
+import threading
+import time
 import traceback
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
-from lora_farm.protocol import EventWriter, ExitCode, JobDir
+from lora_farm.protocol import LIFELINE_ENV, EventWriter, ExitCode, Fence, Fenced, JobDir
 
 PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
             "image": ("lora_farm.trainers.image", "ImageProgram")}
@@ -26,17 +33,19 @@ PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
 class _Events:
     """The event file, opened as soon as its path is known (a bad spec may fail before that)."""
 
-    def __init__(self, path: str | None, enabled: bool = True):
+    def __init__(self, path: str | None, fence: Fence | None = None, enabled: bool = True):
         self.enabled = enabled  # ranks other than 0 of a gpus: N job write no events
-        self.writer = EventWriter(path) if path else None
+        self.fence = fence
+        self.writer = EventWriter(path, fence) if path else None
 
     def open_default(self, path: Path) -> None:
         if self.writer is None:
-            self.writer = EventWriter(path if self.enabled else None)
+            self.writer = EventWriter(path if self.enabled else None, self.fence)
 
     def emit(self, event: str, **fields: Any) -> None:
         if self.writer is not None:
-            self.writer.emit(event, **fields)
+            with suppress(Fenced):  # a fenced attempt's last word is not written either
+                self.writer.emit(event, **fields)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    fence = Fence.of_attempt(args.job_dir)
+    hold_on_to_runner(fence)
     world = _ranks_to_launch(args)
     if world > 1:
         from lora_farm.trainers.distributed import launch_ranks
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_farm.trainers.distributed import DistContext
 
     dist = DistContext.from_env()
-    events = _Events(args.events if dist.is_main else None, enabled=dist.is_main)
+    events = _Events(args.events if dist.is_main else None, fence, enabled=dist.is_main)
     from lora_farm.trainers.runtime import StopFlag, TrainingInterrupted
 
     early_stop = StopFlag()
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # a signal while loading stops at once (nothing to save yet); once the run has ended, a
         # second SIGTERM (a stop sent by two parties) must not kill the process mid-report
         with early_stop.installed(after=signal.SIG_IGN):
-            code = _run(args, events, dist)
+            code = _run(args, events, dist, fence)
     except TrainingInterrupted as stop:
         events.emit("error", kind="interrupted", message=str(stop), step=stop.step)
         print(f"trainer: {stop}", file=sys.stderr, flush=True)
@@ -79,10 +90,80 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:  # noqa: BLE001 - this is the process's last word
         code = _classify(error, events)
     finally:
+        if fence.overtaken:  # whatever it did, the job is a newer attempt's now, not its runner's
+            code = ExitCode.FENCED
         dist.close(together=code in (ExitCode.SUCCESS, ExitCode.INTERRUPTED))
         if events.writer is not None:
             events.writer.close()
     return code
+
+
+def hold_on_to_runner(fence: Fence) -> None:
+    """Under a runner (``LORAFARM_LIFELINE=stdin``): when the runner dies (EOF on stdin, whose
+    other end it holds), stop as on SIGTERM (checkpoint, exit 4), and if that has not ended it
+    after the cancel grace, SIGKILL this process group (DataLoader workers, ranks). When a newer
+    attempt raises the fence (looked at every second, every 0.2 s once the runner is gone: the
+    next attempt waits for us), kill its children and exit 5 at once. No Redis involved.
+
+    Also ``PR_SET_PDEATHSIG`` (Linux): SIGTERM when the thread that spawned us ends. The runner
+    spawns the trainer from the thread that then waits for it to exit, so that thread outlives a
+    healthy run; ranks of a ``gpus: N`` job get it too (their launcher's main thread spawns them).
+    """
+    if "WORLD_SIZE" in os.environ:
+        _die_with_parent()
+    if os.environ.pop(LIFELINE_ENV, None) != "stdin":  # popped: ranks do not watch it again
+        return
+    _die_with_parent()
+    from lora_farm.settings import get_settings
+
+    grace = get_settings().cancel_grace_seconds
+    threading.Thread(target=_watch_lifeline, args=(fence, grace), name="lifeline",
+                     daemon=True).start()
+
+
+def _watch_lifeline(fence: Fence, grace: float) -> None:
+    deadline = None  # once the runner is gone: the end of the grace
+    while deadline is None or time.monotonic() < deadline:
+        if _overtaken(fence):  # a checkpoint would be refused: nothing to wait for
+            _exit_fenced(fence)
+        if deadline is None and _runner_gone(timeout=1.0):
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + grace
+        elif deadline is not None:
+            time.sleep(0.2)
+    print(f"trainer: still running {grace:.0f}s after its runner left: SIGKILL", file=sys.stderr,
+          flush=True)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _exit_fenced(fence: Fence) -> None:
+    print(f"trainer: attempt {fence.token} fenced out by attempt {fence.current()}; exiting at "
+          "once", file=sys.stderr, flush=True)
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):  # DataLoader workers, ranks
+        with suppress(psutil.Error):
+            child.kill()
+    os._exit(ExitCode.FENCED)
+
+
+def _overtaken(fence: Fence) -> bool:
+    try:
+        return fence.overtaken
+    except OSError:  # a shared filesystem hiccup: look again next second, keep the lifeline
+        return False
+
+
+def _runner_gone(timeout: float) -> bool:
+    readable, _, _ = select.select([0], [], [], timeout)
+    return bool(readable) and not os.read(0, 4096)
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _ranks_to_launch(args: argparse.Namespace) -> int:
@@ -117,7 +198,7 @@ def _output_root() -> Path:
     return get_settings().output_root_abs
 
 
-def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
+def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> int:
     from lora_farm.jobs.loader import write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
     from lora_farm.trainers.device import choose_device, choose_precision, device_label
@@ -146,19 +227,19 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any) -> int:
           f"folder {job_dir}", flush=True)
     program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
     assert events.writer is not None
-    Runtime(program, events.writer, precision, dist=dist).run()
+    Runtime(program, events.writer, precision, dist=dist, fence=fence).run()
     if dist.is_main:
-        _publish(spec, job_dir, events)
+        _publish(spec, job_dir, events, fence)
     return ExitCode.SUCCESS
 
 
-def _publish(spec: Any, job_dir: Path, events: _Events) -> None:
+def _publish(spec: Any, job_dir: Path, events: _Events, fence: Fence) -> None:
     """The adapter where lora-scripts users look; a refusal costs the job nothing (its weights
     are in the job folder and are shipped), so it is a warning, not a failure."""
     from lora_farm.trainers.publish import PublishRefused, publish
 
     try:
-        path = publish(spec, job_dir)
+        path = publish(spec, job_dir, fence)
     except (OSError, PublishRefused) as error:
         print(f"warning: adapter not published: {error}; it is in {job_dir}", flush=True)
         return
@@ -177,6 +258,9 @@ def _classify(error: BaseException, events: _Events) -> int:
     """Map how the run died to (event kind, exit code); only a crash prints a traceback."""
     from lora_farm.trainers.device import is_out_of_memory
 
+    if isinstance(error, Fenced):
+        print(f"trainer: {error}", file=sys.stderr, flush=True)
+        return ExitCode.FENCED
     if is_out_of_memory(error):
         events.emit("error", kind="oom", message=_first_line(error))
         print(f"trainer: out of memory: {_first_line(error)}", file=sys.stderr, flush=True)

@@ -1,5 +1,7 @@
 """The adapter as people meet it: a model card next to it, and a copy where lora-scripts users look.
 
+The export lands in the job folder by renames, only while the attempt's fence holds.
+
 - image: ``<output_dir>/<name>.safetensors`` (the kohya file);
 - llm: ``<output_dir>/<name>/`` (the PEFT adapter folder, model card included).
 
@@ -18,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lora_farm.protocol import JobDir, published_adapter
+from lora_farm.protocol import Fence, JobDir, published_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 FILE_MODE = 0o644  # artifacts are meant to be shared (safetensors writes 0600)
@@ -34,8 +36,10 @@ def published_path(spec: Any) -> Path:
     return published_adapter(spec.output_dir, get_settings().output_root_abs, spec.name, spec.task)
 
 
-def publish(spec: Any, job_dir: Path) -> Path:
-    """Copy the exported adapter of ``job_dir`` to ``published_path(spec)``; returns that path."""
+def publish(spec: Any, job_dir: Path, fence: Fence | None = None) -> Path:
+    """Copy the exported adapter of ``job_dir`` to ``published_path(spec)``; returns that path.
+    Under the farm, only while the attempt's ``fence`` holds (checked before the rename)."""
+    fence = fence or Fence(Path())
     target = published_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
@@ -45,10 +49,13 @@ def publish(spec: Any, job_dir: Path) -> Path:
                 raise PublishRefused(f"{target} is a folder, not an earlier adapter file")
             shutil.copyfile(JobDir(job_dir).kohya(spec.name), staging)
             os.chmod(staging, FILE_MODE)
-            os.replace(staging, target)
         else:
+            if target.exists() and not (target / ADAPTER_CONFIG).is_file():
+                raise PublishRefused(f"{target} exists and is not an earlier adapter folder (a "
+                                     "batch folder of the same name?); rename the job")
             shutil.copytree(JobDir(job_dir).adapter, staging)
-            _replace_folder(staging, target)
+        fence.check()
+        swap_into_place(staging, target)
     finally:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
@@ -57,11 +64,32 @@ def publish(spec: Any, job_dir: Path) -> Path:
     return target
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """A folder cannot be renamed over a full one: move the old adapter aside first."""
-    if target.exists() and not (target / ADAPTER_CONFIG).is_file():
-        raise PublishRefused(f"{target} exists and is not an earlier adapter folder (a batch "
-                             "folder of the same name?); rename the job")
+def export_fenced(program: Any, fence: Fence) -> list[tuple[Path, str]]:
+    """``program.export()`` into a folder of this process, then each file or folder moved into
+    the job folder by a rename once the fence says it is still ours: a stale attempt never
+    leaves half an adapter over a newer one's. Returns the paths in the job folder."""
+    job_dir = Path(program.job_dir)
+    staging = job_dir / f".export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    program.job_dir = staging
+    try:
+        exported = program.export()
+        fence.check()
+        for entry in sorted(staging.iterdir()):
+            swap_into_place(entry, job_dir / entry.name)
+    finally:
+        program.job_dir = job_dir
+        shutil.rmtree(staging, ignore_errors=True)
+    return [(job_dir / Path(path).relative_to(staging), kind) for path, kind in exported]
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` (a file or a folder) to ``target``. A folder cannot be renamed over a
+    full one: the old one is moved aside first."""
+    if not staging.is_dir():
+        os.replace(staging, target)
+        return
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     if target.exists():
         os.rename(target, old)

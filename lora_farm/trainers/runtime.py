@@ -24,7 +24,7 @@ from typing import IO, Any
 import torch
 
 from lora_farm.errors import DatasetError, ModelLoadError
-from lora_farm.protocol import EventWriter, JobDir
+from lora_farm.protocol import EventWriter, Fence, JobDir
 from lora_farm.trainers import checkpoint as ckpt
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.device import (
@@ -36,6 +36,7 @@ from lora_farm.trainers.device import (
 )
 from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.progress import progress_line
+from lora_farm.trainers.publish import export_fenced
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -137,8 +138,9 @@ class Runtime:
 
     def __init__(self, program: TrainingProgram, events: EventWriter, precision: Precision,
                  out: IO[str] | None = None, progress_interval: float = 1.0,
-                 dist: DistContext | None = None):
+                 dist: DistContext | None = None, fence: Fence | None = None):
         self.program = program
+        self.fence = fence or Fence(Path())  # the job folder is written only while it is ours
         self.spec = program.spec
         self.device = program.device
         self.events = events
@@ -170,7 +172,8 @@ class Runtime:
                 self._train(plan)
             with self._phase("export"):
                 self.program.train_mode(False)
-                for path, kind in self.program.export() if self.dist.is_main else ():
+                exported = export_fenced(self.program, self.fence) if self.dist.is_main else []
+                for path, kind in exported:
                     self.events.emit("artifact", path=str(path), kind=kind)
         return self._summary(plan)
 
@@ -274,7 +277,8 @@ class Runtime:
         tensor_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "rng": ckpt.capture_rng_state()}
         saved = ckpt.save_checkpoint(self.checkpoint_root, step, self.program.lora_state_dict(),
-                                     trainer_state, tensor_state, self.spec.keep_checkpoints)
+                                     trainer_state, tensor_state, self.spec.keep_checkpoints,
+                                     self.fence)
         self.events.emit("checkpoint", step=step, path=str(saved.path))
 
     def _resume(self, optimizer: Any, scheduler: Any, scaler: Any) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from lora_farm.errors import GpuInventoryError
 from lora_farm.process_group import signal_running
 from lora_farm.redis_conn import connect
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
-from lora_farm.settings import get_settings
+from lora_farm.settings import get_settings, host_name
 from lora_farm.workers.broker import gpu_queue
 from lora_farm.scheduler.policy import placement_of
 from lora_farm.workers.presence import GPU_ENV, slots_for
@@ -53,7 +52,7 @@ def worker_argv(card: GpuInfo, pool: str, loglevel: str) -> list[str]:
     slots = slots_for(card, placement_of(get_settings()))
     return [sys.executable, "-m", "celery", "-A", "lora_farm.workers.app", "worker",
             "-Q", gpu_queue(card.uuid), "-c", str(slots), "-P", pool, "-E",
-            "-n", f"gpu-{card.uuid}@{socket.gethostname()}", "--loglevel", loglevel,
+            "-n", f"gpu-{card.uuid}@{host_name()}", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle"]
 
 

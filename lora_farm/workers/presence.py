@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from lora_farm.errors import GpuInventoryError
 from lora_farm.ledger import Ledger
 from lora_farm.scheduler.gpus import GpuInfo, read_gpus
 from lora_farm.scheduler.policy import Policy, placement_of
-from lora_farm.settings import Settings
+from lora_farm.settings import Settings, host_name
 from lora_farm.workers.dispatch import dispatch_once, publish_gpu
 from lora_farm.workers.reaper import reap
 
@@ -74,7 +73,7 @@ class Presence(threading.Thread):
     def publish_worker(self, slots: int) -> None:
         active = [job_id for job_id, held in self.ledger.reservations().items()
                   if self.gpu_uuid in held["gpus"]]
-        record = {"name": self.worker_name, "host": socket.gethostname(), "pid": os.getpid(),
+        record = {"name": self.worker_name, "host": host_name(), "pid": os.getpid(),
                   "gpu": self.gpu_uuid, "queues": self.queues, "slots": slots, "jobs": active,
                   "heartbeat": time.time(), "torch_imported": "torch" in sys.modules}
         self.ledger.client.hset(self.ledger.keys.workers, self.worker_name, json.dumps(record))

@@ -1,8 +1,10 @@
 """The reaper: makes the ledger true again after a runner died.
 
 - ``running`` with no job lock (its heartbeat stopped renewing it): the runner is gone. On this
-  host its trainer group is killed; the job is requeued (the trainer resumes from its last
-  checkpoint), cancelled if a cancel was pending, or failed when its retries are spent.
+  host its trainer group is killed; on any host the attempt is fenced out of the job folder
+  (its trainer, which stops by itself when its runner dies, writes nothing more). The job is
+  requeued (the trainer resumes from its last checkpoint), cancelled if a cancel was pending, or
+  failed when its retries are spent.
 - ``scheduled`` with no lock whose card's worker is gone (no heartbeat for ``LOST_BEATS``
   periods), was restarted since the message was sent, or never started it within
   ``stale_after_seconds``: the job goes back to the queue and is placed again (a late copy of the
@@ -16,7 +18,6 @@ time and a holder that died (or lost Redis mid-sweep) delays the next sweep by a
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import RedisLock, kept_alive, lease
 from lora_farm.process_group import kill_group
-from lora_farm.settings import Settings
+from lora_farm.protocol import Fence, JobDir
+from lora_farm.settings import Settings, host_name
 from lora_farm.workers import lifecycle
 from lora_farm.workers.dispatch import LOST_BEATS, card_alive
 from lora_farm.workers.upload import ship_and_finish
@@ -66,8 +68,10 @@ def _reap_running(ledger: Ledger, record: JobRecord, settings: Settings, now: fl
     if now - (record.heartbeat or record.started or 0) <= settings.stale_after_seconds:
         return ""
     killed = ""
-    if record.host == socket.gethostname() and record.pid and kill_group(record.pid):
+    if record.host == host_name() and record.pid and kill_group(record.pid):
         killed = f"; killed its orphaned trainer group {record.pid}"
+    if record.job_dir and Path(record.job_dir).is_dir():  # and fenced out, on whatever host
+        Fence(JobDir(Path(record.job_dir)).fence, record.attempt + 1).raise_to()
     stale = time.strftime('%H:%M:%S', time.localtime(record.heartbeat or 0))
     after = lifecycle.end_attempt(ledger, record, f"runner heartbeat stale since {stale} (worker lost)",
                                   cancel_reason="cancelled (runner was lost)")

@@ -1,7 +1,8 @@
 """The runner: executes one scheduled job on this worker's card, from lock to release.
 
-take the job lock -> scheduled->running -> write config.resolved.yaml -> spawn the trainer pinned
-to the card -> copy its progress events into the ledger while watching for cancel, timeout and a
+take the job lock -> scheduled->running -> fence older attempts out of the job folder
+(protocol.Fence) -> write config.resolved.yaml -> spawn the trainer pinned to the card, holding
+its lifeline -> copy its progress events into the ledger while watching for cancel, timeout and a
 lost lock -> classify the exit from evidence -> next state (uploading/retrying/failed/cancelled),
 which releases the card's reservation in the same pipeline -> ship -> trigger a dispatch.
 
@@ -11,7 +12,6 @@ Torch-free: the trainer is another process.
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,9 +30,9 @@ from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import Heartbeat, RedisLock
 from lora_farm.process_group import stop_group
-from lora_farm.protocol import EventTail, JobDir
+from lora_farm.protocol import EventTail, ExitCode, Fence, JobDir
 from lora_farm.scheduler.gpus import pinned_env
-from lora_farm.settings import Settings, get_settings
+from lora_farm.settings import Settings, get_settings, host_name
 from lora_farm.workers import lifecycle
 from lora_farm.workers import trainer_process as tp
 from lora_farm.workers.outcome import Outcome, RunEvidence, Verdict, classify
@@ -70,7 +70,7 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
         log.info("job %s: lock held by %s; this delivery is a duplicate", job_id, lock.holder())
         return "duplicate"
     try:
-        record = tr.start(ledger, job_id, token, socket.gethostname(), worker=options.worker_name)
+        record = tr.start(ledger, job_id, token, host_name(), worker=options.worker_name)
         if isinstance(record, tr.Refused):
             log.info("job %s: %s (token %s); dropping the message", job_id, record.why, token)
             return "stale"
@@ -105,6 +105,8 @@ class _Watch:
     def absorb_events(self) -> None:
         update: dict[str, Any] = {}
         for event in self.tail.read_new():
+            if event.get("attempt", self.record.attempt) != self.record.attempt:
+                continue  # a stale attempt's trainer, written before it found itself fenced out
             kind = event.get("event")
             if kind == "phase":
                 update["phase"] = event.get("phase", "")
@@ -130,13 +132,16 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     job_dir = job_dir_for(record, settings)
     job_dir.mkdir(parents=True, exist_ok=True)
     paths = JobDir(job_dir)
+    if not Fence(paths.fence, record.attempt).raise_to():  # before the first write in it
+        log.warning("job %s: a newer attempt than %d owns %s", record.id, record.attempt, job_dir)
+        return classify(RunEvidence(returncode=None, lost=True))
     # the spec was validated at submit; the plan (if any) is the farm's own: written as it is
     resolved = write_resolved(record.effective_spec(), paths.resolved_config)
     watch = _Watch(ledger, record, job_dir)
     _log_header(paths.log, record)
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
                        tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
-                       paths.log, cwd=job_dir)
+                       paths.log, cwd=job_dir, wait_seconds=settings.cancel_grace_seconds)
     try:
         ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
         _watch_until_exit(process, watch, heartbeat, lock, options)
@@ -144,6 +149,8 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
         log.exception("job %s: the runner failed while its trainer ran; stopping it", record.id)
         stop_group(process, settings.cancel_grace_seconds)
         raise
+    finally:
+        process.stdin.close()  # the lifeline: only once the trainer has exited
     _safely(watch.absorb_events, "reading the last events")
     watch.record.artifacts = watch.artifacts
     return classify(watch.evidence)
@@ -180,6 +187,7 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
                                          sigterm=sigterm)
         return
     evidence.returncode = process.returncode
+    evidence.lost = process.returncode == ExitCode.FENCED  # a newer attempt's job now
     # the worker's main process may have sent the SIGTERM itself (shutdown.stop_trainers)
     evidence.shutdown = process.returncode != 0 and is_stopping(watch.ledger, options.worker_name)
     stop_group(process, grace_seconds=2)  # children the trainer left behind

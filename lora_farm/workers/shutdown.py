@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import redis
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import Ledger
 from lora_farm.process_group import signal_process
+from lora_farm.settings import host_name
 
 log = logging.getLogger(__name__)
 STOPPING_TTL_SECONDS = 3600  # longer than any stop grace; cleared when a worker of the name starts
@@ -75,7 +75,7 @@ def withdraw_card(ledger: Ledger, gpu_uuid: str) -> None:
 def stop_trainers(ledger: Ledger, worker_name: str) -> list[str]:
     """SIGTERM the trainer of every running job of this worker on this host (the runner
     SIGKILLs the rest of its group after the grace)."""
-    host = socket.gethostname()
+    host = host_name()
     stopped = []
     for record in ledger.records(ledger.ids_in_state(JobState.RUNNING), with_spec=False):
         if (record.worker == worker_name and record.host == host and record.pid

@@ -294,13 +294,14 @@ def zimage_headers(root: Path) -> Path:
     return root
 
 
-def test_zimage_at_1024_px_fits_the_24_gb_anchor_in_bf16(tmp_path, image_dataset):
+def test_zimage_at_1024_px_in_bf16_fits_24_gb_but_not_16_gb(tmp_path, image_dataset):
     base = zimage_headers(tmp_path / "z-image-turbo")
     spec = ImageJobSpec(name="zimage", base_model=base, train_data_dir=image_dataset, resolution=1024,
                         lora_rank=16, mixed_precision="bf16", gradient_checkpointing=True)
     estimate = estimate_vram(spec)
     assert 19 * GIB < estimate.parts["frozen_weights"] < 19.3 * GIB  # 10.26 B parameters x 2 bytes
     assert 2 * GIB < estimate.parts["activations"] < 4 * GIB
-    assert 20 * GIB < estimate.total_mb < 24 * GIB, estimate  # the anchor: a 24 GB card in bf16
+    # the anchors (the card's comment): 16 GB cards train it only with an 8-bit base
+    assert 16 * GIB < estimate.total_mb < 24 * GIB, estimate
     without = estimate_vram(spec.model_copy(update={"gradient_checkpointing": False}))
     assert without.parts["activations"] > 5 * estimate.parts["activations"]

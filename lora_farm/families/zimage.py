@@ -11,8 +11,9 @@ from lora_farm.families.card import Family, TextEncoder
 
 TRANSFORMER = "ZImageTransformer2DModel"
 # every block's attention and SwiGLU feed-forward (peft matches the suffixes in the main and the
-# refiner blocks alike), as ai-toolkit and musubi-tuner train Z-Image; the single file fuses
-# q, k, v into the original ``attention.qkv``
+# refiner blocks alike): diffusers' Z-Image script trains the attention only (to_q/k/v/out.0),
+# ai-toolkit every Linear of the blocks; the feed-forwards carry most of a style or character.
+# The single file fuses q, k, v into the original ``attention.qkv``
 LORA_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 # the original layout (Tongyi's file, ComfyUI's with ``model.diffusion_model.``): each block's
@@ -58,11 +59,14 @@ Z_IMAGE = Family(
     # one 512 px sample: 1024 image tokens + ~100-300 caption tokens (padded to 32s) through 34
     # blocks of width 3840 (SwiGLU hidden 10240) keeping ~20 tensors of tokens x width per block
     # in bf16: ~6 GB; checkpointing keeps each block's input plus one block's recompute (~12%):
-    # ~2.9 GB at 1024 px. With the weights read from the headers (transformer 6.15 B + Qwen3-4B
-    # 4.02 B parameters in bf16 = 19 GiB) a 1024 px bf16 rank-16 job estimates ~22-23 GiB: the
-    # published anchor is ai-toolkit's Z-Image-Turbo LoRA at 1024 px on a 24 GB card (its
-    # example config, bf16 with the text encoder's embeddings cached and the encoder unloaded,
-    # or 8-bit on 16 GB cards). A derivation, not a measurement: calibration corrects it.
+    # ~2.8 GiB at 1024 px. With the weights read from the headers (transformer 6.15 B + Qwen3-4B
+    # 4.02 B parameters in bf16 = 19.1 GiB) a 1024 px bf16 rank-16 batch-1 job estimates 23.0 GiB:
+    # just inside a 24 GB card, out of a 16 GB one. The published anchors, checked: ai-toolkit's
+    # own example (config/examples/train_lora_zimage_turbo_32gb.yaml) trains at 1024 px on a 32 GB
+    # card with the transformer and the text encoder in 8-bit (qfloat8), rank 128, batch 2; a
+    # published ai-toolkit guide (smeltcore.com, character LoRA for Z-Image-Turbo) trains on a
+    # 16 GB RTX 5060 Ti, which only an 8-bit base (~9.6 GiB of weights) allows. A derivation, not
+    # a measurement: calibration corrects it from real peaks.
     activation_mb_512=6000.0, reference_width=3840.0 * 34, width=_width, checkpointing_keeps=0.12,
     params=10.26e9, lora_params_per_rank=2.5e6)
 

@@ -4,11 +4,13 @@ flow matching on 16-channel latents (the transformer patches them 2x2 itself) wi
 timesteps and the scheduler config's shift, and the original-layout single file
 (``zimage_layout``). Only the diffusers folder loads (single files are refused at validation).
 
-diffusers ships no Z-Image training script (0.42.1); the objective follows the pipeline: it
-feeds the transformer ``t = 1 - sigma`` and steps the scheduler with the negated output, so the
-transformer predicts ``x0 - noise`` at ``x_t = (1 - sigma) x0 + sigma noise``. sigma is drawn as
-Flux's (logit-normal), shifted as the scheduler config says: Z-Image-Turbo's static shift 3, or
-the resolution-dependent mu the pipeline computes where a config turns dynamic shifting on.
+The objective is diffusers' ``examples/dreambooth/train_dreambooth_lora_z_image.py`` (in the
+diffusers repository, not the installed package) and the pipeline's own: the transformer gets
+``t = 1 - sigma`` and its output is negated into the scheduler's ``noise - x0``, so at
+``x_t = (1 - sigma) x0 + sigma noise`` it predicts ``x0 - noise``. sigma is the script's draw with
+its logit-normal weighting (as the Flux adapter's), shifted as the scheduler config says:
+Z-Image-Turbo's static shift 3 (what the script's shifted sigma table holds), or the pipeline's
+resolution-dependent mu where a config turns dynamic shifting on.
 """
 
 from __future__ import annotations

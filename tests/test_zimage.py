@@ -33,7 +33,8 @@ PROMPTS = ["a photo of a red circle", "a blue square on a white background"]
 # converter keeps their original names, which its model does not have: see zimage_layout)
 BLOCK_PARTS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-ALL_BLOCKS = [f"{stack}.0.{part}" for stack in ("noise_refiner", "context_refiner") for part in BLOCK_PARTS] + \
+ALL_BLOCKS = [f"{stack}.0.{part}" for stack in ("noise_refiner", "context_refiner")
+              for part in BLOCK_PARTS] + \
     [f"layers.{i}.{part}" for i in range(2) for part in BLOCK_PARTS] + \
     ["noise_refiner.0.adaLN_modulation.0", "layers.0.adaLN_modulation.0", "layers.1.adaLN_modulation.0"]
 
@@ -152,7 +153,8 @@ def test_diffusers_file_reloads_into_a_fresh_pipeline(trained_zimage, tiny_zimag
     program, files = trained_zimage
     expected = transformer_output(program.model.pipeline, program.model.denoiser)
     pipe = fresh_pipeline(tiny_zimage, files["diffusers"].parent)
-    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="default_0", save_embedding_layers=False)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="default_0",
+                                       save_embedding_layers=False)
     assert set(loaded) == set(program.peft_states()["transformer"])  # nothing ignored or left over
     assert torch.allclose(transformer_output(pipe, pipe.transformer), expected, atol=1e-4)
     base = transformer_output(pipe, fresh_pipeline(tiny_zimage).transformer)
@@ -194,7 +196,8 @@ def original_layout(transformer) -> dict[str, torch.Tensor]:
     return original
 
 
-def test_single_file_keys_are_the_original_model_tensors_as_comfyui_maps_them(tmp_path, tiny_zimage, image_dataset):
+def test_single_file_keys_are_the_original_model_tensors_as_comfyui_maps_them(tmp_path, tiny_zimage,
+                                                                              image_dataset):
     """ComfyUI's key map for a ``lora_unet_`` LoRA: each of its model's weights, dots written as
     underscores. Every key of the file names such a weight, with its shape (default targets plus
     the modules outside the blocks, which diffusers' converter cannot place)."""
@@ -257,7 +260,8 @@ def test_validate_recognises_a_zimage_folder_whatever_its_name(tmp_path, tiny_zi
 
 
 def test_zimage_single_files_are_recognised_from_tensor_names_and_refused_for_now(tmp_path):
-    block = {"layers.0.adaLN_modulation.0.weight": [15360, 256], "layers.0.attention.qkv.weight": [11520, 3840],
+    block = {"layers.0.adaLN_modulation.0.weight": [15360, 256],
+             "layers.0.attention.qkv.weight": [11520, 3840],
              "noise_refiner.0.adaLN_modulation.0.weight": [15360, 256], "cap_embedder.1.weight": [3840, 2560]}
     bare, comfy = tmp_path / "flux1-dev.safetensors", tmp_path / "sd15.safetensors"  # names say nothing
     write_header_only(bare, block, "BF16")
@@ -265,13 +269,19 @@ def test_zimage_single_files_are_recognised_from_tensor_names_and_refused_for_no
     assert inspect_base_model(bare).family == "z-image"
     assert inspect_base_model(comfy).family == "z-image"  # not SD, whose prefix it shares
     code, output = validate(write_spec(tmp_path, comfy))
-    assert code == 1 and "single-file Z-Image checkpoint" in output and "Fix: point `base_model` at the diffusers folder" in output, output
+    assert code == 1 and "single-file Z-Image checkpoint" in output, output
+    assert "Fix: point `base_model` at the diffusers folder" in output, output
     # Lumina 2 (Z-Image's ancestor): SiLU + Linear modulation, no Z-Image refiner layout
     lumina = tmp_path / "lumina.safetensors"
     write_header_only(lumina, {"layers.0.adaLN_modulation.1.weight": [9216, 256],
                                "cap_embedder.0.weight": [2304]}, "BF16")
     with pytest.raises(Exception, match="recognises"):
         inspect_base_model(lumina)
+
+
+def test_zimage_does_not_train_its_text_encoder(tmp_path, tiny_zimage):
+    code, output = validate(write_spec(tmp_path, tiny_zimage, train_text_encoder="true"))
+    assert code == 1 and "`train_text_encoder`" in output and "transformer only" in output, output
 
 
 def zimage_headers(root: Path) -> Path:
@@ -284,7 +294,8 @@ def zimage_headers(root: Path) -> Path:
     (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     blocks = [f"layers.{i}" for i in range(30)] + [f"{s}.{i}" for s in ("noise_refiner", "context_refiner")
                                                     for i in range(2)]
-    shapes = {f"{b}.attention.{p}.weight": [3840, 3840] for b in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes = {f"{b}.attention.{p}.weight": [3840, 3840] for b in blocks
+              for p in ("to_q", "to_k", "to_v", "to_out.0")}
     shapes |= {f"{b}.feed_forward.{p}.weight": [10240, 3840] for b in blocks for p in ("w1", "w3")}
     shapes |= {f"{b}.feed_forward.w2.weight": [3840, 10240] for b in blocks}
     shapes["rest.weight"] = [6_154_908_736 - sum(a * b for a, b in shapes.values())]

@@ -67,4 +67,5 @@ class ZImageAdapter(FluxAdapter):
 
     def kohya_state_dict(self, model: ImageModel, peft_states: dict[str, dict[str, torch.Tensor]],
                          alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, torch.Tensor]:
-        return original_state_dict(model.denoiser, peft_states[self.card.denoiser], alphas[self.card.denoiser])
+        name = self.card.denoiser
+        return original_state_dict(model.denoiser, peft_states[name], alphas[name])

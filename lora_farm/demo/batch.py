@@ -19,6 +19,7 @@ from lora_farm.demo.flux import build_tiny_flux
 from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.sd import IMAGE_SIZE, build_tiny_sd, build_tiny_sdxl
 from lora_farm.demo.single_file import write_single_file_checkpoint
+from lora_farm.demo.zimage import build_tiny_zimage
 
 DEMO_BATCH = "demo"
 
@@ -44,6 +45,7 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
         "sd": _ensure(models / "tiny-sd", build_tiny_sd),
         "sdxl": _ensure(models / "tiny-sdxl", build_tiny_sdxl),
         "flux": _ensure(models / "tiny-flux-dev", build_tiny_flux),  # configs/flux-dev-lora.yaml
+        "zimage": _ensure(models / "tiny-z-image", build_tiny_zimage),  # configs/z-image-lora.yaml
         "llm": _ensure(models / "tiny-llm", build_tiny_llm),
         "shapes_metadata": _ensure(data / "shapes-metadata",
                                    lambda p: write_image_dataset(p, n=8, captions="metadata")),

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.protocol import EventWriter
+from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.scheduler.estimate import estimate_vram
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.families.sd3_layout import sai_modules, swapped
@@ -24,7 +25,7 @@ from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
 from tests.fake_headers import write_header_only
 from tests.test_families import validate, write_spec
-from tests.test_image_trainer import fixed_eval_loss, make_program, ready, train
+from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -343,3 +344,18 @@ def test_sd35_large_at_1024_px_needs_more_than_a_24_gb_card_in_bf16(tmp_path, im
     assert estimate.total_mb > 24 * GIB  # the anchor: 24 GB cards train it only with a 4-bit base
     without = estimate_vram(spec.model_copy(update={"gradient_checkpointing": False}))
     assert without.parts["activations"] > 5 * estimate.parts["activations"]
+
+
+def test_entry_point_trains_sd35_with_cached_latents_and_checkpointing(tmp_path, tiny_sd3, image_dataset):
+    spec_file = tmp_path / "sd3.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "sd3", "base_model": str(tiny_sd3), "train_data_dir": str(image_dataset),
+        "resolution": 64, "lora_rank": 4, "batch_size": 2, "max_steps": 4, "save_steps": 2,
+        "learning_rate": 1e-3, "num_workers": 0, "cache_latents": True, "gradient_checkpointing": True}))
+    job_dir = tmp_path / "job"
+    result = run_trainer(spec_file, job_dir)
+    assert result.returncode == ExitCode.SUCCESS, result.stderr[-3000:]
+    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    summary = [e for e in events if e["event"] == "summary"][-1]
+    assert summary["family"] == "sd35-medium" and summary["cached_latents"] == 8
+    assert {e["kind"] for e in events if e["event"] == "artifact"} == {"kohya", "diffusers", "published"}

@@ -178,8 +178,9 @@ def sai_checkpoint(transformer) -> dict[str, torch.Tensor]:
         for sai, ours in (("x_block.attn", "attn.norm_"), ("context_block.attn", "attn.norm_added_"),
                           ("x_block.attn2", "attn2.norm_")):
             for axis in ("q", "k"):
-                if f"transformer_blocks.{i}.{ours}{axis}.weight" in state:
-                    found[f"joint_blocks.{i}.{sai}.ln_{axis}.weight"] = state[f"transformer_blocks.{i}.{ours}{axis}.weight"]
+                norm = f"transformer_blocks.{i}.{ours}{axis}.weight"
+                if norm in state:
+                    found[f"joint_blocks.{i}.{sai}.ln_{axis}.weight"] = state[norm]
     return found
 
 
@@ -230,7 +231,8 @@ def test_sai_single_file_applied_by_comfyui_key_rule_gives_the_trained_output(tr
 
     base = fresh_pipeline(tiny_sd3).transformer
     checkpoint = sai_checkpoint(base)
-    comfy = {f"lora_unet_{key[:-len('.weight')].replace('.', '_')}": key for key in checkpoint if key.endswith(".weight")}
+    comfy = {f"lora_unet_{key.removesuffix('.weight').replace('.', '_')}": key
+             for key in checkpoint if key.endswith(".weight")}
     modules = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in tensors}
     assert modules <= set(comfy), sorted(modules - set(comfy))
     for module in modules:

@@ -246,13 +246,10 @@ def test_sai_single_file_applied_by_comfyui_key_rule_gives_the_trained_output(tr
 
 def test_diffusers_loader_has_no_converter_for_the_sai_layout(trained_sd3, tiny_sd3):
     """What the module docstring says of diffusers 0.42.1: its SD3 loader reads only diffusers
-    keys, so the SAI file adds no LoRA (ComfyUI and kohya read it; the test above checks it)."""
+    keys, so the SAI file loads without an error and adds no LoRA (it only logs that no
+    ``transformer`` keys were found). ComfyUI and kohya read it; the test above checks that."""
     _, files = trained_sd3
-    pipe = fresh_pipeline(tiny_sd3)
-    try:
-        pipe.load_lora_weights(str(files["kohya"]))
-    except (ValueError, KeyError):
-        return
+    pipe = fresh_pipeline(tiny_sd3, files["kohya"])
     assert not any("lora_" in name for name, _ in pipe.transformer.named_parameters())
 
 

@@ -65,10 +65,10 @@ def _card(name: str, title: str, modelspec: str, params: float, lora_per_rank: f
         # checkpointing keeps each block's input plus one block's recompute (~12%): ~2.4 GB at
         # 1024 px. With the weights read from the headers (transformer 8.1 B + T5-XXL 4.8 B +
         # CLIP-G/L 0.8 B in bf16: ~25.5 GiB) a 1024 px bf16 rank-16 job of SD3.5 Large estimates
-        # ~28 GiB, in line with the published anchor: diffusers' SD3.5 release post
-        # (huggingface.co/blog/sd3-5) fine-tunes SD3.5 Large LoRA on 24 GB cards only with a
-        # bitsandbytes 4-bit (NF4) base. Medium scales by its width (1536 x 24). A derivation,
-        # not a measurement: calibration corrects it from real peaks.
+        # ~29 GiB, in line with the published anchor: diffusers' SD3.5 release post
+        # (huggingface.co/blog/sd3-5) fits SD3.5 Large LoRA on 24 GB cards with bitsandbytes
+        # and peft (a 4-bit NF4 base), as the bf16 weights alone exceed 24 GB. Medium scales by
+        # its width (1536 x 24). A derivation, not a measurement: calibration corrects it.
         activation_mb_512=5000.0, reference_width=2432.0 * 38, width=_width, checkpointing_keeps=0.12,
         params=params, lora_params_per_rank=lora_per_rank)
 

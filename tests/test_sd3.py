@@ -41,6 +41,14 @@ def tiny_sd3(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd35-medium")
 
 
+@pytest.fixture(scope="module")
+def tiny_sd35_large(tmp_path_factory) -> Path:
+    """The same in SD3.5 Large's layout (qk-norm, no dual-attention block)."""
+    from lora_farm.demo.sd3 import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd35-large", medium=False)
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
@@ -106,6 +114,16 @@ def test_timesteps_are_logit_normal_draws_of_the_shifted_schedule(tmp_path, tiny
     assert torch.allclose(sigmas, 3 * plain / (1 + 2 * plain), atol=1e-5)  # shift 3.0
     assert torch.allclose(timesteps, sigmas * 1000, atol=1e-3)
     assert sigmas.mean() > plain.mean() + 0.1  # the shift leans toward noise
+
+
+def test_the_large_layout_trains_and_exports_without_a_second_attention(tmp_path, tiny_sd35_large, image_dataset):
+    program = ready(make_program(tmp_path, tiny_sd35_large, image_dataset, lora_alpha=4))
+    assert program.model.family == "sd35-large"
+    assert all(loss == loss and loss < 10 for loss in train(program, steps=2))
+    tensors, metadata = read_safetensors(dict((k, p) for p, k in program.export())["kohya"])
+    assert "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight" in tensors
+    assert not any("attn2" in key for key in tensors)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
 
 
 # -- resume through the runtime -------------------------------------------------------------
@@ -196,12 +214,15 @@ def dotted(name: str) -> str:
     return name
 
 
-def test_sai_names_match_diffusers_checkpoint_converter(tiny_sd3):
+@pytest.mark.parametrize(("layout", "family"), [("tiny_sd3", "sd35-medium"), ("tiny_sd35_large", "sd35-large")])
+def test_sai_names_match_diffusers_checkpoint_converter(request, layout, family):
     """Our SAI names and (shift, scale) swaps, run through diffusers' own SAI->diffusers converter
-    of base checkpoints, give back every tensor of the transformer."""
+    of base checkpoints, give back every tensor of the transformer (Medium's and Large's)."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    transformer = fresh_pipeline(tiny_sd3).transformer
+    base = request.getfixturevalue(layout)
+    assert inspect_base_model(base).family == family
+    transformer = fresh_pipeline(base).transformer
     converted = convert_sd3_transformer_checkpoint_to_diffusers(sai_checkpoint(transformer))
     state = transformer.state_dict()
     assert set(converted) == set(state)

@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_step.py --only image --resolution 512   # tiny models, 512 px
     .venv/bin/python bench/train_step.py --only flux --resolution 128    # tiny Flux.1-dev
     .venv/bin/python bench/train_step.py --only zimage                   # tiny Z-Image
+    .venv/bin/python bench/train_step.py --only sd3 --resolution 128     # tiny SD3.5 Medium
     .venv/bin/python bench/train_step.py --real       # GPU: SD 1.5-sized UNet, 512 px, batch 4,
                                                       # rank 16; a ~1.1B Llama (TinyLlama shape)
 
@@ -118,8 +119,7 @@ def job_specs(workdir: Path, real: bool, steps: int, resolution: int = 64) -> li
         texts = write_long_texts(workdir / "texts.jsonl", 64, 40)
         image = {"resolution": 512, "batch_size": 4, "lora_rank": 16}
         llm = {"max_seq_len": 512, "batch_size": 4, "lora_rank": 16}
-        flux_model = None  # a real-sized Flux needs its own bench (the 8-bit base is not done yet)
-        zimage_model = None
+        flux_model = zimage_model = sd3_model = None  # real-sized ones need their own bench (no 8-bit base yet)
     else:
         image_model, llm_model = demo.build_tiny_sd(workdir / "tiny-sd"), demo.build_tiny_llm(workdir / "tiny-llm")
         images = demo.write_image_dataset(workdir / "images", n=8, size=resolution)
@@ -128,11 +128,11 @@ def job_specs(workdir: Path, real: bool, steps: int, resolution: int = 64) -> li
         llm = {"max_seq_len": 64, "batch_size": 4, "lora_rank": 8}
         flux_model = demo.build_tiny_flux(workdir / "tiny-flux-dev")
         zimage_model = demo.build_tiny_zimage(workdir / "tiny-z-image")
-    flux = [{"name": "bench-flux", "task": "image", "base_model": str(flux_model),
-             "train_data_dir": str(images), **common, **image}] if flux_model else []
-    flux += [{"name": "bench-zimage", "task": "image", "base_model": str(zimage_model),
-              "train_data_dir": str(images), **common, **image}] if zimage_model else []
-    return flux + [
+        sd3_model = demo.build_tiny_sd3(workdir / "tiny-sd35-medium")
+    flows = [{"name": f"bench-{name}", "task": "image", "base_model": str(model), "train_data_dir": str(images),
+              **common, **image} for name, model in (("flux", flux_model), ("zimage", zimage_model),
+                                                     ("sd3", sd3_model)) if model]
+    return flows + [
         {"name": "bench-image", "task": "image", "base_model": str(image_model),
          "train_data_dir": str(images), **common, **image},
         {"name": "bench-llm", "task": "llm", "base_model": str(llm_model),
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true", help="real-sized models (needs a GPU)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (20 tiny, 30 real)")
     parser.add_argument("--resolution", type=int, default=64, help="image size of the tiny job (px)")
-    parser.add_argument("--only", choices=["image", "flux", "zimage", "llm"], help="bench one job only")
+    parser.add_argument("--only", choices=["image", "flux", "zimage", "sd3", "llm"], help="bench one job only")
     parser.add_argument("--workdir", type=Path, default=None, help="models + runs (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)

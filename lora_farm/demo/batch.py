@@ -2,7 +2,7 @@
 
 Layout under ``root``::
 
-    models/tiny-sd  tiny-sdxl  tiny-flux-dev  tiny-llm  tiny-sd.safetensors  tiny-sdxl.safetensors
+    models/tiny-sd  tiny-sdxl  tiny-flux-dev  tiny-sd35-medium  tiny-llm  tiny-sd.safetensors  tiny-sdxl.safetensors
     data/shapes-metadata/  shapes-sidecar/  facts.jsonl  facts-instructions.jsonl
     jobs/demo-sd-shapes.yaml  demo-sdxl-shapes.yaml  demo-llm-facts.yaml  demo-llm-instructions.yaml
 
@@ -18,6 +18,7 @@ from lora_farm.demo.datasets import write_image_dataset, write_text_dataset
 from lora_farm.demo.flux import build_tiny_flux
 from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.sd import IMAGE_SIZE, build_tiny_sd, build_tiny_sdxl
+from lora_farm.demo.sd3 import build_tiny_sd3
 from lora_farm.demo.single_file import write_single_file_checkpoint
 from lora_farm.demo.zimage import build_tiny_zimage
 
@@ -46,6 +47,7 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
         "sdxl": _ensure(models / "tiny-sdxl", build_tiny_sdxl),
         "flux": _ensure(models / "tiny-flux-dev", build_tiny_flux),  # configs/flux-dev-lora.yaml
         "zimage": _ensure(models / "tiny-z-image", build_tiny_zimage),  # configs/z-image-lora.yaml
+        "sd3": _ensure(models / "tiny-sd35-medium", build_tiny_sd3),  # configs/sd35-large-lora.yaml
         "llm": _ensure(models / "tiny-llm", build_tiny_llm),
         "shapes_metadata": _ensure(data / "shapes-metadata",
                                    lambda p: write_image_dataset(p, n=8, captions="metadata")),

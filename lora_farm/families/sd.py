@@ -33,10 +33,10 @@ def _file_names(header: dict[str, Any]) -> list[str]:
 
 
 def _file_is_sd(header: dict[str, Any]) -> bool:
-    """An original-layout SD UNet (Flux files in ComfyUI's layout share the prefix, not the blocks)."""
+    """An original-layout SD UNet (Flux and SD3 files in ComfyUI's layout share the prefix, not the blocks)."""
     names = _file_names(header)
     return (any(name.startswith(FILE_UNET) for name in names)
-            and not any(name.startswith(FILE_UNET + "double_blocks.") for name in names))
+            and not any(name.startswith((FILE_UNET + "double_blocks.", FILE_UNET + "joint_blocks.")) for name in names))
 
 
 def _file_is_xl(header: dict[str, Any]) -> bool:

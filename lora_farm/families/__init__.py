@@ -17,7 +17,7 @@ from lora_farm.families.card import Family, TextEncoder
 __all__ = ["Family", "TextEncoder", "all_families", "by_name", "denoiser_folders", "recognise_file", "recognise_folder",
            "supported"]
 
-MODULES = ("sd", "flux")  # recognition asks them in this order; the first card that matches wins
+MODULES = ("sd", "flux", "qwen_image")  # recognition asks them in this order; the first card that matches wins
 
 
 @cache

@@ -21,7 +21,7 @@ class TextEncoder:
 
     folder: str  # text_encoder, text_encoder_2 ... (also the prefix of its LoRA keys)
     tokenizer: str
-    kind: Literal["clip", "t5"]
+    kind: Literal["clip", "t5", "qwen"]
     max_length: int
 
 

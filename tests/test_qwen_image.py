@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from lora_farm import demo
 from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.protocol import EventWriter
+from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.scheduler.estimate import estimate_vram
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
 from tests.fake_headers import write_header_only
 from tests.test_families import validate, write_spec
 from tests.test_flux import StoppingProgram
-from tests.test_image_trainer import fixed_eval_loss, make_program, ready, train
+from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -211,6 +212,21 @@ def test_resume_from_either_file_continues_the_trained_lora(tmp_path, trained_qw
     got = transformer_output(resumed.model.pipeline, resumed.model.denoiser)
     assert torch.allclose(got, expected, atol=1e-4)
     assert train(resumed, steps=1)
+
+
+def test_entry_point_trains_with_checkpointing_and_publishes_both_files(tmp_path, tiny_qwen, image_dataset):
+    spec_file = tmp_path / "qwen.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "qwen", "base_model": str(tiny_qwen), "train_data_dir": str(image_dataset),
+        "resolution": 64, "lora_rank": 4, "batch_size": 2, "max_steps": 3, "save_steps": 2,
+        "learning_rate": 1e-3, "num_workers": 0, "cache_latents": True, "gradient_checkpointing": True}))
+    job_dir = tmp_path / "job"
+    result = run_trainer(spec_file, job_dir)
+    assert result.returncode == ExitCode.SUCCESS, result.stderr[-3000:]
+    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    summary = [e for e in events if e["event"] == "summary"][-1]
+    assert summary["family"] == "qwen-image" and summary["cached_latents"] == 8
+    assert {e["kind"] for e in events if e["event"] == "artifact"} == {"kohya", "diffusers", "published"}
 
 
 # -- recognition and the estimate -------------------------------------------------------------

@@ -23,7 +23,8 @@ FILE_MARKER = "txt_norm.weight"  # Qwen-Image's RMSNorm on the text states; Flux
 def _is_qwen_image(index: dict[str, Any], config: dict[str, Any]) -> bool:
     # the plain text-to-image pipeline: Edit's folders carry the same transformer class but an
     # image-conditioned pipeline (reference latents beside the noisy ones), not trained here
-    return config.get("_class_name") == TRANSFORMER and index.get("_class_name", "QwenImagePipeline") == "QwenImagePipeline"
+    pipeline = index.get("_class_name", "QwenImagePipeline")
+    return config.get("_class_name") == TRANSFORMER and pipeline == "QwenImagePipeline"
 
 
 def _file_is_qwen_image(header: dict[str, Any]) -> bool:
@@ -57,10 +58,10 @@ QWEN_IMAGE = Family(
     # Flux's card): ~6 GB; checkpointing keeps each block's input plus one block's recompute
     # (~12%): ~2.9 GB at 1024 px. With the weights read from the headers (transformer 20.4 B +
     # Qwen2.5-VL-7B 8.3 B + VAE 0.13 B parameters, bf16: ~53.6 GiB) a 1024 px bf16 rank-16 job
-    # estimates ~57 GiB: an 80 GB card. Checked against the published anchor (issue 11, from
-    # ai-toolkit / musubi-tuner users): Qwen-Image-Edit LoRA at 1024 px trains in ~40 GB at
+    # estimates ~57 GiB: an 80 GB card. Checked against the anchor issue 11 names (users'
+    # reports, not a figure measured here): Qwen-Image-Edit LoRA at 1024 px trains in ~40 GB at
     # batch 1 with an 8-bit base. Our figure less 19 GiB (the transformer in 8 bits instead of
-    # 16) and with Edit's doubled image tokens (+2.9 GiB) is ~41 GiB. A derivation, not a
+    # 16) and with Edit's doubled image tokens (+2.8 GiB) is ~41 GiB. A derivation, not a
     # measurement: calibration corrects it from real peaks.
     activation_mb_512=6000.0, reference_width=3072.0 * 60, width=_width, checkpointing_keeps=0.12,
     params=28.8e9, lora_params_per_rank=1.5e6)

@@ -212,6 +212,7 @@ class ImageProgram(TrainingProgram):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.model.vae  # type: ignore[union-attr]
+        assert self.adapter is not None
         with torch.no_grad():
             if "latent_parameters" in batch:
                 distribution = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.device))

@@ -17,8 +17,8 @@ from lora_farm.families.card import Family, TextEncoder
 __all__ = ["Family", "TextEncoder", "all_families", "by_name", "denoiser_folders", "recognise_file", "recognise_folder",
            "supported"]
 
-MODULES = ("zimage", "flux", "sd3", "sd")  # recognition asks them in this order; the first card that matches wins
-# (SD last: its single-file rule claims any `model.diffusion_model.` file the others did not)
+MODULES = ("zimage", "flux", "sd3", "qwen_image", "sd")  # recognition asks them in this order: the first
+# card that matches wins (SD last: its single-file rule claims any `model.diffusion_model.` file)
 
 
 @cache

@@ -141,12 +141,12 @@ class ImageProgram(TrainingProgram):
     @torch.no_grad()
     def _cache_latents(self) -> None:
         """Encode every image once; the latent *distribution* is kept, so sampling stays per step."""
-        assert self.dataset is not None and self.model is not None
+        assert self.dataset is not None and self.model is not None and self.adapter is not None
         vae = self.model.vae
         for index in range(len(self.dataset)):
             for flip in ([False, True] if self.spec.random_flip else [False]):
                 pixels = self.dataset[(index, flip, 0)]["pixel_values"][None]
-                parameters = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.parameters
+                parameters = self.adapter.latent_distribution(vae, pixels.to(self.device, vae.dtype)).parameters
                 self.latent_cache[(index, flip)] = parameters[0]
 
     def micro_batches_per_epoch(self) -> int:
@@ -212,14 +212,14 @@ class ImageProgram(TrainingProgram):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.model.vae  # type: ignore[union-attr]
+        assert self.adapter is not None
         with torch.no_grad():
             if "latent_parameters" in batch:
                 distribution = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.device))
             else:
-                distribution = vae.encode(batch["pixel_values"].to(self.device, vae.dtype)).latent_dist
+                distribution = self.adapter.latent_distribution(vae, batch["pixel_values"].to(self.device, vae.dtype))
             latents = distribution.sample(generator=generator).float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return self.adapter.normalise(vae, latents)
 
     # -- weights ----------------------------------------------------------------------------
 

@@ -32,6 +32,15 @@ class FamilyAdapter:
         """Every component, frozen later by the caller."""
         raise NotImplementedError
 
+    def latent_distribution(self, vae: Any, pixels: Any) -> Any:
+        """The VAE's latent distribution of a pixel batch (cached once, or drawn each step)."""
+        return vae.encode(pixels).latent_dist
+
+    def normalise(self, vae: Any, latents: Any) -> Any:
+        """Sampled VAE latents -> what the denoiser is trained on (4D)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
     def predict(self, program: ImageProgram, latents: Any, batch: dict[str, Any],
                 generator: Any) -> tuple[Any, Any]:
         """``(prediction, target)`` for scaled latents; all randomness from ``generator``."""

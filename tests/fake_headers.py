@@ -1,6 +1,7 @@
-"""Header-only model folders (safetensors headers with real shapes, no data written): SD 1.5-sized
-models for the VRAM estimate, which reads nothing but headers and configs. Each file is as long as
-its header says (a sparse file: the data are holes), since validation refuses a shorter one."""
+"""Header-only model folders (safetensors headers with real shapes, no data written): every image
+family at its real size for the VRAM estimate (tests and bench/estimate_table.py), which reads
+nothing but headers and configs. Each file is as long as its header says (a sparse file: the data
+are holes), since validation refuses a shorter one."""
 
 from __future__ import annotations
 
@@ -36,15 +37,20 @@ def sd15_unet_shapes() -> dict[str, list[int]]:
               ("up_blocks.3", 320, 3)]
     for prefix, dim, count in blocks:
         for i in range(count):
-            base = f"{prefix}.attentions.{i}.transformer_blocks.0"
-            for attn, kv_in in (("attn1", dim), ("attn2", 768)):
-                shapes[f"{base}.{attn}.to_q.weight"] = [dim, dim]
-                shapes[f"{base}.{attn}.to_k.weight"] = [dim, kv_in]
-                shapes[f"{base}.{attn}.to_v.weight"] = [dim, kv_in]
-                shapes[f"{base}.{attn}.to_out.0.weight"] = [dim, dim]
-                shapes[f"{base}.{attn}.to_out.0.bias"] = [dim]
+            shapes |= _attention_shapes(f"{prefix}.attentions.{i}.transformer_blocks.0", dim, 768)
     counted = sum(_numel(s) for s in shapes.values())
     shapes["resnets_and_the_rest.weight"] = [SD15_PARAMS["unet"] - counted]
+    return shapes
+
+
+def _attention_shapes(block: str, dim: int, context: int) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for attn, kv_in in (("attn1", dim), ("attn2", context)):
+        shapes[f"{block}.{attn}.to_q.weight"] = [dim, dim]
+        shapes[f"{block}.{attn}.to_k.weight"] = [dim, kv_in]
+        shapes[f"{block}.{attn}.to_v.weight"] = [dim, kv_in]
+        shapes[f"{block}.{attn}.to_out.0.weight"] = [dim, dim]
+        shapes[f"{block}.{attn}.to_out.0.bias"] = [dim]
     return shapes
 
 
@@ -55,19 +61,129 @@ def _numel(shape: list[int]) -> int:
     return total
 
 
-@pytest.fixture(scope="session")
-def sd15(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sd15")
+def sd15_headers(root: Path) -> Path:
+    """SD 1.5's parameter counts (fp32 headers, no data) with its attention shapes."""
+    (root / "unet").mkdir(parents=True)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    (root / "unet").mkdir()
     (root / "unet" / "config.json").write_text(json.dumps(
         {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "sample_size": 64}))
     write_header_only(root / "unet" / "diffusion_pytorch_model.safetensors", sd15_unet_shapes())
-    # an fp16 variant next to it must not be counted twice
-    write_header_only(root / "unet" / "diffusion_pytorch_model.fp16.safetensors",
-                      sd15_unet_shapes(), dtype="F16")
     write_header_only(root / "text_encoder" / "model.safetensors",
                       {"text_model.rest.weight": [SD15_PARAMS["text_encoder"]]})
     write_header_only(root / "vae" / "diffusion_pytorch_model.safetensors",
                       {"encoder_decoder.weight": [SD15_PARAMS["vae"]]})
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory) -> Path:
+    root = sd15_headers(tmp_path_factory.mktemp("sd15") / "sd15")
+    # an fp16 variant next to it must not be counted twice
+    write_header_only(root / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+                      sd15_unet_shapes(), dtype="F16")
+    return root
+
+
+def sdxl_headers(root: Path) -> Path:
+    """SDXL base 1.0's parameter counts (fp16 headers, no data): UNet 2.57 B with its 70
+    transformer blocks' attention shapes, CLIP-L 123 M, OpenCLIP-G 695 M, VAE 84 M."""
+    (root / "unet").mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (root / "unet" / "config.json").write_text(json.dumps(
+        {"block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048, "sample_size": 128,
+         "addition_embed_type": "text_time"}))
+    shapes: dict[str, list[int]] = {}
+    for prefix, dim, attentions, depth in (("down_blocks.1", 640, 2, 2), ("down_blocks.2", 1280, 2, 10),
+                                           ("mid_block", 1280, 1, 10), ("up_blocks.0", 1280, 3, 10),
+                                           ("up_blocks.1", 640, 3, 2)):
+        for i in range(attentions):
+            for j in range(depth):
+                shapes |= _attention_shapes(f"{prefix}.attentions.{i}.transformer_blocks.{j}", dim, 2048)
+    shapes["resnets_and_the_rest.weight"] = [2_567_463_684 - sum(_numel(s) for s in shapes.values())]
+    write_header_only(root / "unet" / "diffusion_pytorch_model.safetensors", shapes, "F16")
+    for folder, params in (("text_encoder", 123_060_480), ("text_encoder_2", 694_659_840),
+                           ("vae", 83_653_863)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "F16")
+    return root
+
+
+# ---- today's image families at their real sizes (bf16 headers, no data) --------------------
+
+def flux_dev_headers(root: Path) -> Path:
+    """Flux.1-dev's parameter counts (bf16 headers, no data): transformer 11.9 B, T5-XXL 4.76 B,
+    CLIP-L 123 M, VAE 84 M; the transformer's LoRA targets with their real shapes."""
+    config = {"_class_name": "FluxTransformer2DModel", "num_layers": 19, "num_single_layers": 38,
+              "num_attention_heads": 24, "attention_head_dim": 128, "guidance_embeds": True}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(19)
+              for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    shapes |= {f"single_transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(38)
+               for p in ("to_q", "to_k", "to_v")}
+    shapes["rest.weight"] = [11_901_408_320 - sum(a * b for a, b in shapes.values())]
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    for folder, params in (("text_encoder_2", 4_762_310_656), ("text_encoder", 123_060_480), ("vae", 83_819_683)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
+    return root
+
+
+def sd3_folder(root: Path, **config) -> Path:
+    (root / "transformer").mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **config}))
+    return root
+
+
+def sd35_large_headers(root: Path) -> Path:
+    """SD3.5 Large's parameter counts (bf16 headers, no data): transformer 8.06 B, T5-XXL 4.76 B,
+    CLIP-G 695 M, CLIP-L 124 M, VAE 84 M; the default LoRA targets with their real shapes."""
+    sd3_folder(root, num_layers=38, num_attention_heads=38, attention_head_dim=64, qk_norm="rms_norm",
+               dual_attention_layers=[])
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [2432, 2432] for i in range(38)
+              for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")}
+    shapes |= {f"transformer_blocks.{i}.attn.to_add_out.weight": [2432, 2432] for i in range(37)}
+    shapes["rest.weight"] = [8_056_697_984 - sum(a * b for a, b in shapes.values())]
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    for folder, params in (("text_encoder_3", 4_762_310_656), ("text_encoder_2", 694_659_840),
+                           ("text_encoder", 123_650_304), ("vae", 83_653_863)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
+    return root
+
+
+def qwen_image_headers(root: Path) -> Path:
+    """Qwen-Image's parameter counts (bf16 headers, no data): transformer 20.43 B, Qwen2.5-VL-7B
+    8.29 B, VAE 0.127 B; the default LoRA targets with their real shapes (60 blocks of 3072)."""
+    config = {"_class_name": "QwenImageTransformer2DModel", "num_layers": 60, "num_attention_heads": 24,
+              "attention_head_dim": 128, "joint_attention_dim": 3584}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(60)
+              for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes["rest.weight"] = [20_430_401_088 - sum(a * b for a, b in shapes.values())]
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    for folder, params in (("text_encoder", 8_292_166_656), ("vae", 126_892_531)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
+    return root
+
+
+def zimage_headers(root: Path) -> Path:
+    """Z-Image-Turbo's parameter counts (bf16 headers, no data): transformer 6.15 B (30 blocks +
+    2 + 2 refiners of width 3840), Qwen3-4B 4.02 B, VAE 84 M; LoRA targets at their real shapes."""
+    config = {"_class_name": "ZImageTransformer2DModel", "dim": 3840, "n_layers": 30, "n_refiner_layers": 2,
+              "n_heads": 30, "cap_feat_dim": 2560}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    blocks = [f"layers.{i}" for i in range(30)] + [f"{s}.{i}" for s in ("noise_refiner", "context_refiner")
+                                                    for i in range(2)]
+    shapes = {f"{b}.attention.{p}.weight": [3840, 3840] for b in blocks
+              for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes |= {f"{b}.feed_forward.{p}.weight": [10240, 3840] for b in blocks for p in ("w1", "w3")}
+    shapes |= {f"{b}.feed_forward.w2.weight": [3840, 10240] for b in blocks}
+    shapes["rest.weight"] = [6_154_908_736 - sum(a * b for a, b in shapes.values())]
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    for folder, params in (("text_encoder", 4_022_468_096), ("vae", 83_819_683)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
     return root

@@ -22,7 +22,7 @@ from lora_farm.scheduler.estimate import CUDA_CONTEXT_MB, estimate_vram
 from lora_farm.scheduler.gpus import parse_declared, to_snapshot
 from lora_farm.scheduler.place import QueuedJob, check_fits_farm, place
 from lora_farm.scheduler.policy import Policy
-from tests.fake_headers import SD15_PARAMS, sd15_unet_shapes, write_header_only
+from tests.fake_headers import SD15_PARAMS, sd15_unet_shapes, sdxl_headers, write_header_only
 
 @pytest.fixture(scope="module")
 def llama7b(tmp_path_factory) -> Path:
@@ -63,6 +63,17 @@ def test_sd15_at_512_lands_in_a_plausible_range(sd15):
     assert parts["cuda_context"] == CUDA_CONTEXT_MB
     assert estimate.source == "estimate" and estimate.total_mb == estimate.model_mb
     assert 4_500 <= estimate.total_mb <= 9_000  # SD 1.5 LoRA, batch 1, 512 px: ~6 GB in practice
+
+
+def test_sdxl_at_1024_lands_near_its_anchor(tmp_path):
+    base = sdxl_headers(tmp_path / "sdxl")
+    assert inspect_base_model(base).family == "sdxl"
+    estimate = estimate_vram(image_spec(base, resolution=1024, batch_size=1, lora_rank=16,
+                                        gradient_checkpointing=False))
+    # 3.47 B frozen parameters at 2 bytes; rank 16 on the 70 transformer blocks' attention: 23 M
+    assert estimate.parts["frozen_weights"] == pytest.approx(3_468_837_867 * 2 / 2**20, rel=1e-3)
+    assert 0.3 * 1024 < estimate.parts["lora_params"] < 0.4 * 1024
+    assert 14 * 1024 <= estimate.total_mb <= 20 * 1024  # batch 1, 1024 px, no checkpointing: ~18 GB
 
 
 def test_checkpointing_resolution_batch_and_precision_move_the_estimate(sd15):

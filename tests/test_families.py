@@ -15,7 +15,7 @@ from lora_farm.cli import app
 from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.jobs.spec import ImageJobSpec
 from lora_farm.scheduler.estimate import estimate_vram
-from tests.fake_headers import write_header_only
+from tests.fake_headers import flux_dev_headers, write_header_only
 
 ROOT = Path(__file__).resolve().parents[1] / "lora_farm"
 TORCH_SIDE = ("families", "trainers", "demo")  # the cards themselves, the adapters, the builders
@@ -90,25 +90,6 @@ def test_flux_single_files_are_recognised_from_tensor_names_and_refused_for_now(
 def test_flux_does_not_train_its_text_encoders(tmp_path, tiny_flux):
     code, output = validate(write_spec(tmp_path, tiny_flux, train_text_encoder="true"))
     assert code == 1 and "`train_text_encoder`" in output and "transformer only" in output, output
-
-
-def flux_dev_headers(root: Path) -> Path:
-    """Flux.1-dev's parameter counts (bf16 headers, no data): transformer 11.9 B, T5-XXL 4.76 B,
-    CLIP-L 123 M, VAE 84 M; the transformer's LoRA targets with their real shapes."""
-    config = {"_class_name": "FluxTransformer2DModel", "num_layers": 19, "num_single_layers": 38,
-              "num_attention_heads": 24, "attention_head_dim": 128, "guidance_embeds": True}
-    (root / "transformer").mkdir(parents=True)
-    (root / "transformer" / "config.json").write_text(json.dumps(config))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(19)
-              for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
-    shapes |= {f"single_transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(38)
-               for p in ("to_q", "to_k", "to_v")}
-    shapes["rest.weight"] = [11_901_408_320 - sum(a * b for a, b in shapes.values())]
-    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder_2", 4_762_310_656), ("text_encoder", 123_060_480), ("vae", 83_819_683)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
-    return root
 
 
 def test_flux_dev_at_1024_px_needs_more_than_a_24_gb_card_in_bf16(tmp_path, image_dataset):

@@ -21,7 +21,7 @@ from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.scheduler.estimate import estimate_vram
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
-from tests.fake_headers import write_header_only
+from tests.fake_headers import qwen_image_headers, write_header_only
 from tests.test_families import validate, write_spec
 from tests.test_flux import StoppingProgram
 from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
@@ -249,23 +249,6 @@ def test_single_files_are_recognised_from_tensor_names_and_refused_for_now(tmp_p
     assert inspect_base_model(comfy).family == inspect_base_model(diffusers).family == "qwen-image"
     code, output = validate(write_spec(tmp_path, comfy))
     assert code == 1 and "from its diffusers folder only" in output and "Fix:" in output, output
-
-
-def qwen_image_headers(root: Path) -> Path:
-    """Qwen-Image's parameter counts (bf16 headers, no data): transformer 20.43 B, Qwen2.5-VL-7B
-    8.29 B, VAE 0.127 B; the default LoRA targets with their real shapes (60 blocks of 3072)."""
-    config = {"_class_name": "QwenImageTransformer2DModel", "num_layers": 60, "num_attention_heads": 24,
-              "attention_head_dim": 128, "joint_attention_dim": 3584}
-    (root / "transformer").mkdir(parents=True)
-    (root / "transformer" / "config.json").write_text(json.dumps(config))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
-    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(60)
-              for p in ("to_q", "to_k", "to_v", "to_out.0")}
-    shapes["rest.weight"] = [20_430_401_088 - sum(a * b for a, b in shapes.values())]
-    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder", 8_292_166_656), ("vae", 126_892_531)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
-    return root
 
 
 def test_qwen_image_at_1024_px_needs_an_80_gb_card_in_bf16(tmp_path, image_dataset):

@@ -23,7 +23,7 @@ from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.families.sd3_layout import sai_modules, swapped
 from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
-from tests.fake_headers import write_header_only
+from tests.fake_headers import sd35_large_headers, sd3_folder, write_header_only
 from tests.test_families import validate, write_spec
 from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
 
@@ -310,13 +310,6 @@ def test_validate_recognises_sd35_from_its_folder_whatever_its_name(tmp_path, ti
     assert code == 0 and "Stable Diffusion 3.5 Medium (sd35-medium), rank" in output, output
 
 
-def sd3_folder(root: Path, **config) -> Path:
-    (root / "transformer").mkdir(parents=True)
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **config}))
-    return root
-
-
 @pytest.mark.parametrize(("config", "family"), [
     ({"qk_norm": "rms_norm", "dual_attention_layers": []}, "sd35-large"),
     ({"qk_norm": "rms_norm", "dual_attention_layers": list(range(13))}, "sd35-medium"),
@@ -336,22 +329,6 @@ def test_sai_single_files_are_recognised_from_tensor_names_and_refused_for_now(t
     assert inspect_base_model(large).family == "sd35-large"
     code, output = validate(write_spec(tmp_path, medium))
     assert code == 1 and "from its diffusers folder only" in output and "Fix:" in output, output
-
-
-def sd35_large_headers(root: Path) -> Path:
-    """SD3.5 Large's parameter counts (bf16 headers, no data): transformer 8.06 B, T5-XXL 4.76 B,
-    CLIP-G 695 M, CLIP-L 124 M, VAE 84 M; the default LoRA targets with their real shapes."""
-    sd3_folder(root, num_layers=38, num_attention_heads=38, attention_head_dim=64, qk_norm="rms_norm",
-               dual_attention_layers=[])
-    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [2432, 2432] for i in range(38)
-              for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")}
-    shapes |= {f"transformer_blocks.{i}.attn.to_add_out.weight": [2432, 2432] for i in range(37)}
-    shapes["rest.weight"] = [8_056_697_984 - sum(a * b for a, b in shapes.values())]
-    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder_3", 4_762_310_656), ("text_encoder_2", 694_659_840),
-                           ("text_encoder", 123_650_304), ("vae", 83_653_863)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
-    return root
 
 
 def test_sd35_large_at_1024_px_needs_more_than_a_24_gb_card_in_bf16(tmp_path, image_dataset):

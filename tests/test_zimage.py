@@ -6,7 +6,6 @@ folder and from a single file (refused with the fix), and the estimate at real s
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.families.zimage_layout import original_modules
 from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
-from tests.fake_headers import write_header_only
+from tests.fake_headers import write_header_only, zimage_headers
 from tests.test_families import validate, write_spec
 from tests.test_image_trainer import fixed_eval_loss, make_program, ready, train
 
@@ -282,27 +281,6 @@ def test_zimage_single_files_are_recognised_from_tensor_names_and_refused_for_no
 def test_zimage_does_not_train_its_text_encoder(tmp_path, tiny_zimage):
     code, output = validate(write_spec(tmp_path, tiny_zimage, train_text_encoder="true"))
     assert code == 1 and "`train_text_encoder`" in output and "transformer only" in output, output
-
-
-def zimage_headers(root: Path) -> Path:
-    """Z-Image-Turbo's parameter counts (bf16 headers, no data): transformer 6.15 B (30 blocks +
-    2 + 2 refiners of width 3840), Qwen3-4B 4.02 B, VAE 84 M; LoRA targets at their real shapes."""
-    config = {"_class_name": "ZImageTransformer2DModel", "dim": 3840, "n_layers": 30, "n_refiner_layers": 2,
-              "n_heads": 30, "cap_feat_dim": 2560}
-    (root / "transformer").mkdir(parents=True)
-    (root / "transformer" / "config.json").write_text(json.dumps(config))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
-    blocks = [f"layers.{i}" for i in range(30)] + [f"{s}.{i}" for s in ("noise_refiner", "context_refiner")
-                                                    for i in range(2)]
-    shapes = {f"{b}.attention.{p}.weight": [3840, 3840] for b in blocks
-              for p in ("to_q", "to_k", "to_v", "to_out.0")}
-    shapes |= {f"{b}.feed_forward.{p}.weight": [10240, 3840] for b in blocks for p in ("w1", "w3")}
-    shapes |= {f"{b}.feed_forward.w2.weight": [3840, 10240] for b in blocks}
-    shapes["rest.weight"] = [6_154_908_736 - sum(a * b for a, b in shapes.values())]
-    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder", 4_022_468_096), ("vae", 83_819_683)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
-    return root
 
 
 def test_zimage_at_1024_px_in_bf16_fits_24_gb_but_not_16_gb(tmp_path, image_dataset):

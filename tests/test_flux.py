@@ -16,7 +16,8 @@ from safetensors import safe_open
 from lora_farm.jobs.spec import ImageJobSpec
 from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.trainers.device import choose_precision
-from lora_farm.trainers.families.flux_layout import bfl_modules, fuse
+from lora_farm.trainers.families.flux_layout import bfl_modules
+from lora_farm.trainers.families.fused import fuse
 from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
 from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train

@@ -52,7 +52,8 @@ def _t5(tokenizer):
         decoder_start_token_id=0))
 
 
-def _vae():
+def flux_vae():
+    """A 16-channel AutoencoderKL that downsamples by 8 with Flux's factors (SD3.5 and Z-Image reuse it)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -82,7 +83,7 @@ def build_tiny_flux(path: Path, seed: int = 0, schnell: bool = False) -> Path:
     tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHNELL_SCHEDULER if schnell else DEV_SCHEDULER))
-    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
+    pipe = FluxPipeline(scheduler=scheduler, vae=flux_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
                         tokenizer=tokenizer, text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok,
                         transformer=_transformer(guidance=not schnell))
     pipe.save_pretrained(path)

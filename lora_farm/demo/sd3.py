@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import _vae, t5_tokenizer
+from lora_farm.demo.flux import flux_vae, t5_tokenizer
 from lora_farm.demo.sd import LATENT_SIZE, TEXT_HIDDEN, TEXT_HIDDEN_2, _text_config
 from lora_farm.demo.vocab import clip_tokenizer, write_clip_vocab_files
 
@@ -51,7 +51,7 @@ def build_tiny_sd3(path: Path, seed: int = 0, medium: bool = True) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer, tokenizer_2, t5_tok = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
-    vae = _vae()
+    vae = flux_vae()
     vae.register_to_config(scaling_factor=VAE_SCALING, shift_factor=VAE_SHIFT)
     pipe = StableDiffusion3Pipeline(
         transformer=_transformer(medium), vae=vae,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import _vae
+from lora_farm.demo.flux import flux_vae
 from lora_farm.demo.vocab import CORPUS
 
 QWEN_HIDDEN = 32
@@ -72,7 +72,7 @@ def build_tiny_zimage(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
-    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=_vae(),
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=flux_vae(),
                           text_encoder=_qwen3(tokenizer), tokenizer=tokenizer, transformer=_transformer())
     pipe.save_pretrained(path)
     return path

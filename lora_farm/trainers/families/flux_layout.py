@@ -3,11 +3,8 @@
 
 BFL fuses what diffusers keeps apart: a double block's q, k, v (``img_attn_qkv``, and
 ``txt_attn_qkv`` for the text stream) and a single block's q, k, v and MLP input (``linear1``).
-A fused module's LoRA is exact: ``down`` stacks the parts' A (rank k*r), ``up`` is the
-block-diagonal of the parts' B, so ``up @ down`` is the parts' deltas one under the other; a part
-without LoRA gets zero rows. ``alpha`` is k*alpha, so alpha/rank (the scale) is unchanged; parts
-trained with another scale (a resumed LoRA) have it folded into their B. diffusers' converter
-recognises the block-diagonal up and splits it back into the parts.
+A fused module's LoRA is exact (``fused.fuse``: stacked downs, a block-diagonal up, alpha x k);
+diffusers' converter recognises the block-diagonal up and splits it back into the parts.
 
 Modules outside the blocks (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``,
 ``final_layer``; none is a default target) are written under BFL's names as ComfyUI reads them;
@@ -18,6 +15,8 @@ drops them, so only the blocks' LoRA survives a diffusers load of such a file.
 from __future__ import annotations
 
 import torch
+
+from lora_farm.trainers.families.fused import fused_state_dict
 
 # diffusers module (under transformer_blocks.{i}. / single_transformer_blocks.{i}.) -> BFL name
 DOUBLE = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -53,50 +52,4 @@ def bfl_modules(transformer: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 def bfl_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor],
                    alphas: dict[str, tuple[int, float]]) -> dict[str, torch.Tensor]:
     """peft's transformer LoRA (keys ``<module>.lora_A.weight``) -> the BFL single file."""
-    modules = dict(transformer.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    covered: set[str] = set()
-    for name, parts in bfl_modules(transformer).items():
-        if not any(part in alphas for part in parts):
-            continue
-        down, up, alpha = fuse([_lora_of(state, alphas, part, modules[part]) for part in parts])
-        if name == SWAPPED:
-            up = torch.cat(up.chunk(2, dim=0)[::-1])
-        key = f"lora_unet_{name}"
-        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                    f"{key}.alpha": torch.tensor(alpha)}
-        covered.update(parts)
-    missing = sorted(set(alphas) - covered)
-    if missing:
-        raise ValueError(f"LoRA modules with no place in the BFL layout: {missing[:5]}")
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
-
-
-Part = tuple[torch.Tensor, torch.Tensor, float] | tuple[None, int, int]
-
-
-def _lora_of(state: dict[str, torch.Tensor], alphas: dict[str, tuple[int, float]], module: str,
-             layer: torch.nn.Module) -> Part:
-    """``(A, B, scale)`` of a module with LoRA, else ``(None, in, out)`` (its base layer's sizes)."""
-    if module not in alphas:
-        base = getattr(layer, "base_layer", layer)
-        return None, base.in_features, base.out_features
-    rank, alpha = alphas[module]
-    return state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"], alpha / rank
-
-
-def fuse(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(down, up, alpha)`` of one module whose output is the parts' outputs concatenated:
-    ``alpha / rank * up @ down`` equals the parts' deltas stacked, exactly."""
-    present = [(a, b, scale) for a, b, scale in parts if a is not None]
-    first_a, _, scale = present[0]
-    rank = first_a.shape[0]
-    downs, ups = [], []
-    for a, b, part_scale in parts:
-        if a is None:  # no LoRA on this part: zero rows of the same rank (b, part_scale = in, out)
-            a, b = torch.zeros(rank, first_a.shape[1]), torch.zeros(part_scale, rank)
-            part_scale = scale
-        downs.append(a.float())
-        ups.append(b.float() * (part_scale / scale))
-    down, up = torch.cat(downs), torch.block_diag(*ups)
-    return down, up, scale * down.shape[0]
+    return fused_state_dict(transformer, state, alphas, bfl_modules(transformer), "BFL", {SWAPPED})

@@ -4,7 +4,7 @@
 
 SAI fuses what diffusers keeps apart: each stream's q, k, v (``x_block.attn.qkv``,
 ``context_block.attn.qkv``, and SD3.5 Medium's ``x_block.attn2.qkv``). A fused module's LoRA is
-exact, as in ``flux_layout``: ``down`` stacks the parts' A, ``up`` is the block-diagonal of their
+exact, as in ``fused``: ``down`` stacks the parts' A, ``up`` is the block-diagonal of their
 B, ``alpha`` is k*alpha. SAI's last block keeps only the text stream's adaLN and qkv, and its
 adaLN (like ``final_layer``'s) holds (shift, scale) where diffusers has (scale, shift): the up
 rows are swapped back. diffusers 0.42.1 has no converter for this layout (its SD3 loader reads
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_farm.trainers.families.flux_layout import _lora_of, fuse
+from lora_farm.trainers.families.fused import fused_state_dict
 
 # diffusers module (under transformer_blocks.{i}.) -> SAI name (under joint_blocks_{i}_)
 BLOCK = {"x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -57,21 +57,5 @@ def swapped(transformer: torch.nn.Module) -> set[str]:
 def sai_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor],
                    alphas: dict[str, tuple[int, float]]) -> dict[str, torch.Tensor]:
     """peft's transformer LoRA (keys ``<module>.lora_A.weight``) -> the SAI-layout single file."""
-    modules = dict(transformer.named_modules())
-    swap = swapped(transformer)
-    tensors: dict[str, torch.Tensor] = {}
-    covered: set[str] = set()
-    for name, parts in sai_modules(transformer).items():
-        if not any(part in alphas for part in parts):
-            continue
-        down, up, alpha = fuse([_lora_of(state, alphas, part, modules[part]) for part in parts])
-        if name in swap:
-            up = torch.cat(up.chunk(2, dim=0)[::-1])
-        key = f"lora_unet_{name}"
-        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                    f"{key}.alpha": torch.tensor(alpha)}
-        covered.update(parts)
-    missing = sorted(set(alphas) - covered)
-    if missing:
-        raise ValueError(f"LoRA modules with no place in the SAI layout: {missing[:5]}")
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
+    return fused_state_dict(transformer, state, alphas, sai_modules(transformer), "SAI",
+                            swapped(transformer))

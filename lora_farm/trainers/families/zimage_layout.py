@@ -7,7 +7,7 @@ kohya-style Z-Image trainers write it, and diffusers' ``_convert_non_diffusers_z
 reads it back (splitting ``qkv`` by chunking ``up`` in three beside one shared ``down``).
 
 The original model fuses q, k and v into ``attention.qkv`` where diffusers keeps them apart; the
-fused LoRA is exact as in ``flux_layout.fuse``: ``down`` stacks the parts' A (rank 3r), ``up`` is
+fused LoRA is exact as in ``fused.fuse``: ``down`` stacks the parts' A (rank 3r), ``up`` is
 the block-diagonal of their B, ``alpha`` is 3 alpha. Chunked in three by diffusers' converter,
 each part gets the shared stacked ``down`` and its own rows of ``up``: its delta again, exactly.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_farm.trainers.families.flux_layout import _lora_of, fuse
+from lora_farm.trainers.families.fused import fused_state_dict
 
 BLOCK = {"attention_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
          "attention_out": ("attention.to_out.0",), "feed_forward_w1": ("feed_forward.w1",),
@@ -48,19 +48,5 @@ def original_modules(transformer: torch.nn.Module) -> dict[str, tuple[str, ...]]
 def original_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor],
                         alphas: dict[str, tuple[int, float]]) -> dict[str, torch.Tensor]:
     """peft's transformer LoRA (keys ``<module>.lora_A.weight``) -> the kohya-named single file."""
-    modules = dict(transformer.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    covered: set[str] = set()
-    for name, parts in original_modules(transformer).items():
-        if not any(part in alphas for part in parts):
-            continue
-        down, up, alpha = fuse([_lora_of(state, alphas, part, modules[part]) for part in parts])
-        key = f"lora_unet_{name}"
-        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                    f"{key}.alpha": torch.tensor(alpha)}
-        covered.update(parts)
-    missing = sorted(set(alphas) - covered)
-    if missing:
-        raise ValueError(f"LoRA modules with no place in the Z-Image single-file layout: {missing[:5]}")
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
-
+    return fused_state_dict(transformer, state, alphas, original_modules(transformer),
+                            "Z-Image single-file")

@@ -66,7 +66,8 @@ def files_to_ship(job_dir: Path) -> list[Path]:
 
 
 def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | None, name: str,
-                   storage: Storage, base_key: str) -> dict:
+                   storage: Storage, base_key: str, attempt: int | None = None) -> dict:
+    """``attempt``: the one that made the files (the ledger's), else the job folder's fence."""
     entries = []
     for path in files:
         rel = path.relative_to(job_dir).as_posix()
@@ -74,7 +75,7 @@ def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | N
         entries.append({"path": rel, "key": key, "size": path.stat().st_size,
                         "sha256": sha256_of(path), "uri": storage.uri(key)})
     return {"format": 1, "job_id": job_id, "batch": batch or DEFAULT_BATCH, "name": name,
-            "attempt": Fence(JobDir(job_dir).fence).current() or None,
+            "attempt": attempt or Fence(JobDir(job_dir).fence).current() or None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_uri": storage.uri(f"{base_key}/{MANIFEST_NAME}").rsplit("/", 1)[0],
             "files": entries}
@@ -105,14 +106,15 @@ def _matches(stored, size: int, sha256: str) -> bool:
 
 def ship_job(job_dir: Path, job_id: str, batch: str | None, name: str, *,
              storage: Storage | None = None, settings: Settings | None = None,
-             prune: bool = True) -> ShipResult:
+             prune: bool = True, attempt: int | None = None) -> ShipResult:
     """Archive, upload, verify and mark one finished job complete (see the module docstring)."""
     settings = settings or get_settings()
     storage = storage or storage_from_settings(settings)
     job_dir = Path(job_dir)
     write_log_archive(job_dir)
     base_key = job_prefix(batch, job_id, settings)
-    manifest = build_manifest(job_dir, files_to_ship(job_dir), job_id, batch, name, storage, base_key)
+    manifest = build_manifest(job_dir, files_to_ship(job_dir), job_id, batch, name, storage, base_key,
+                              attempt)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
     (job_dir / MANIFEST_NAME).write_bytes(manifest_bytes)
 

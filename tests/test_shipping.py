@@ -56,6 +56,17 @@ def local_env(monkeypatch, tmp_path):
     reload_settings()
 
 
+def test_the_manifest_names_the_attempt_the_ledger_gives_not_a_fence_raised_since(local_env, tmp_path):
+    from lora_farm.protocol import Fence, JobDir
+
+    job_dir = make_finished_job(tmp_path / "output" / "b1" / "job-7")
+    assert Fence(JobDir(job_dir).fence, 3).raise_to()  # the reaper fenced attempt 2 out meanwhile
+    ship_job(job_dir, "job-7", "b1", "cat", attempt=2)
+    assert json.loads((job_dir / "manifest.json").read_text())["attempt"] == 2
+    ship_job(job_dir, "job-7", "b1", "cat")  # no ledger at hand: the fence says
+    assert json.loads((job_dir / "manifest.json").read_text())["attempt"] == 3
+
+
 def test_local_ship_lays_out_keys_manifest_marker_and_prunes(local_env, tmp_path):
     job_dir = make_finished_job(tmp_path / "output" / "b1" / "job-1")
     weights = local_hashes(job_dir)

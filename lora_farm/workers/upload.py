@@ -38,7 +38,8 @@ def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
     settings = settings or ledger.settings
     record = ledger.get(job_id)
     try:
-        result = ship_job(Path(job_dir), job_id, record.batch, record.name, settings=settings)
+        result = ship_job(Path(job_dir), job_id, record.batch, record.name, settings=settings,
+                          attempt=record.attempt)
     except ArtifactMissing as error:
         return lifecycle.upload_impossible(ledger, job_id, str(error))
     except StorageError as error:

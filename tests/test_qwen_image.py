@@ -5,30 +5,21 @@ sizes against the published anchor."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors import safe_open
 
 from lora_farm import demo
 from lora_farm.jobs.inspect import inspect_base_model
-from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.protocol import EventWriter, ExitCode
-from lora_farm.scheduler.estimate import estimate_vram
-from lora_farm.trainers.device import choose_precision
-from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
+from tests.family_checks import (CPU, PROMPTS, check_diffusers_reload, check_entry_point, check_exact_resume,
+                                 check_family_learns, check_resume_from_file, check_single_file_reload,
+                                 estimate_at_1024, read_safetensors, trained_program)
 from tests.fake_headers import qwen_image_headers, write_header_only
 from tests.test_families import validate, write_spec
-from tests.test_flux import StoppingProgram
-from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
+from tests.test_image_trainer import make_program, ready
 
 pytestmark = pytest.mark.slow
-CPU = torch.device("cpu")
-PROMPTS = ["a photo of a red circle", "a blue square on a white background"]  # padded to one length
 GIB = 1024
 # every linear of a block, both streams: the single file's names cover all of them
 EVERY_BLOCK_LINEAR = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -44,12 +35,8 @@ def tiny_qwen(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_qwen(tmp_path_factory, tiny_qwen):
     """rank 4, alpha 8 on every block linear; trained 3 steps, exported."""
-    root = tmp_path_factory.mktemp("trained-qwen")
-    data = demo.write_image_dataset(root / "images", captions="metadata")
-    program = ready(make_program(root, tiny_qwen, data, lora_alpha=8, target_modules=EVERY_BLOCK_LINEAR,
-                                 cache_latents=True))
-    train(program, steps=3)
-    return program, dict((kind, path) for path, kind in program.export())
+    return trained_program(tmp_path_factory.mktemp("trained-qwen"), tiny_qwen, EVERY_BLOCK_LINEAR,
+                           cache_latents=True)
 
 
 def transformer_output(pipe, transformer) -> torch.Tensor:
@@ -69,11 +56,6 @@ def fresh_pipeline(base: Path, lora: Path | None = None):
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
 # -- the tiny model -------------------------------------------------------------------------
@@ -110,15 +92,7 @@ def test_normalised_latents_invert_the_pipelines_decoding(tmp_path, tiny_qwen, i
 
 def test_training_lowers_a_fixed_evaluation_loss(tmp_path, tiny_qwen, image_dataset):
     program = ready(make_program(tmp_path, tiny_qwen, image_dataset, lora_alpha=4, cache_latents=True))
-    assert program.model.family == "qwen-image" and sorted(program.adapted) == ["transformer"]
-    before = fixed_eval_loss(program)
-    frozen = {n: p.clone() for n, p in program.model.denoiser.named_parameters() if "lora_" not in n}
-    train(program, steps=30)
-    after = fixed_eval_loss(program)
-    assert after < before * 0.95, f"evaluation loss {before:.4f} -> {after:.4f}: no clear improvement"
-    for name, param in program.model.denoiser.named_parameters():
-        if "lora_" not in name:
-            assert torch.equal(param, frozen[name]), name
+    check_family_learns(program, "qwen-image", steps=30)
 
 
 def test_the_shift_follows_the_schedulers_exponential_rule(tmp_path, tiny_qwen, image_dataset):
@@ -132,44 +106,15 @@ def test_the_shift_follows_the_schedulers_exponential_rule(tmp_path, tiny_qwen, 
 
 # -- resume through the runtime -------------------------------------------------------------
 
-def run_runtime(base: Path, data: Path, job_dir: Path, stop_at_call: int | None = None) -> Runtime:
-    spec = ImageJobSpec(base_model=base, train_data_dir=data, name="qwen", resolution=64, lora_rank=4,
-                        lora_alpha=4, batch_size=2, num_workers=0, seed=7, max_steps=6, save_steps=100,
-                        learning_rate=1e-2, cache_latents=True)
-    program = StoppingProgram(spec, job_dir, CPU, torch.float32)
-    program.stop_at_call = stop_at_call
-    runtime = Runtime(program, EventWriter(job_dir / "events.jsonl"), choose_precision("auto", CPU),
-                      out=io.StringIO(), progress_interval=0.0)
-    program.runtime = runtime
-    runtime.run()
-    return runtime
-
-
 def test_resume_from_a_checkpoint_repeats_the_loss_curve(tmp_path, tiny_qwen, image_dataset):
-    reference = run_runtime(tiny_qwen, image_dataset, tmp_path / "reference")
-    with pytest.raises(TrainingInterrupted) as stopped:
-        run_runtime(tiny_qwen, image_dataset, tmp_path / "interrupted", stop_at_call=3)
-    assert stopped.value.step == 3
-    resumed = run_runtime(tiny_qwen, image_dataset, tmp_path / "interrupted")
-    assert sorted(resumed.step_losses) == [4, 5, 6]
-    for step in range(4, 7):
-        assert abs(resumed.step_losses[step] - reference.step_losses[step]) <= 1e-6, step
-    assert (tmp_path / "interrupted" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    check_exact_resume(tiny_qwen, image_dataset, tmp_path, name="qwen", stop_at=3, max_steps=6,
+                       cache_latents=True)
 
 
 # -- exports --------------------------------------------------------------------------------
 
 def test_diffusers_file_reloads_into_a_fresh_pipeline(trained_qwen, tiny_qwen):
-    from peft.utils import get_peft_model_state_dict
-
-    program, files = trained_qwen
-    expected = transformer_output(program.model.pipeline, program.model.denoiser)
-    pipe = fresh_pipeline(tiny_qwen, files["diffusers"].parent)
-    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="default_0", save_embedding_layers=False)
-    assert set(loaded) == set(program.peft_states()["transformer"])  # nothing ignored or left over
-    assert torch.allclose(transformer_output(pipe, pipe.transformer), expected, atol=1e-4)
-    base = transformer_output(pipe, fresh_pipeline(tiny_qwen).transformer)
-    assert not torch.allclose(base, expected, atol=1e-4)  # the LoRA changes the output
+    check_diffusers_reload(*trained_qwen, tiny_qwen, fresh_pipeline, transformer_output)
 
 
 def test_single_file_loads_through_diffusers_converter(trained_qwen, tiny_qwen):
@@ -178,13 +123,10 @@ def test_single_file_loads_through_diffusers_converter(trained_qwen, tiny_qwen):
     module = "diffusion_model.transformer_blocks.1.img_mod.1"
     assert {f"{module}.lora_A.weight", f"{module}.lora_B.weight", f"{module}.alpha"} <= set(tensors)
     assert tensors[f"{module}.alpha"].item() == 8 and tensors[f"{module}.lora_A.weight"].shape[0] == 4
-    assert metadata["modelspec.architecture"] == "Qwen-Image/lora"
-    assert metadata["ss_base_model_version"] == "qwen_image" and metadata["ss_network_dim"] == "4"
-    expected = transformer_output(program.model.pipeline, program.model.denoiser)
-    pipe = fresh_pipeline(tiny_qwen, files["kohya"])
+    pipe = check_single_file_reload(program, files, tiny_qwen, fresh_pipeline, transformer_output, metadata,
+                                    "Qwen-Image/lora", "qwen_image")
     loaded = {name for name, _ in pipe.transformer.named_parameters() if "lora_A" in name}
     assert len(loaded) == 2 * len(EVERY_BLOCK_LINEAR)  # every module of the file, none dropped
-    assert torch.allclose(transformer_output(pipe, pipe.transformer), expected, atol=1e-4)
 
 
 def test_single_file_names_are_comfyuis_qwen_image_weights(trained_qwen):
@@ -206,27 +148,11 @@ def test_single_file_names_are_comfyuis_qwen_image_weights(trained_qwen):
 
 @pytest.mark.parametrize("kind", ["diffusers", "kohya"])
 def test_resume_from_either_file_continues_the_trained_lora(tmp_path, trained_qwen, tiny_qwen, kind):
-    program, files = trained_qwen
-    resumed = ready(make_program(tmp_path, tiny_qwen, program.spec.train_data_dir, resume_from=files[kind]))
-    expected = transformer_output(program.model.pipeline, program.model.denoiser)
-    got = transformer_output(resumed.model.pipeline, resumed.model.denoiser)
-    assert torch.allclose(got, expected, atol=1e-4)
-    assert train(resumed, steps=1)
+    check_resume_from_file(tmp_path, *trained_qwen, tiny_qwen, kind, transformer_output)
 
 
 def test_entry_point_trains_with_checkpointing_and_publishes_both_files(tmp_path, tiny_qwen, image_dataset):
-    spec_file = tmp_path / "qwen.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "name": "qwen", "base_model": str(tiny_qwen), "train_data_dir": str(image_dataset),
-        "resolution": 64, "lora_rank": 4, "batch_size": 2, "max_steps": 3, "save_steps": 2,
-        "learning_rate": 1e-3, "num_workers": 0, "cache_latents": True, "gradient_checkpointing": True}))
-    job_dir = tmp_path / "job"
-    result = run_trainer(spec_file, job_dir)
-    assert result.returncode == ExitCode.SUCCESS, result.stderr[-3000:]
-    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
-    summary = [e for e in events if e["event"] == "summary"][-1]
-    assert summary["family"] == "qwen-image" and summary["cached_latents"] == 8
-    assert {e["kind"] for e in events if e["event"] == "artifact"} == {"kohya", "diffusers", "published"}
+    check_entry_point(tmp_path, tiny_qwen, image_dataset, name="qwen", family="qwen-image", max_steps=3)
 
 
 # -- recognition and the estimate -------------------------------------------------------------
@@ -253,9 +179,7 @@ def test_single_files_are_recognised_from_tensor_names_and_refused_for_now(tmp_p
 
 def test_qwen_image_at_1024_px_needs_an_80_gb_card_in_bf16(tmp_path, image_dataset):
     base = qwen_image_headers(tmp_path / "qwen-image")
-    spec = ImageJobSpec(name="qwen", base_model=base, train_data_dir=image_dataset, resolution=1024,
-                        lora_rank=16, mixed_precision="bf16", gradient_checkpointing=True)
-    estimate = estimate_vram(spec)
+    _, estimate = estimate_at_1024("qwen", base, image_dataset)
     assert 53 * GIB < estimate.parts["frozen_weights"] < 54.5 * GIB  # 28.85 B parameters x 2 bytes
     assert 2 * GIB < estimate.parts["activations"] < 4 * GIB
     assert 0.3 * GIB < estimate.parts["lora_params"] < 0.4 * GIB  # 23.6 M x 16 bytes

@@ -6,31 +6,23 @@ SAI->diffusers checkpoint converter, to the trained output."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors import safe_open
 
 from lora_farm.jobs.inspect import inspect_base_model
-from lora_farm.jobs.spec import ImageJobSpec
-from lora_farm.protocol import EventWriter, ExitCode
-from lora_farm.scheduler.estimate import estimate_vram
-from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.families.sd3_layout import sai_modules, swapped
-from lora_farm.trainers.image import ImageProgram
-from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
+from tests.family_checks import (CPU, PROMPTS, check_checkpointing_saves_activations, check_diffusers_reload,
+                                 check_entry_point, check_exact_resume, check_family_learns, check_fused_deltas,
+                                 check_resume_from_file, estimate_at_1024, exported, read_safetensors,
+                                 trained_program)
 from tests.fake_headers import sd35_large_headers, sd3_folder, write_header_only
 from tests.test_families import validate, write_spec
-from tests.test_image_trainer import fixed_eval_loss, make_program, ready, run_trainer, train
+from tests.test_image_trainer import make_program, ready, train
 
 pytestmark = pytest.mark.slow
-CPU = torch.device("cpu")
 GIB = 1024
-PROMPTS = ["a photo of a red circle", "a blue square on a white background"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +39,6 @@ def tiny_sd35_large(tmp_path_factory) -> Path:
     from lora_farm.demo.sd3 import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd35-large", medium=False)
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
 def transformer_output(pipe, transformer) -> torch.Tensor:
@@ -82,28 +69,14 @@ def every_linear(base: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained_sd3(tmp_path_factory, tiny_sd3):
     """rank 4, alpha 8, on every Linear of the transformer; trained, exported."""
-    from lora_farm import demo
-
-    root = tmp_path_factory.mktemp("trained-sd3")
-    data = demo.write_image_dataset(root / "images", captions="metadata")
-    program = ready(make_program(root, tiny_sd3, data, lora_alpha=8, target_modules=every_linear(tiny_sd3)))
-    train(program, steps=3)
-    return program, dict((kind, path) for path, kind in program.export())
+    return trained_program(tmp_path_factory.mktemp("trained-sd3"), tiny_sd3, every_linear(tiny_sd3))
 
 
 # -- learning -------------------------------------------------------------------------------
 
 def test_sd35_training_lowers_a_fixed_evaluation_loss(tmp_path, tiny_sd3, image_dataset):
     program = ready(make_program(tmp_path, tiny_sd3, image_dataset, lora_alpha=4))
-    assert program.model.family == "sd35-medium" and sorted(program.adapted) == ["transformer"]
-    before = fixed_eval_loss(program)
-    frozen = {n: p.clone() for n, p in program.model.denoiser.named_parameters() if "lora_" not in n}
-    train(program, steps=40)
-    after = fixed_eval_loss(program)
-    assert after < before * 0.95, f"evaluation loss {before:.4f} -> {after:.4f}: no clear improvement"
-    for name, param in program.model.denoiser.named_parameters():
-        if "lora_" not in name:
-            assert torch.equal(param, frozen[name]), name
+    check_family_learns(program, "sd35-medium", steps=40)
 
 
 def test_timesteps_are_logit_normal_draws_of_the_shifted_schedule(tmp_path, tiny_sd3, image_dataset):
@@ -120,7 +93,7 @@ def test_the_large_layout_trains_and_exports_without_a_second_attention(tmp_path
     program = ready(make_program(tmp_path, tiny_sd35_large, image_dataset, lora_alpha=4))
     assert program.model.family == "sd35-large"
     assert all(loss == loss and loss < 10 for loss in train(program, steps=2))
-    tensors, metadata = read_safetensors(dict((k, p) for p, k in program.export())["kohya"])
+    tensors, metadata = read_safetensors(exported(program)["kohya"])
     assert "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight" in tensors
     assert not any("attn2" in key for key in tensors)
     assert metadata["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
@@ -128,57 +101,14 @@ def test_the_large_layout_trains_and_exports_without_a_second_attention(tmp_path
 
 # -- resume through the runtime -------------------------------------------------------------
 
-class StoppingProgram(ImageProgram):
-    """Asks the runtime to stop during a given micro-step, as SIGTERM would."""
-
-    stop_at_call: int | None = None
-    runtime: Runtime | None = None
-    calls = 0
-
-    def compute_loss(self, batch, generator):
-        self.calls += 1
-        if self.calls == self.stop_at_call:
-            self.runtime.stop.request("SIGTERM")
-        return super().compute_loss(batch, generator)
-
-
-def run_runtime(base: Path, data: Path, job_dir: Path, stop_at_call: int | None = None) -> Runtime:
-    spec = ImageJobSpec(base_model=base, train_data_dir=data, name="sd3", resolution=64, lora_rank=4,
-                        lora_alpha=4, batch_size=2, num_workers=0, seed=7, max_steps=8, save_steps=100,
-                        learning_rate=1e-2)
-    program = StoppingProgram(spec, job_dir, CPU, torch.float32)
-    program.stop_at_call = stop_at_call
-    runtime = Runtime(program, EventWriter(job_dir / "events.jsonl"), choose_precision("auto", CPU),
-                      out=io.StringIO(), progress_interval=0.0)
-    program.runtime = runtime
-    runtime.run()
-    return runtime
-
-
 def test_resume_from_a_checkpoint_repeats_the_loss_curve(tmp_path, tiny_sd3, image_dataset):
-    reference = run_runtime(tiny_sd3, image_dataset, tmp_path / "reference")
-    with pytest.raises(TrainingInterrupted) as stopped:
-        run_runtime(tiny_sd3, image_dataset, tmp_path / "interrupted", stop_at_call=4)
-    assert stopped.value.step == 4
-    resumed = run_runtime(tiny_sd3, image_dataset, tmp_path / "interrupted")
-    assert sorted(resumed.step_losses) == [5, 6, 7, 8]
-    for step in range(5, 9):
-        assert abs(resumed.step_losses[step] - reference.step_losses[step]) <= 1e-6, step
+    check_exact_resume(tiny_sd3, image_dataset, tmp_path, name="sd3", published=False)
 
 
 # -- exports --------------------------------------------------------------------------------
 
 def test_diffusers_file_reloads_into_a_fresh_pipeline(trained_sd3, tiny_sd3):
-    from peft.utils import get_peft_model_state_dict
-
-    program, files = trained_sd3
-    expected = transformer_output(program.model.pipeline, program.model.denoiser)
-    pipe = fresh_pipeline(tiny_sd3, files["diffusers"].parent)
-    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="default_0", save_embedding_layers=False)
-    assert set(loaded) == set(program.peft_states()["transformer"])  # nothing ignored or left over
-    assert torch.allclose(transformer_output(pipe, pipe.transformer), expected, atol=1e-4)
-    base = transformer_output(pipe, fresh_pipeline(tiny_sd3).transformer)
-    assert not torch.allclose(base, expected, atol=1e-4)  # the LoRA changes the output
+    check_diffusers_reload(*trained_sd3, tiny_sd3, fresh_pipeline, transformer_output)
 
 
 def sai_checkpoint(transformer) -> dict[str, torch.Tensor]:
@@ -279,25 +209,13 @@ def test_single_file_deltas_equal_the_trained_ones_exactly(tmp_path, tiny_sd3, i
     module is the parts' deltas stacked."""
     program = ready(make_program(tmp_path, tiny_sd3, image_dataset, lora_alpha=8))
     train(program, steps=2)
-    tensors, _ = read_safetensors(dict((k, p) for p, k in program.export())["kohya"])
-    state = program.peft_states()["transformer"]
-    for name, parts in sai_modules(program.model.denoiser).items():
-        key = f"lora_unet_{name}"
-        if f"{key}.alpha" not in tensors:
-            assert not any(f"{part}.lora_A.weight" in state for part in parts), name
-            continue
-        down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
-        fused = tensors[f"{key}.alpha"].item() / down.shape[0] * up @ down
-        separate = [2.0 * state[f"{p}.lora_B.weight"] @ state[f"{p}.lora_A.weight"] for p in parts]
-        assert torch.allclose(fused, torch.cat(separate), atol=1e-7), name
+    tensors, _ = read_safetensors(exported(program)["kohya"])
+    check_fused_deltas(tensors, program.peft_states()["transformer"], sai_modules(program.model.denoiser))
 
 
 @pytest.mark.parametrize("kind", ["diffusers"])
 def test_resume_from_the_diffusers_file_continues_the_trained_lora(tmp_path, trained_sd3, tiny_sd3, kind):
-    program, files = trained_sd3
-    resumed = ready(make_program(tmp_path, tiny_sd3, program.spec.train_data_dir, resume_from=files[kind]))
-    expected = transformer_output(program.model.pipeline, program.model.denoiser)
-    assert torch.allclose(transformer_output(resumed.model.pipeline, resumed.model.denoiser), expected, atol=1e-4)
+    check_resume_from_file(tmp_path, *trained_sd3, tiny_sd3, kind, transformer_output, trains=False)
 
 
 # -- recognition and the estimate -----------------------------------------------------------
@@ -333,26 +251,12 @@ def test_sai_single_files_are_recognised_from_tensor_names_and_refused_for_now(t
 
 def test_sd35_large_at_1024_px_needs_more_than_a_24_gb_card_in_bf16(tmp_path, image_dataset):
     base = sd35_large_headers(tmp_path / "sd35-large")
-    spec = ImageJobSpec(name="sd35", base_model=base, train_data_dir=image_dataset, resolution=1024,
-                        lora_rank=16, mixed_precision="bf16", gradient_checkpointing=True)
-    estimate = estimate_vram(spec)
+    spec, estimate = estimate_at_1024("sd35", base, image_dataset)
     assert 25 * GIB < estimate.parts["frozen_weights"] < 26 * GIB  # 13.7 B parameters x 2 bytes
     assert 1.5 * GIB < estimate.parts["activations"] < 4 * GIB
     assert estimate.total_mb > 24 * GIB  # the anchor: 24 GB cards train it only with a 4-bit base
-    without = estimate_vram(spec.model_copy(update={"gradient_checkpointing": False}))
-    assert without.parts["activations"] > 5 * estimate.parts["activations"]
+    check_checkpointing_saves_activations(spec, estimate)
 
 
 def test_entry_point_trains_sd35_with_cached_latents_and_checkpointing(tmp_path, tiny_sd3, image_dataset):
-    spec_file = tmp_path / "sd3.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "name": "sd3", "base_model": str(tiny_sd3), "train_data_dir": str(image_dataset),
-        "resolution": 64, "lora_rank": 4, "batch_size": 2, "max_steps": 4, "save_steps": 2,
-        "learning_rate": 1e-3, "num_workers": 0, "cache_latents": True, "gradient_checkpointing": True}))
-    job_dir = tmp_path / "job"
-    result = run_trainer(spec_file, job_dir)
-    assert result.returncode == ExitCode.SUCCESS, result.stderr[-3000:]
-    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
-    summary = [e for e in events if e["event"] == "summary"][-1]
-    assert summary["family"] == "sd35-medium" and summary["cached_latents"] == 8
-    assert {e["kind"] for e in events if e["event"] == "artifact"} == {"kohya", "diffusers", "published"}
+    check_entry_point(tmp_path, tiny_sd3, image_dataset, name="sd3", family="sd35-medium", max_steps=4)

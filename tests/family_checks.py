@@ -32,6 +32,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
+def load_pipeline(pipeline: str, base: Path, lora: Path | None = None):
+    """A fresh diffusers ``pipeline`` (its class name) from ``base``, with ``lora`` loaded if given."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(base))
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
 def exported(program: ImageProgram) -> dict[str, Path]:
     """The program's exported files by kind (``diffusers``, ``kohya``)."""
     return dict((kind, path) for path, kind in program.export())

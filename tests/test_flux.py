@@ -11,9 +11,9 @@ import torch
 
 from lora_farm.trainers.families.flux_layout import bfl_modules
 from lora_farm.trainers.families.fused import fuse
-from tests.family_checks import (CPU, PROMPTS, check_diffusers_reload, check_entry_point,
-                                 check_exact_resume, check_family_learns, check_fused_deltas,
-                                 check_resume_from_file, check_single_file_reload, exported, read_safetensors,
+from tests.family_checks import (CPU, PROMPTS, check_diffusers_reload, check_entry_point, check_exact_resume,
+                                 check_family_learns, check_fused_deltas, check_resume_from_file,
+                                 check_single_file_reload, exported, load_pipeline, read_safetensors,
                                  trained_program)
 from tests.test_image_trainer import make_program, ready, train
 
@@ -42,12 +42,7 @@ def transformer_output(pipe, transformer) -> torch.Tensor:
 
 
 def fresh_pipeline(base: Path, lora: Path | None = None):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(base))
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+    return load_pipeline("FluxPipeline", base, lora)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from lora_farm import demo
 from lora_farm.jobs.inspect import inspect_base_model
 from tests.family_checks import (CPU, PROMPTS, check_diffusers_reload, check_entry_point, check_exact_resume,
                                  check_family_learns, check_resume_from_file, check_single_file_reload,
-                                 estimate_at_1024, read_safetensors, trained_program)
+                                 estimate_at_1024, load_pipeline, read_safetensors, trained_program)
 from tests.fake_headers import qwen_image_headers, write_header_only
 from tests.test_families import validate, write_spec
 from tests.test_image_trainer import make_program, ready
@@ -50,12 +50,7 @@ def transformer_output(pipe, transformer) -> torch.Tensor:
 
 
 def fresh_pipeline(base: Path, lora: Path | None = None):
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline.from_pretrained(str(base))
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+    return load_pipeline("QwenImagePipeline", base, lora)
 
 
 # -- the tiny model -------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.trainers.families.sd3_layout import sai_modules, swapped
 from tests.family_checks import (CPU, PROMPTS, check_checkpointing_saves_activations, check_diffusers_reload,
                                  check_entry_point, check_exact_resume, check_family_learns, check_fused_deltas,
-                                 check_resume_from_file, estimate_at_1024, exported, read_safetensors,
-                                 trained_program)
+                                 check_resume_from_file, estimate_at_1024, exported, load_pipeline,
+                                 read_safetensors, trained_program)
 from tests.fake_headers import sd35_large_headers, sd3_folder, write_header_only
 from tests.test_families import validate, write_spec
 from tests.test_image_trainer import make_program, ready, train
@@ -52,12 +52,7 @@ def transformer_output(pipe, transformer) -> torch.Tensor:
 
 
 def fresh_pipeline(base: Path, lora: Path | None = None):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(base))
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+    return load_pipeline("StableDiffusion3Pipeline", base, lora)
 
 
 def every_linear(base: Path) -> list[str]:

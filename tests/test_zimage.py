@@ -15,7 +15,7 @@ from lora_farm.trainers.families.zimage_layout import original_modules
 from tests.family_checks import (CPU, PROMPTS, check_checkpointing_saves_activations, check_diffusers_reload,
                                  check_exact_resume, check_family_learns, check_fused_deltas,
                                  check_resume_from_file, check_single_file_reload, estimate_at_1024, exported,
-                                 read_safetensors, trained_program)
+                                 load_pipeline, read_safetensors, trained_program)
 from tests.fake_headers import write_header_only, zimage_headers
 from tests.test_families import validate, write_spec
 from tests.test_image_trainer import make_program, ready
@@ -50,12 +50,7 @@ def transformer_output(pipe, transformer) -> torch.Tensor:
 
 
 def fresh_pipeline(base: Path, lora: Path | None = None):
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(str(base))
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    return pipe
+    return load_pipeline("ZImagePipeline", base, lora)
 
 
 @pytest.fixture(scope="module")

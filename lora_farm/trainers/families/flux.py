@@ -36,6 +36,15 @@ class FluxAdapter(FamilyAdapter):
 
     # -- the step -----------------------------------------------------------------------------
 
+    def noised(self, model: ImageModel, latents: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noise, sigmas, x_t)``: x_t = (1 - sigma) x0 + sigma noise, sigma drawn for the
+        latents' 2x2-patch token count (the noise drawn on the generator's device)."""
+        count, _, height, width = latents.shape
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        sigmas = self.sigmas(model, count, (height // 2) * (width // 2), generator).to(latents.device)
+        return noise, sigmas, (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+
     def predict(self, program: ImageProgram, latents: torch.Tensor, batch: dict[str, Any],
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow matching: x_t = (1 - t) x0 + t noise, the transformer predicts noise - x0."""
@@ -43,9 +52,7 @@ class FluxAdapter(FamilyAdapter):
         assert model is not None
         pipe, dtype, device = model.pipeline, program.dtype, program.device
         count, channels, height, width = latents.shape
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-        sigmas = self.sigmas(model, count, (height // 2) * (width // 2), generator).to(device)
-        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        noise, sigmas, noisy = self.noised(model, latents, generator)
         prompt, pooled, text_ids = self.encode(model, list(batch["caption"]), device)
         guidance = None
         if model.denoiser.config.guidance_embeds:

@@ -65,9 +65,7 @@ class QwenImageAdapter(FluxAdapter):
         assert model is not None
         pipe, dtype, device = model.pipeline, program.dtype, program.device
         count, channels, height, width = latents.shape
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-        sigmas = self.sigmas(model, count, (height // 2) * (width // 2), generator).to(device)
-        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        noise, sigmas, noisy = self.noised(model, latents, generator)
         prompt, mask = self.encode(model, list(batch["caption"]), device)
         output = model.denoiser(hidden_states=pipe._pack_latents(noisy, count, channels, height, width).to(dtype),
                                 timestep=sigmas.to(dtype), encoder_hidden_states=prompt.to(dtype),

@@ -48,9 +48,7 @@ class ZImageAdapter(FluxAdapter):
         assert model is not None
         dtype, device = program.dtype, program.device
         count, _, height, width = latents.shape
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-        sigmas = self.sigmas(model, count, (height // 2) * (width // 2), generator).to(device)
-        noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        noise, sigmas, noisy = self.noised(model, latents, generator)
         prompts = self.encode(model, list(batch["caption"]), device)
         output = model.denoiser(list(noisy.to(dtype).unsqueeze(2).unbind(0)), (1 - sigmas).to(dtype),
                                 [prompt.to(dtype) for prompt in prompts], return_dict=False)[0]

@@ -8,25 +8,25 @@ parameter counts and LoRA-target shapes, no data), read by the farm's own estima
 1024 px (SD 1.5 also at 512 px, its anchor's size), rank 16, batch 1, bf16, with and without
 gradient checkpointing.
 
-`quantize_base` is not implemented: the estimate is the bf16 one. The 8-bit and 4-bit columns are
-derived here, not implemented: the same checkpointed total with the frozen denoiser's weights (the
-part a quantized base shrinks) at x0.5 and x0.25, everything else as in bf16; "8-bit+TE" also
-halves the text encoders' weights (ai-toolkit quantizes both).
+Columns: bf16 with and without gradient checkpointing; then, checkpointed, each `quantize_base`
+(fp8, nf4: the denoiser's and the T5/Qwen text encoders' linear weights at 1 / ~0.52 bytes),
+fp8 with `cache_text_encoder_outputs` (the text encoders leave the card before the denoiser
+loads), and what `quantize_base: auto` picks for a 24 GiB card (its usable share after the
+policy's headroom) -- all computed by the estimate itself.
 Prints figures only; the assertions on these estimates live in the family tests.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_farm.jobs.inspect import read_safetensors_header  # noqa: E402
 from lora_farm.jobs.spec import ImageJobSpec  # noqa: E402
-from lora_farm.scheduler.estimate import estimate_vram  # noqa: E402
+from lora_farm.scheduler.estimate import choose_quantization, estimate_vram  # noqa: E402
+from lora_farm.scheduler.policy import Policy  # noqa: E402
 from tests import fake_headers as fh  # noqa: E402
 
 GIB = 1024.0
@@ -46,34 +46,29 @@ ROWS = [
 ]
 
 
-def frozen_mb(folder: Path, components: tuple[str, ...]) -> float:
-    """The bf16 weights of ``components``: the parts an 8-bit / 4-bit base would shrink."""
-    params = sum(math.prod(entry["shape"]) for sub in components for f in (folder / sub).glob("*.safetensors")
-                 for name, entry in read_safetensors_header(f).items() if name != "__metadata__")
-    return params * 2 / 2**20
+CARD_24_GIB = 24 * 1024 * (1 - Policy().headroom)  # the default policy's headroom
 
 
-def estimate(folder: Path, resolution: int, checkpointing: bool):
-    spec = ImageJobSpec(name="bench", base_model=folder, train_data_dir=folder,  # the estimate reads no data
-                        resolution=resolution, lora_rank=16, batch_size=1, mixed_precision="bf16",
-                        gradient_checkpointing=checkpointing)
-    return estimate_vram(spec)
+def spec_for(folder: Path, resolution: int, **fields) -> ImageJobSpec:
+    settings = dict(resolution=resolution, lora_rank=16, batch_size=1, mixed_precision="bf16",
+                    gradient_checkpointing=True) | fields
+    return ImageJobSpec(name="bench", base_model=folder, train_data_dir=folder,  # no data is read
+                        **settings)
 
 
 def row(family: str, folder: Path, resolution: int) -> list[str]:
-    on, off = (estimate(folder, resolution, flag) for flag in (True, False))
-    denoiser = frozen_mb(folder, ("unet", "transformer"))
-    encoders = frozen_mb(folder, ("text_encoder", "text_encoder_2", "text_encoder_3"))
-    parts = on.parts
-    figures = [parts["frozen_weights"], parts["activations"], on.total_mb, off.total_mb,
-               on.total_mb - denoiser * 0.5, on.total_mb - denoiser * 0.75,
-               on.total_mb - (denoiser + encoders) * 0.5]
-    lora = f"{parts['lora_params'] / GIB:.2f}"
-    return [family, f"{resolution}", lora] + [f"{mb / GIB:.1f}" for mb in figures]
+    checkpointed = estimate_vram(spec_for(folder, resolution))
+    totals = [estimate_vram(spec_for(folder, resolution, **fields)).total_mb for fields in (
+        {}, {"gradient_checkpointing": False}, {"quantize_base": "fp8"}, {"quantize_base": "nf4"},
+        {"quantize_base": "fp8", "cache_text_encoder_outputs": True})]
+    parts = checkpointed.parts
+    auto = choose_quantization(spec_for(folder, resolution, quantize_base="auto"), CARD_24_GIB)
+    figures = [parts["frozen_weights"], parts["activations"], *totals]
+    return [family, f"{resolution}", f"{parts['lora_params'] / GIB:.2f}"] + [f"{mb / GIB:.1f}" for mb in figures] + [auto]
 
 
-HEADER = ["family", "px", "lora", "frozen", "act", "bf16 ckpt", "bf16 no-ckpt", "8-bit* ckpt", "4-bit* ckpt",
-          "8-bit*+TE ckpt"]
+HEADER = ["family", "px", "lora", "frozen", "act", "bf16 ckpt", "bf16 no-ckpt", "fp8 ckpt", "nf4 ckpt",
+          "fp8+cached TE", "auto@24G"]
 
 
 def main() -> None:
@@ -88,10 +83,9 @@ def main() -> None:
             anchors.append(f"{family} @ {resolution} px: {anchor}")
     widths = [max(len(r[i]) for r in [HEADER] + table) for i in range(len(HEADER))]
     print("VRAM estimate in GiB (lora_farm.scheduler.estimate), rank 16, batch 1, bf16 weights;")
-    print("lora / frozen / act: the parts with gradient checkpointing on (CUDA context 0.5 GiB not shown)")
-    print("* derived, not implemented (quantize_base does not exist yet): the bf16 checkpointed total with")
-    print("  the frozen denoiser weights x0.5 (8-bit) or x0.25 (4-bit), text encoders, VAE, LoRA and")
-    print("  activations as in bf16; '+TE': the text encoders in 8-bit too (ai-toolkit quantizes both)\n")
+    print("lora / frozen / act: the parts with gradient checkpointing on (CUDA context 0.5 GiB not shown);")
+    print("fp8 / nf4: quantize_base; cached TE: cache_text_encoder_outputs; auto@24G: what")
+    print(f"quantize_base: auto picks for a 24 GiB card ({CARD_24_GIB / GIB:.1f} GiB usable)\n")
     for line in [HEADER] + table:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     print("\nchecked against:")

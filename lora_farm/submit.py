@@ -19,9 +19,9 @@ from lora_farm.jobs.loader import load_spec_files
 from lora_farm.jobs.spec import DEFAULT_BATCH, NAME_PATTERN, JobSpec
 from lora_farm.ledger import JobRecord, Ledger, NewJob
 from lora_farm.redis_conn import bytes_client
-from lora_farm.scheduler.calibration import calibrated_estimate
+from lora_farm.scheduler.calibration import planned_estimate
 from lora_farm.scheduler.gpus import read_gpus, to_snapshot
-from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm
+from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm, largest_card_mb
 from lora_farm.scheduler.policy import Policy, placement_of
 from lora_farm.settings import Settings
 from lora_farm.workers.dispatch import (
@@ -66,11 +66,13 @@ def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None 
     settings = settings or ledger.settings
     policy = policy or placement_of(settings)
     raw = bytes_client(ledger.client)
-    estimates = [calibrated_estimate(raw, ledger.keys.prefix, spec).total_mb for spec in specs]
-    refuse_what_never_fits(specs, estimates, farm_cards(ledger, settings), policy)
+    cards = farm_cards(ledger, settings)
+    planned = [planned_estimate(raw, ledger.keys.prefix, spec, largest_card_mb(cards, policy)) for spec in specs]
+    estimates = [estimate.total_mb for estimate, _ in planned]
+    refuse_what_never_fits(specs, estimates, cards, policy)
     new = [NewJob(spec, batch or spec.batch or DEFAULT_BATCH,
-                  spec.priority if priority is None else priority, mb)
-           for spec, mb in zip(specs, estimates)]
+                  spec.priority if priority is None else priority, mb, plan)
+           for spec, mb, (_, plan) in zip(specs, estimates, planned)]
     created = ledger.create_jobs(new)
     placed = dispatch_once(ledger, send, settings=settings, policy=policy) if any(
         c.created for c in created) else []

@@ -108,6 +108,21 @@ def sdxl_headers(root: Path) -> Path:
 
 
 # ---- today's image families at their real sizes (bf16 headers, no data) --------------------
+# Nearly every weight of these transformers and text encoders is a linear layer's (what
+# `quantize_base` stores in 8 or 4 bits): the rest is written as linear weights of the model's
+# width, token embeddings at their real shapes, and a 1-D remainder (norms, biases).
+
+def linear_rest(params: int, width: int) -> dict[str, list[int]]:
+    rows, remainder = divmod(params, width)
+    return {"rest.linear.weight": [rows, width], "rest.norms": [remainder]}
+
+
+def text_encoder(params: int, embedding: str, shape: list[int]) -> dict[str, list[int]]:
+    return {embedding: shape} | linear_rest(params - shape[0] * shape[1], shape[1])
+
+
+T5_XXL = text_encoder(4_762_310_656, "shared.weight", [32_128, 4096])
+
 
 def flux_dev_headers(root: Path) -> Path:
     """Flux.1-dev's parameter counts (bf16 headers, no data): transformer 11.9 B, T5-XXL 4.76 B,
@@ -121,9 +136,10 @@ def flux_dev_headers(root: Path) -> Path:
               for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
     shapes |= {f"single_transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(38)
                for p in ("to_q", "to_k", "to_v")}
-    shapes["rest.weight"] = [11_901_408_320 - sum(a * b for a, b in shapes.values())]
+    shapes |= linear_rest(11_901_408_320 - sum(a * b for a, b in shapes.values()), 3072)
     write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder_2", 4_762_310_656), ("text_encoder", 123_060_480), ("vae", 83_819_683)):
+    write_header_only(root / "text_encoder_2" / "model.safetensors", T5_XXL, "BF16")
+    for folder, params in (("text_encoder", 123_060_480), ("vae", 83_819_683)):
         write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
     return root
 
@@ -143,10 +159,10 @@ def sd35_large_headers(root: Path) -> Path:
     shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [2432, 2432] for i in range(38)
               for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")}
     shapes |= {f"transformer_blocks.{i}.attn.to_add_out.weight": [2432, 2432] for i in range(37)}
-    shapes["rest.weight"] = [8_056_697_984 - sum(a * b for a, b in shapes.values())]
+    shapes |= linear_rest(8_056_697_984 - sum(a * b for a, b in shapes.values()), 2432)
     write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder_3", 4_762_310_656), ("text_encoder_2", 694_659_840),
-                           ("text_encoder", 123_650_304), ("vae", 83_653_863)):
+    write_header_only(root / "text_encoder_3" / "model.safetensors", T5_XXL, "BF16")
+    for folder, params in (("text_encoder_2", 694_659_840), ("text_encoder", 123_650_304), ("vae", 83_653_863)):
         write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
     return root
 
@@ -161,10 +177,11 @@ def qwen_image_headers(root: Path) -> Path:
     (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
     shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(60)
               for p in ("to_q", "to_k", "to_v", "to_out.0")}
-    shapes["rest.weight"] = [20_430_401_088 - sum(a * b for a, b in shapes.values())]
+    shapes |= linear_rest(20_430_401_088 - sum(a * b for a, b in shapes.values()), 3072)
     write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder", 8_292_166_656), ("vae", 126_892_531)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
+    write_header_only(root / "text_encoder" / "model.safetensors",
+                      text_encoder(8_292_166_656, "model.embed_tokens.weight", [152_064, 3584]), "BF16")
+    write_header_only(root / "vae" / "model.safetensors", {"weight": [126_892_531]}, "BF16")
     return root
 
 
@@ -182,8 +199,9 @@ def zimage_headers(root: Path) -> Path:
               for p in ("to_q", "to_k", "to_v", "to_out.0")}
     shapes |= {f"{b}.feed_forward.{p}.weight": [10240, 3840] for b in blocks for p in ("w1", "w3")}
     shapes |= {f"{b}.feed_forward.w2.weight": [3840, 10240] for b in blocks}
-    shapes["rest.weight"] = [6_154_908_736 - sum(a * b for a, b in shapes.values())]
+    shapes |= linear_rest(6_154_908_736 - sum(a * b for a, b in shapes.values()), 3840)
     write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
-    for folder, params in (("text_encoder", 4_022_468_096), ("vae", 83_819_683)):
-        write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
+    write_header_only(root / "text_encoder" / "model.safetensors",
+                      text_encoder(4_022_468_096, "model.embed_tokens.weight", [151_936, 2560]), "BF16")
+    write_header_only(root / "vae" / "model.safetensors", {"weight": [83_819_683]}, "BF16")
     return root

@@ -235,20 +235,22 @@ def test_demo_batch_specs_validate_and_rerun_skips_existing(tmp_path):
     from lora_farm.jobs.loader import load_spec_files
 
     paths = demo.write_demo_batch(tmp_path, steps_scale=2)
-    assert [p.parent for p in paths] == [tmp_path / "jobs"] * 4
+    assert [p.parent for p in paths] == [tmp_path / "jobs"] * 5
     loaded = {item.spec.name: item.spec for item in load_spec_files(paths)}
-    assert sorted(loaded) == ["demo-llm-facts", "demo-llm-instructions", "demo-sd-shapes",
-                              "demo-sdxl-shapes"]
-    assert [spec.task for spec in loaded.values()].count("image") == 2
+    assert sorted(loaded) == ["demo-flux-shapes", "demo-llm-facts", "demo-llm-instructions",
+                              "demo-sd-shapes", "demo-sdxl-shapes"]
+    assert [spec.task for spec in loaded.values()].count("image") == 3
     families = {name: inspect_base_model(spec.base_model).family for name, spec in loaded.items()}
     assert families["demo-sd-shapes"] == "sd1" and families["demo-sdxl-shapes"] == "sdxl"
+    assert families["demo-flux-shapes"] == "flux-dev"
+    assert loaded["demo-flux-shapes"].cache_text_encoder_outputs
     for spec in loaded.values():
         assert spec.num_workers == 0 and spec.max_steps in (60, 120) and spec.batch == "demo"
         assert spec.train_data_dir.exists() and spec.train_data_dir.is_relative_to(tmp_path)
     for single_file in ("tiny-sd.safetensors", "tiny-sdxl.safetensors"):
         assert inspect_base_model(tmp_path / "models" / single_file).kind == "single_file"
 
-    # the module entry point reuses what exists and prints the four spec paths
+    # the module entry point reuses what exists and prints the spec paths
     weights = tmp_path / "models" / "tiny-sd" / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
     result = subprocess.run([sys.executable, "-m", "lora_farm.demo", str(tmp_path)],

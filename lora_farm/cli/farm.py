@@ -43,7 +43,7 @@ def submit(
         r = job.record
         if job.created:
             console.print(f"[green]queued[/] {r.id} {r.name} (batch {r.batch}, priority {r.priority}, "
-                          f"estimate {r.estimate_mb / 1024:.1f} GB)", highlight=False)
+                          f"estimate {r.estimate_mb / 1024:.1f} GB{_chosen(r.plan)})", highlight=False)
         else:
             console.print(f"[yellow]unchanged[/] {r.name}: identical spec already in batch {r.batch} "
                           f"as {r.id} ({r.state}); nothing queued", highlight=False)
@@ -242,3 +242,8 @@ def worker(
 
     selected = [g.strip() for g in gpus_option.split(",") if g.strip()] if gpus_option else None
     raise typer.Exit(run_workers(selected, pool=pool, loglevel=loglevel))
+
+
+def _chosen(plan: dict) -> str:
+    """What submit chose for the job (``quantize_base: auto``)."""
+    return f", base {plan['quantize_base']} (auto)" if "quantize_base" in plan else ""

@@ -213,7 +213,7 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
                                    "specs go"),
          keep_up: bool = typer.Option(False, help="leave the farm running afterwards"),
          steps_scale: int = typer.Option(1, min=1, help="train N times longer")) -> None:
-    """Bring the farm up, build the demo batch, submit, watch the four jobs, list the artifacts."""
+    """Bring the farm up, build the demo batch, submit, watch its jobs, list the artifacts."""
     from lora_farm.ledger import Ledger
     from lora_farm.localfarm import farm_up
     from lora_farm.settings import get_settings

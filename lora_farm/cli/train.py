@@ -51,9 +51,29 @@ def train(
     folder = (job_dir or JobDir.of_spec(loaded.spec, get_settings().output_root_abs).root).absolute()
     for note in loaded.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    code = run_trainer(write_resolved(loaded.spec, JobDir(folder).resolved_config), folder)
-    _report(code, folder, loaded.spec)
+    spec_to_run = _with_auto_chosen(loaded.spec)
+    code = run_trainer(write_resolved(spec_to_run, JobDir(folder).resolved_config), folder)
+    _report(code, folder, spec_to_run)
     raise typer.Exit(code)
+
+
+def _with_auto_chosen(spec: JobSpec) -> JobSpec:
+    """``quantize_base: auto`` chosen for this host's largest card, as submit chooses it for the
+    farm's (none where the host has no GPU)."""
+    if getattr(spec, "quantize_base", None) != "auto":
+        return spec
+    from lora_farm.scheduler.estimate import choose_quantization
+    from lora_farm.scheduler.gpus import read_gpus, to_snapshot
+    from lora_farm.scheduler.place import largest_card_mb
+    from lora_farm.scheduler.policy import placement_of
+    from lora_farm.settings import get_settings
+
+    settings = get_settings()
+    room = largest_card_mb([to_snapshot(card) for card in read_gpus(settings)], placement_of(settings))
+    mode = "none" if room is None else choose_quantization(spec, room)
+    console.print(f"note: quantize_base auto: {mode} (this host's largest card: "
+                  f"{'none' if room is None else f'{room / 1024:.1f} GiB usable'})", highlight=False)
+    return spec.model_copy(update={"quantize_base": mode})
 
 
 def run_trainer(resolved: Path, folder: Path) -> int:

@@ -1,10 +1,11 @@
-"""A complete demo batch: tiny models, datasets and four job specs that train in seconds on CPU.
+"""A complete demo batch: tiny models, datasets and five job specs that train in seconds on CPU.
 
 Layout under ``root``::
 
     models/tiny-sd  tiny-sdxl  tiny-flux-dev  tiny-sd35-medium  tiny-llm  tiny-sd.safetensors  tiny-sdxl.safetensors
     data/shapes-metadata/  shapes-sidecar/  facts.jsonl  facts-instructions.jsonl
-    jobs/demo-sd-shapes.yaml  demo-sdxl-shapes.yaml  demo-llm-facts.yaml  demo-llm-instructions.yaml
+    jobs/demo-sd-shapes.yaml  demo-sdxl-shapes.yaml  demo-flux-shapes.yaml  demo-llm-facts.yaml
+         demo-llm-instructions.yaml
 
 Spec paths are relative to the spec's folder (``../models/...``), so the whole tree can move.
 """
@@ -73,7 +74,7 @@ def _spec(name: str, task: str, base_model: str, train_data_dir: str, **rest: An
 
 
 def demo_specs(steps_scale: int = 1) -> dict[str, dict[str, Any]]:
-    """The four job specs as YAML-ready dicts (paths relative to ``root/jobs``)."""
+    """The demo's job specs as YAML-ready dicts (paths relative to ``root/jobs``)."""
     image = {"resolution": IMAGE_SIZE, "learning_rate": 1e-3, "max_steps": 30 * steps_scale,
              "save_steps": 15 * steps_scale}
     llm = {"max_seq_len": 64, "learning_rate": 2e-3, "lora_rank": 8,
@@ -83,6 +84,10 @@ def demo_specs(steps_scale: int = 1) -> dict[str, dict[str, Any]]:
               metadata_path="../data/shapes-metadata/metadata.csv", **image),
         _spec("demo-sdxl-shapes", "image", "../models/tiny-sdxl", "../data/shapes-sidecar",
               caption_extension=".txt", priority=1, **image),
+        # a flow-matching transformer: the T5 captions encoded once, auto quantization (none on the CPU)
+        _spec("demo-flux-shapes", "image", "../models/tiny-flux-dev", "../data/shapes-metadata",
+              metadata_path="../data/shapes-metadata/metadata.csv", quantize_base="auto",
+              cache_text_encoder_outputs=True, **image),
         _spec("demo-llm-facts", "llm", "../models/tiny-llm", "../data/facts.jsonl", **llm),
         # the Alpaca prompt around each record takes ~50 tokens of the tiny tokenizer
         _spec("demo-llm-instructions", "llm", "../models/tiny-llm",
@@ -92,7 +97,7 @@ def demo_specs(steps_scale: int = 1) -> dict[str, dict[str, Any]]:
 
 
 def write_demo_batch(root: Path, *, steps_scale: int = 1) -> list[Path]:
-    """Build the demo assets under ``root`` and write four job specs to ``root/jobs``.
+    """Build the demo assets under ``root`` and write the demo's job specs to ``root/jobs``.
 
     Returns the spec paths; ``lorafarm submit <root>/jobs/*.yaml`` runs them.
     """

@@ -24,6 +24,11 @@ class TextEncoder:
     kind: Literal["clip", "t5", "qwen"]
     max_length: int
 
+    @property
+    def large(self) -> bool:
+        """T5 and Qwen encoders (billions of weights) are quantized with the base; CLIP stays 16-bit."""
+        return self.kind != "clip"
+
 
 @dataclass(frozen=True)
 class Family:

@@ -177,6 +177,20 @@ class ImageJobSpec(JobSpec):
                                 "images); 0 = off")
     guidance_scale: float = Field(1.0, ge=0, le=100, description="the guidance input of "
                                   "guidance-distilled models (Flux.1 dev) while training")
+    quantize_base: Literal["none", "fp8", "nf4", "auto"] = Field(
+        "none", description="store the frozen transformer (and the big T5/Qwen text encoders) in "
+        "8-bit float or 4-bit NF4 on CUDA (torchao); auto: the least quantization whose estimate "
+        "fits the farm's largest card. The CPU trains the base unquantized")
+    cache_text_encoder_outputs: bool = Field(
+        False, description="encode each caption once before training, then move the text "
+        "encoders off the card (not with train_text_encoder)")
+
+    @model_validator(mode="after")
+    def _cached_captions_need_frozen_encoders(self) -> "ImageJobSpec":
+        if self.cache_text_encoder_outputs and self.train_text_encoder:
+            raise ValueError("`cache_text_encoder_outputs` needs frozen text encoders, but "
+                             "`train_text_encoder` is true; set one of them to false")
+        return self
 
 
 class LlmJobSpec(JobSpec):

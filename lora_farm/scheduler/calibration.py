@@ -6,6 +6,7 @@ Interface::
     record_peak(redis, prefix, spec, estimated_mb, peak_mb)  # after a job ends -> new correction
     correction(redis, prefix, spec) -> float | None          # ratio to feed estimate_vram()
     calibrated_estimate(redis, prefix, spec) -> VramEstimate # the two above, for submit/dispatch
+    planned_estimate(redis, prefix, spec, largest_card_mb)   # and the plan (quantize_base: auto)
     learn_from_run(redis, prefix, spec, peak_mb) -> float | None  # a finished run's peak (runner)
 
 ``estimated_mb`` must be the *uncorrected* model figure (``VramEstimate.model_mb``), else
@@ -32,7 +33,8 @@ from typing import Any
 
 from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
-from lora_farm.scheduler.estimate import CUDA_CONTEXT_MB, VramEstimate, base_model_info, estimate_vram
+from lora_farm.scheduler.estimate import (CUDA_CONTEXT_MB, VramEstimate, base_model_info, choose_quantization,
+                                         estimate_vram)
 
 FLOOR = 0.5  # never trust a calibration to more than halve the model's figure
 EWMA_WEIGHT = 0.5  # weight of the newest ratio
@@ -54,6 +56,11 @@ def shape_key(spec: JobSpec) -> str:
     }
     if isinstance(spec, ImageJobSpec):
         shape.update(resolution=spec.resolution, train_text_encoder=spec.train_text_encoder)
+        # only where set: the shapes recorded before these fields existed keep their keys
+        if spec.quantize_base != "none":
+            shape.update(quantize_base=spec.quantize_base)
+        if spec.cache_text_encoder_outputs:
+            shape.update(cache_text_encoder_outputs=True)
     elif isinstance(spec, LlmJobSpec):
         shape.update(seq_len=spec.max_seq_len)
     return json.dumps(shape, sort_keys=True, separators=(",", ":"))
@@ -112,6 +119,17 @@ def calibrated_estimate(redis_client: Any, prefix: str, spec: JobSpec) -> VramEs
     if spec.vram_gb is not None:
         return estimate_vram(spec)  # the user's figure stands; don't read model files for it
     return estimate_vram(spec, correction(redis_client, prefix, spec))
+
+
+def planned_estimate(redis_client: Any, prefix: str, spec: JobSpec,
+                     largest_card_mb: float | None) -> tuple[VramEstimate, dict[str, Any]]:
+    """The estimate and the plan a job is queued with: ``quantize_base: auto`` becomes the least
+    quantization whose estimate fits the farm's largest card (none on a CPU-only farm)."""
+    if not isinstance(spec, ImageJobSpec) or spec.quantize_base != "auto" or spec.vram_gb is not None:
+        return calibrated_estimate(redis_client, prefix, spec), {}
+    mode = "none" if largest_card_mb is None else choose_quantization(spec, largest_card_mb)
+    chosen = spec.model_copy(update={"quantize_base": mode})
+    return calibrated_estimate(redis_client, prefix, chosen), {"quantize_base": mode}
 
 
 def _modelled_mb(estimated_mb: float) -> float:

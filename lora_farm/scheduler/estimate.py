@@ -15,6 +15,12 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
 - ``frozen_weights``: every parameter of the base model (UNet, text encoders, VAE; or the LM) at
   the training dtype: 2 bytes when ``mixed_precision`` is fp16/bf16/auto (auto = bf16 or fp16 on
   a GPU), 4 when ``no``. EMA copies in single-file checkpoints are not counted (never loaded).
+  ``quantize_base`` fp8 | nf4 counts the denoiser's (and the T5/Qwen text encoders') linear
+  weights at 1 byte | ~0.52 bytes (``QUANT_BYTES``); ``auto`` counts as none here and is chosen at
+  submit (``choose_quantization``). With ``cache_text_encoder_outputs`` the text encoders are on
+  the card only while captions are encoded, before the denoiser loads: they count in that phase
+  (``caption_phase_excess`` when it is the peak), not in training. ``VramEstimate.counted`` says
+  which of these the figure counted.
 - ``lora_params``: rank x (in + out) per targeted layer, read from the weight shapes in the
   header, x 16 bytes: fp32 weights 4 + grads 4 + Adam's two moments 8.
 - ``activations``: image: ``batch x (resolution/512)^2 x`` the family card's figure for one 512 px
@@ -56,6 +62,12 @@ LLM_LOGIT_BYTES = 10  # fp16 logits + fp32 upcast for the loss + its grad
 # what peft adapts when target_modules is unset, for the common causal-LM architectures
 LLM_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
 _VARIANT = re.compile(r"\.(fp16|bf16|fp32|ema|non_ema)\.")
+_EMBEDDING = re.compile(r"(embed_tokens|^shared|word_embeddings|\bwte)\.weight$")
+
+QUANTIZATIONS = ("none", "fp8", "nf4")  # quantize_base, least first (auto tries them in order)
+# bytes per quantized weight: fp8 one byte (its per-row scale is noise); NF4 half a byte plus
+# one 8-bit scale per 64 weights and one fp32 scale per 256 of those (QLoRA's double quantization)
+QUANT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 Source = Literal["estimate", "override", "calibrated"]
 
@@ -66,10 +78,11 @@ class VramEstimate:
     parts: dict[str, float] = field(default_factory=dict)
     source: Source = "estimate"
     model_mb: float = 0.0  # the uncorrected model figure (calibration compares peaks with it)
+    counted: tuple[str, ...] = ()  # how the weights were counted (quantized, cached captions)
 
     def to_dict(self) -> dict[str, Any]:
         return {"total_mb": self.total_mb, "parts": dict(self.parts), "source": self.source,
-                "model_mb": self.model_mb}
+                "model_mb": self.model_mb, "counted": list(self.counted)}
 
 
 @dataclass(frozen=True)
@@ -84,12 +97,21 @@ def estimate_vram(spec: JobSpec, correction: float | None = None) -> VramEstimat
     if spec.vram_gb is not None:
         total = round(spec.vram_gb * 1024, 1)
         return VramEstimate(total, {"override": total}, "override", total)
-    parts = _model_parts(spec)
+    parts, counted = _model_parts(spec)
     model_mb = _round_up(sum(parts.values()))
     if correction is None:
-        return VramEstimate(model_mb, parts, "estimate", model_mb)
+        return VramEstimate(model_mb, parts, "estimate", model_mb, counted)
     scaled = {k: round(v if k == "cuda_context" else v * correction, 1) for k, v in parts.items()}
-    return VramEstimate(_round_up(sum(scaled.values())), scaled, "calibrated", model_mb)
+    return VramEstimate(_round_up(sum(scaled.values())), scaled, "calibrated", model_mb, counted)
+
+
+def choose_quantization(spec: JobSpec, card_mb: float, correction: float | None = None) -> str:
+    """``quantize_base: auto`` for a card of ``card_mb`` usable MiB: the least quantization whose
+    estimate fits it (none, fp8, nf4); nf4 when none does (placement then refuses the job)."""
+    for mode in QUANTIZATIONS[:-1]:
+        if estimate_vram(spec.model_copy(update={"quantize_base": mode}), correction).total_mb <= card_mb:
+            return mode
+    return QUANTIZATIONS[-1]
 
 
 def base_model_info(spec: JobSpec) -> BaseModelInfo:
@@ -103,13 +125,16 @@ def base_model_info(spec: JobSpec) -> BaseModelInfo:
             "supported family, or set `vram_gb` to skip the estimate.") from error
 
 
-def _model_parts(spec: JobSpec) -> dict[str, float]:
+def _model_parts(spec: JobSpec) -> tuple[dict[str, float], tuple[str, ...]]:
     info = base_model_info(spec)
     width = 4 if spec.mixed_precision == "no" else 2
     tensors = _tensors(info)
+    counted: tuple[str, ...] = ()
+    caption_phase_mb = 0.0
     if isinstance(spec, ImageJobSpec):
         card = families.by_name(info.family)
-        frozen = _frozen_mb(tensors, width, card.params)
+        weights = _image_weights(spec, card, tensors, width)
+        frozen, caption_phase_mb, counted = weights.training_mb, weights.caption_phase_mb, weights.counted
         lora = _image_lora_params(spec, card, tensors)
         activations = _image_activations_mb(spec, card, info)
     elif isinstance(spec, LlmJobSpec):
@@ -119,10 +144,14 @@ def _model_parts(spec: JobSpec) -> dict[str, float]:
         activations = _llm_activations_mb(spec, config)
     else:
         raise TypeError(f"no VRAM model for task {spec.task!r}")
-    return {"frozen_weights": round(frozen, 1),
-            "lora_params": round(lora * LORA_BYTES_PER_PARAM / MIB, 1),
-            "activations": round(activations, 1),
-            "cuda_context": CUDA_CONTEXT_MB}
+    parts = {"frozen_weights": round(frozen, 1),
+             "lora_params": round(lora * LORA_BYTES_PER_PARAM / MIB, 1),
+             "activations": round(activations, 1),
+             "cuda_context": CUDA_CONTEXT_MB}
+    training_mb = sum(parts.values())
+    if caption_phase_mb + CUDA_CONTEXT_MB > training_mb:  # the peak is while captions are encoded
+        parts["caption_phase_excess"] = round(caption_phase_mb + CUDA_CONTEXT_MB - training_mb, 1)
+    return parts, counted
 
 
 # ---- reading shapes ---------------------------------------------------------------------------
@@ -145,8 +174,7 @@ def _tensors_cached(path: Path, kind: str, family: str) -> tuple[_Tensor, ...]:
         card = families.by_name(family)
         found: list[_Tensor] = []
         for folder in card.components:
-            component = ("denoiser" if folder == card.denoiser
-                         else "text_encoder" if folder.startswith("text_encoder") else folder)
+            component = "denoiser" if folder == card.denoiser else folder
             found += _folder_tensors(path / folder, component)
         return tuple(found)
     return tuple(_folder_tensors(path, "lm"))
@@ -172,6 +200,51 @@ def _single_file_tensors(path: Path, prefixes: tuple[tuple[str, str], ...]) -> l
                 found.append(_Tensor(component, name[len(prefix):], tuple(entry.get("shape", ()))))
                 break
     return found
+
+
+@dataclass(frozen=True)
+class _ImageWeights:
+    training_mb: float  # the frozen weights on the card while training
+    caption_phase_mb: float  # what is on the card while cached captions are encoded (0: not cached)
+    counted: tuple[str, ...]
+
+
+def _image_weights(spec: ImageJobSpec, card: families.Family, tensors: list[_Tensor],
+                   width: int) -> _ImageWeights:
+    """The frozen weights, each component at its stored width: ``quantize_base`` stores the
+    denoiser's (and the large text encoders') linear weights in fp8 (1 byte) or NF4 (~0.52
+    bytes); with ``cache_text_encoder_outputs`` the text encoders leave the card before the
+    denoiser arrives (``ImageProgram.load``), so they count only in the caption phase."""
+    if not tensors:  # a .bin-only model: the card's parameter count, unquantized
+        return _ImageWeights(card.params * width / MIB, 0.0, ())
+    mode = "none" if spec.quantize_base == "auto" else spec.quantize_base
+    large = {encoder.folder for encoder in card.text_encoders if encoder.large}
+    by_component: dict[str, float] = {}
+    for tensor in tensors:
+        quantized = mode != "none" and (tensor.component == "denoiser" or (
+            tensor.component in large and not spec.train_text_encoder))
+        by_component[tensor.component] = (by_component.get(tensor.component, 0.0)
+                                           + _tensor_bytes(tensor, width, mode if quantized else "none") / MIB)
+    encoders = sum(mb for component, mb in by_component.items() if component.startswith("text_encoder"))
+    others = sum(by_component.values()) - encoders
+    counted = []
+    if mode != "none":
+        which = "the denoiser" + ("" if spec.train_text_encoder or not large else " and the T5/Qwen text encoders")
+        counted.append(f"quantize_base {mode}: {which}' linear weights at {QUANT_BYTES[mode]:.2f} bytes each")
+    if spec.cache_text_encoder_outputs:
+        counted.append(f"cache_text_encoder_outputs: the text encoders ({encoders / 1024:.1f} GiB) count "
+                       "only while the captions are encoded, with the VAE, before the denoiser loads")
+        vae = by_component.get("vae", 0.0)
+        return _ImageWeights(others, encoders + vae, tuple(counted))
+    return _ImageWeights(others + encoders, 0.0, tuple(counted))
+
+
+def _tensor_bytes(tensor: _Tensor, width: int, mode: str) -> float:
+    """A weight's bytes: 2-D ``.weight`` tensors are linear layers (quantized with the base);
+    token embeddings, norms, biases and convolutions keep the training width."""
+    count = math.prod(tensor.shape)
+    linear = len(tensor.shape) == 2 and tensor.name.endswith(".weight") and not _EMBEDDING.search(tensor.name)
+    return count * (QUANT_BYTES[mode] if mode != "none" and linear else width)
 
 
 def _frozen_mb(tensors: list[_Tensor], width: int, fallback_params: float) -> float:
@@ -203,7 +276,7 @@ def _image_lora_params(spec: ImageJobSpec, card: families.Family, tensors: list[
     if not spec.train_text_encoder:
         return denoiser
     encoder_targets = TEXT_ENCODER_TARGETS  # the trainer ignores target_modules here
-    return denoiser + _lora_params((t for t in tensors if t.component == "text_encoder"),
+    return denoiser + _lora_params((t for t in tensors if t.component.startswith("text_encoder")),
                                    encoder_targets, spec.lora_rank)
 
 

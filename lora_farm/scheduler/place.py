@@ -225,6 +225,13 @@ def _hold_for(job: QueuedJob, cards: list[_Card]) -> bool:
     return True
 
 
+def largest_card_mb(gpus: Iterable[GpuSnapshot], policy: Policy) -> float | None:
+    """What the farm's largest card could hold when empty (its total less the headroom);
+    None on a farm of CPU cards only, where no memory is reserved."""
+    usable = [s.total_mb * (1 - policy.headroom) for s in gpus if not s.cpu]
+    return max(usable, default=None)
+
+
 def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnapshot],
                     policy: Policy, overridden: bool = False) -> None:
     """Refuse, with the figures, a job no host of the farm could ever run (even when empty).

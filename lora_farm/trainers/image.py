@@ -28,6 +28,7 @@ from lora_farm.jobs.datasets import check_examples, find_examples
 from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
 from lora_farm.trainers.families import FamilyAdapter, adapter_for
 from lora_farm.trainers.image_model import ImageModel, load_image_model
+from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
 
 ADAPTER = "default"
 
@@ -45,6 +46,7 @@ class ImageProgram(TrainingProgram):
         self.trained: list[str] = []  # components whose LoRA the optimizer updates
         self.dataset: ImageDataset | None = None
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
+        self.caption_cache: dict[str, Any] | None = None  # cache_text_encoder_outputs
         self._loader: _EpochLoader | None = None
         self.notes: list[str] = []
 
@@ -52,9 +54,13 @@ class ImageProgram(TrainingProgram):
 
     def load(self) -> None:
         self.model = load_image_model(self.spec.base_model, self.spec.base_model_config, self.dtype)
-        self.model.to(self.device)
         card = self.model.card
         self.adapter = adapter_for(card)
+        mode = self.quantization()
+        self._encoders_to_device(mode)
+        if self.spec.cache_text_encoder_outputs:  # before the denoiser: never both on the card
+            self._cache_captions()
+        self._denoiser_to_device(mode)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)  # LoRA init draws from the global RNG: same seed, same init
             if self.spec.resume_from is not None:
@@ -69,6 +75,60 @@ class ImageProgram(TrainingProgram):
         self._mark_trainable()
         if self.spec.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+
+    def quantization(self) -> str:
+        """``quantize_base`` as it takes effect here: none on the CPU unless forced."""
+        mode = self.spec.quantize_base
+        if mode == "auto":  # `lorafarm train` and the farm's submit choose; a bare trainer cannot
+            self.notes.append("quantize_base auto reached the trainer unchosen: the base stays unquantized")
+            return "none"
+        if mode != "none" and not quantizes_on(self.device):
+            self.notes.append(f"quantize_base {mode}: the CPU trains the base unquantized "
+                              f"({FORCE_ON_CPU_ENV}=1 quantizes it anyway)")
+            return "none"
+        return mode
+
+    def _encoders_to_device(self, mode: str) -> None:
+        """The text encoders and the VAE on the device; with ``mode`` fp8 | nf4 the large text
+        encoders (T5, Qwen) move there quantized, layer by layer (unless their LoRA trains)."""
+        assert self.model is not None
+        model = self.model
+        for name, encoder, about in zip(model.text_encoder_names, model.text_encoders, model.card.text_encoders):
+            if mode != "none" and about.large and not self.spec.train_text_encoder:
+                self.notes.append("quantize_base: " + quantize_linears(encoder, mode, self.device).describe(mode, name))
+            else:
+                encoder.to(self.device)
+        model.vae.to(self.device)
+
+    def _denoiser_to_device(self, mode: str) -> None:
+        assert self.model is not None
+        denoiser, name = self.model.denoiser, self.model.card.denoiser
+        if mode == "none":
+            denoiser.to(self.device)
+        else:
+            self.notes.append("quantize_base: " + quantize_linears(denoiser, mode, self.device).describe(mode, name))
+
+    @torch.no_grad()
+    def _cache_captions(self) -> None:
+        """Encode every distinct caption once (kept on the host), then move the text encoders
+        off the card: training reads the cache (``encoded``)."""
+        assert self.dataset is not None and self.model is not None and self.adapter is not None
+        captions = sorted({example.caption for example in self.dataset.examples})
+        self.caption_cache = {caption: _to_host(self.adapter.encode(self.model, [caption], self.device))
+                              for caption in captions}
+        for encoder in self.model.text_encoders:
+            encoder.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.notes.append(f"cache_text_encoder_outputs: {len(captions)} captions encoded once; "
+                          "the text encoders left the card")
+
+    def encoded(self, captions: list[str]) -> Any:
+        """The text conditioning of a batch: from the caption cache, else the text encoders."""
+        assert self.adapter is not None and self.model is not None
+        if self.caption_cache is None:
+            return self.adapter.encode(self.model, captions, self.device)
+        return self.adapter.collate([self.caption_cache[caption] for caption in captions], self.device)
 
     def _lora_config(self, targets: list[str]) -> Any:
         from peft import LoraConfig
@@ -309,3 +369,12 @@ class _EpochLoader:
             self._iterator, self.next_position = iter(loader), position
         self.next_position += self.stride
         return next(self._iterator)
+
+
+def _to_host(encoded: Any) -> Any:
+    """An encoding (tensors, or tuples / lists of them, or None) detached onto the host."""
+    if isinstance(encoded, torch.Tensor):
+        return encoded.detach().to("cpu")
+    if isinstance(encoded, (tuple, list)):
+        return type(encoded)(_to_host(part) for part in encoded)
+    return encoded

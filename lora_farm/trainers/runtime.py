@@ -163,6 +163,8 @@ class Runtime:
                 seed_everything(self.spec.seed)  # LoRA init draws from the global RNGs
                 self.program.check_data()  # bad data fails in seconds, not after a model load
                 self.program.load()
+                for note in self.program.describe().get("notes", ()):
+                    self._say(f"note: {note}")
             with self._phase("prepare"):
                 self.program.prepare()
                 plan = make_plan(self.program.micro_batches_per_epoch(),

@@ -46,6 +46,14 @@ class FamilyAdapter:
         """``(prediction, target)`` for scaled latents; all randomness from ``generator``."""
         raise NotImplementedError
 
+    def encode(self, model: ImageModel, captions: list[str], device: Any) -> Any:
+        """The denoiser's text conditioning for a batch of captions."""
+        raise NotImplementedError
+
+    def collate(self, encoded: list[Any], device: Any) -> Any:
+        """One ``encode([caption])`` per caption (cached) -> what ``encode(captions)`` gives."""
+        return join_encoded(encoded, device)
+
     def load_lora(self, model: ImageModel, path: Any, adapter_name: str) -> dict[str, Any]:
         """Load an existing LoRA file into the model; ``{component: module}`` it adapted."""
         raise NotImplementedError
@@ -54,6 +62,21 @@ class FamilyAdapter:
                          alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, Any]:
         """The single file's tensors in the key layout ComfyUI and kohya use for the family."""
         raise NotImplementedError
+
+
+def join_encoded(encoded: list[Any], device: Any) -> Any:
+    """Per-caption encodings as one batch: tensors joined along the batch, Nones kept,
+    per-caption lists concatenated, tuples joined part by part."""
+    import torch
+
+    first = encoded[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat([item.to(device) for item in encoded])
+    if isinstance(first, list):
+        return [tensor.to(device) for item in encoded for tensor in item]
+    return tuple(join_encoded([item[part] for item in encoded], device) for part in range(len(first)))
 
 
 def adapter_for(card: Family) -> FamilyAdapter:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_farm.jobs.inspect import BaseModelInfo
-from lora_farm.trainers.families import FamilyAdapter
+from lora_farm.trainers.families import FamilyAdapter, join_encoded
 from lora_farm.trainers.families.flux_layout import bfl_state_dict
 from lora_farm.trainers.image_model import ImageModel
 
@@ -53,7 +53,7 @@ class FluxAdapter(FamilyAdapter):
         pipe, dtype, device = model.pipeline, program.dtype, program.device
         count, channels, height, width = latents.shape
         noise, sigmas, noisy = self.noised(model, latents, generator)
-        prompt, pooled, text_ids = self.encode(model, list(batch["caption"]), device)
+        prompt, pooled, text_ids = program.encoded(list(batch["caption"]))
         guidance = None
         if model.denoiser.config.guidance_embeds:
             guidance = torch.full((count,), program.spec.guidance_scale, device=device, dtype=torch.float32)
@@ -85,6 +85,11 @@ class FluxAdapter(FamilyAdapter):
         with torch.no_grad():  # the text encoders stay frozen (the card trains the transformer only)
             return model.pipeline.encode_prompt(prompt=captions, prompt_2=None, device=device,
                                                 max_sequence_length=length)
+
+    def collate(self, encoded: list[Any], device: torch.device) -> Any:
+        """The text ids are per token, not per caption: every caption shares the first's."""
+        prompts, pooled = join_encoded([item[:2] for item in encoded], device)
+        return prompts, pooled, encoded[0][2].to(device)
 
     # -- LoRA files ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families.flux import FluxAdapter
@@ -63,10 +64,10 @@ class QwenImageAdapter(FluxAdapter):
         """Flow matching: x_t = (1 - t) x0 + t noise, the transformer predicts noise - x0."""
         model = program.model
         assert model is not None
-        pipe, dtype, device = model.pipeline, program.dtype, program.device
+        pipe, dtype = model.pipeline, program.dtype
         count, channels, height, width = latents.shape
         noise, sigmas, noisy = self.noised(model, latents, generator)
-        prompt, mask = self.encode(model, list(batch["caption"]), device)
+        prompt, mask = program.encoded(list(batch["caption"]))
         output = model.denoiser(hidden_states=pipe._pack_latents(noisy, count, channels, height, width).to(dtype),
                                 timestep=sigmas.to(dtype), encoder_hidden_states=prompt.to(dtype),
                                 encoder_hidden_states_mask=mask, img_shapes=[[(1, height // 2, width // 2)]] * count,
@@ -81,6 +82,20 @@ class QwenImageAdapter(FluxAdapter):
         with torch.no_grad():  # the text encoder stays frozen (the card trains the transformer only)
             return model.pipeline.encode_prompt(prompt=captions, device=device,
                                                 max_sequence_length=self.card.text_encoders[0].max_length)
+
+    def collate(self, encoded: list[tuple[torch.Tensor, torch.Tensor | None]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each caption keeps its own length: pad to the longest with zeros and mask the padding,
+        as ``encode_prompt`` does for a batch (no mask when nothing is padded)."""
+        lengths = [hidden.shape[1] for hidden, _ in encoded]
+        longest = max(lengths)
+        if len(set(lengths)) == 1 and all(mask is None for _, mask in encoded):
+            return torch.cat([hidden.to(device) for hidden, _ in encoded]), None
+        hidden = torch.cat([F.pad(h, (0, 0, 0, longest - h.shape[1])).to(device) for h, _ in encoded])
+        mask = torch.zeros(len(encoded), longest, dtype=torch.long, device=device)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+        return hidden, mask
 
     # -- the single file ----------------------------------------------------------------------
 

@@ -98,12 +98,16 @@ class StableDiffusionAdapter(FamilyAdapter):
                                 added_cond_kwargs=extra).sample
         return prediction, _target(model, latents, noise, timesteps)
 
+    def encode(self, model: ImageModel, captions: list[str],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_prompts(model, captions, device)
+
     def _conditioning(self, program: ImageProgram,
                       batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         model = program.model
         assert model is not None
         with torch.set_grad_enabled(program.text_trained and torch.is_grad_enabled()):
-            hidden, pooled = encode_prompts(model, list(batch["caption"]), program.device)
+            hidden, pooled = program.encoded(list(batch["caption"]))
         if not model.is_sdxl:
             return hidden, None
         size = (program.spec.resolution, program.spec.resolution)

@@ -44,7 +44,7 @@ class SD3Adapter(FamilyAdapter):
         sigmas, timesteps = self.sigmas(model, latents.shape[0], generator)
         sigmas = sigmas.to(device)[:, None, None, None]
         noisy = (1 - sigmas) * latents + sigmas * noise
-        prompt, pooled = self.encode(model, list(batch["caption"]), device)
+        prompt, pooled = program.encoded(list(batch["caption"]))
         output = model.denoiser(hidden_states=noisy.to(dtype), timestep=timesteps.to(device),
                                 encoder_hidden_states=prompt.to(dtype), pooled_projections=pooled.to(dtype),
                                 return_dict=False)[0]

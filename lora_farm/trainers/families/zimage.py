@@ -46,10 +46,10 @@ class ZImageAdapter(FluxAdapter):
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         model = program.model
         assert model is not None
-        dtype, device = program.dtype, program.device
+        dtype = program.dtype
         count, _, height, width = latents.shape
         noise, sigmas, noisy = self.noised(model, latents, generator)
-        prompts = self.encode(model, list(batch["caption"]), device)
+        prompts = program.encoded(list(batch["caption"]))
         output = model.denoiser(list(noisy.to(dtype).unsqueeze(2).unbind(0)), (1 - sigmas).to(dtype),
                                 [prompt.to(dtype) for prompt in prompts], return_dict=False)[0]
         return torch.stack(output).squeeze(2), latents - noise

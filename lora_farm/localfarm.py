@@ -3,7 +3,7 @@
 ``farm_up`` uses the Redis at ``LORAFARM_REDIS_URL`` when one answers; otherwise, for a loopback
 URL, it starts ``redis-server`` with append-only persistence under ``<output_root>/_farm/redis-<port>``.
 It then starts one Celery worker per card (``read_gpus``: NVML, a declared inventory, or the CPU
-slot) and, on request, Flower. Every process runs in its own session, so it outlives the command
+slot) and, on request, Flower and the dashboard (`lorafarm web`). Every process runs in its own session, so it outlives the command
 that started it.
 
 A farm is known by its identity (Redis server and db, key prefix): several farms may share one
@@ -33,7 +33,7 @@ from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings, get_settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-STOP_ORDER = ("flower", "worker", "redis")  # Redis last: workers write their last state into it
+STOP_ORDER = ("web", "flower", "worker", "redis")  # Redis last: workers write their last state into it
 
 
 @dataclass
@@ -166,6 +166,24 @@ def start_flower(settings: Settings, port: int) -> FarmProcess:
     return _spawn("flower", argv, farm_home(settings) / "logs" / "flower.log", f"127.0.0.1:{port}")
 
 
+def start_web(settings: Settings, port: int) -> FarmProcess:
+    """The dashboard on 127.0.0.1 (LORAFARM_WEB_TOKEN, when set, reaches it through the env)."""
+    argv = [sys.executable, "-m", "lora_farm", "web", "--port", str(port)]
+    return _spawn("web", argv, farm_home(settings) / "logs" / "web.log", f"127.0.0.1:{port}")
+
+
+def _extras(settings: Settings, have: list[FarmProcess], with_flower: bool, flower_port: int,
+            with_web: bool, web_port: int) -> list[FarmProcess]:
+    """Flower and the dashboard, when asked for and not running yet."""
+    roles = {p.role for p in have}
+    started = []
+    if with_flower and "flower" not in roles:
+        started.append(start_flower(settings, flower_port))
+    if with_web and "web" not in roles:
+        started.append(start_web(settings, web_port))
+    return started
+
+
 def wait_workers_online(settings: Settings, workers: list[FarmProcess], timeout: float) -> None:
     """Until every worker has published its heartbeat into the ledger (it takes jobs from then)."""
     from lora_farm.ledger import Ledger
@@ -185,7 +203,7 @@ def wait_workers_online(settings: Settings, workers: list[FarmProcess], timeout:
 
 
 def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flower_port: int = 5555,
-            timeout: float = 120) -> FarmState:
+            with_web: bool = False, web_port: int = 8750, timeout: float = 120) -> FarmState:
     """Start this farm unless it is up. A farm whose recorded processes died is cleaned up (the
     survivors stopped, a Redis that still answers kept) and started again."""
     settings = settings or get_settings()
@@ -193,8 +211,8 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
     recorded = load_processes(settings)
     if recorded and all(_alive(p) for p in recorded):
         state.running = recorded
-        if with_flower and not any(p.role == "flower" for p in recorded):
-            state.processes.append(start_flower(settings, flower_port))
+        state.processes = _extras(settings, recorded, with_flower, flower_port, with_web, web_port)
+        if state.processes:
             save_processes(settings, recorded + state.processes)
         return state
     state.dead = [p for p in recorded if not _alive(p)]
@@ -205,8 +223,7 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
             state.processes.append(start_redis(settings))
         workers = start_workers(settings)
         state.processes += workers
-        if with_flower:
-            state.processes.append(start_flower(settings, flower_port))
+        state.processes += _extras(settings, [], with_flower, flower_port, with_web, web_port)
         save_processes(settings, kept + state.processes)
         wait_workers_online(settings, workers, timeout)
     except BaseException:

@@ -151,14 +151,17 @@ def flower(port: int = typer.Option(5555, help="HTTP port"),
 
 @app.command()
 def up(flower: bool = typer.Option(False, "--flower", help="also start Flower"),
-       flower_port: int = typer.Option(5555, help="Flower's port")) -> None:
-    """Bring this farm up on this machine: Redis (if none answers), a worker per GPU, Flower.
+       flower_port: int = typer.Option(5555, help="Flower's port"),
+       web: bool = typer.Option(False, "--web", help="also start the dashboard (`lorafarm web`)"),
+       web_port: int = typer.Option(8750, help="the dashboard's port")) -> None:
+    """Bring this farm up on this machine: Redis (if none answers), a worker per GPU, Flower,
+    the dashboard.
 
     A farm is its Redis URL and LORAFARM_KEY_PREFIX; `up` for another one starts another farm.
     """
     from lora_farm.localfarm import farm_up
 
-    state = farm_up(with_flower=flower, flower_port=flower_port)
+    state = farm_up(with_flower=flower, flower_port=flower_port, with_web=web, web_port=web_port)
     if state.dead:
         console.print(f"this farm's recorded processes had stopped ({_pids(state.dead)}); cleaned "
                       "up and started it again", highlight=False)
@@ -169,6 +172,8 @@ def up(flower: bool = typer.Option(False, "--flower", help="also start Flower"),
         console.print(f"this farm was already up: {_farm_summary(state.running)}", highlight=False)
     if any(p.role == "flower" for p in state.processes) and flower_auth_hint():
         console.print(flower_auth_hint(), highlight=False)
+    if any(p.role == "web" for p in state.processes):
+        console.print(f"dashboard: http://127.0.0.1:{web_port}/", highlight=False)
     console.print(f"[green]farm up[/] ({escape(state.where)}); `lorafarm down` stops it",
                   highlight=False)
 
@@ -204,7 +209,7 @@ def _farm_summary(processes: list) -> str:
 
     roles = [p.role for p in processes]
     parts = [f"{roles.count(role)} {role}{'s' if roles.count(role) > 1 else ''}"
-             for role in ("redis", "worker", "flower") if role in roles]
+             for role in ("redis", "worker", "flower", "web") if role in roles]
     return f"{', '.join(parts)} ({process_count(processes)} processes)"
 
 
@@ -300,3 +305,16 @@ def _print_artifacts(records: list) -> None:
             for entry in read_manifest(_job_storage(record), record.batch, record.id)["files"]:
                 table.add_row(record.name, entry["path"], _human_size(entry["size"]), entry["uri"])
     console.print(table)
+
+
+@app.command()
+def web(host: str = typer.Option("127.0.0.1", help="listen address (another than loopback needs "
+                                 "LORAFARM_WEB_TOKEN)"),
+        port: int = typer.Option(8750, help="HTTP port")) -> None:
+    """The dashboard: jobs, loss curves, samples, cards; cancel/retry/submit with LORAFARM_WEB_TOKEN."""
+    from lora_farm.settings import get_settings
+    from lora_farm.web.serve import serve, web_config
+
+    web_config(host)  # refuse a bad address/token before printing anything
+    console.print(f"lorafarm web on http://{host}:{port}/ (Ctrl-C stops it)", highlight=False)
+    serve(get_settings(), host, port)

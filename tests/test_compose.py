@@ -50,7 +50,7 @@ def check_lorafarm_argv(argv: list[str]) -> None:
 def test_base_services_volumes_and_persistence():
     compose = load(BASE)
     services = compose["services"]
-    assert {"redis", "minio", "createbucket", "flower", "worker-gpu0", "worker-gpu1"} <= set(services)
+    assert {"redis", "minio", "createbucket", "flower", "web", "worker-gpu0", "worker-gpu1"} <= set(services)
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert "redis-data:/data" in services["redis"]["volumes"]
@@ -100,13 +100,13 @@ def test_commands_are_real_cli_verbs():
         if isinstance(command, list) and command[0] == "lorafarm":
             check_lorafarm_argv(command)
             checked += 1
-    assert checked == 9  # flower + 8 workers
+    assert checked == 10  # flower, web + 8 workers
     for unit in (REPO / "deploy" / "systemd").glob("lorafarm-*.service"):
         for line in unit.read_text().splitlines():
             if line.startswith("ExecStart=") and "lorafarm " in line:
                 check_lorafarm_argv(shlex.split(line.removeprefix("ExecStart=")))
                 checked += 1
-    assert checked == 11
+    assert checked == 12
 
 
 def test_healthchecks_and_image_use_modules_and_paths_that_exist():
@@ -126,7 +126,7 @@ def test_secrets_come_from_the_env_file_and_it_documents_every_required_one():
     text = BASE.read_text() + OVERRIDE.read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
     assert {"LORAFARM_REDIS_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "FLOWER_BASIC_AUTH"} <= required
+            "FLOWER_BASIC_AUTH", "LORAFARM_WEB_TOKEN"} <= required
     documented = set(re.findall(r"^#?\s*(\w+)=", (REPO / "deploy" / ".env.example").read_text(), re.M))
     assert required <= documented, f"missing in .env.example: {required - documented}"
     for name, service in load(BASE)["services"].items():
@@ -144,3 +144,17 @@ def test_systemd_units_have_the_sections_systemd_needs(unit):
         assert section in text
     assert "EnvironmentFile=/etc/lora-farm/lorafarm.env" in text
     assert "User=lorafarm" in text
+
+
+def test_web_service_listens_beyond_loopback_only_with_its_token():
+    from lora_farm.web.serve import web_config
+
+    web = load(BASE)["services"]["web"]
+    command = web["command"]
+    host, port = command[command.index("--host") + 1], command[command.index("--port") + 1]
+    assert web["environment"]["LORAFARM_WEB_TOKEN"].startswith("${LORAFARM_WEB_TOKEN:?")
+    assert web["ports"] == [f"${{WEB_BIND:-127.0.0.1}}:{port}:{port}"]
+    assert f"127.0.0.1:{port}/healthz" in web["healthcheck"]["test"][-1]
+    assert web_config(host, "a-token-of-24-characters").guard_reads  # and without one it refuses:
+    with pytest.raises(Exception, match="without a token"):
+        web_config(host, "")

@@ -112,7 +112,8 @@ class Pages:
 
     async def job(self, request: Request, message: str = "", status: int = 200) -> Response:
         context = self._job_context(request.path_params["job_id"])
-        return self.render(request, "job.html", status, message=message, **context)
+        return self.render(request, "job.html", status, message=message, message_error=status >= 400,
+                           **context)
 
     async def job_live(self, request: Request) -> Response:
         return self.render(request, "_job_live.html", **self._job_context(request.path_params["job_id"]))

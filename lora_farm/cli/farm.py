@@ -185,16 +185,12 @@ def cancel(jobs: list[str] = typer.Argument(None, callback=refuse_blank_ids,
 def retry(job: str = typer.Argument(..., callback=refuse_blank_ids,
                                     help="A failed or cancelled job.")) -> None:
     """Queue a failed or cancelled job again (fresh retry budget; resumes from its checkpoint)."""
-    from lora_farm.errors import LoraFarmError
-    from lora_farm.ledger import transitions as tr
     from lora_farm.workers.dispatch import dispatch_once
+    from lora_farm.workers.lifecycle import retry as retry_job
 
     ledger = _ledger()
     record = ledger.find(job)
-    result = tr.retry(ledger, record.id)
-    if isinstance(result, tr.Refused):
-        raise LoraFarmError(f"job {record.id} is `{result.state}`; only failed or "
-                            "cancelled jobs can be retried (an uploading one: `lorafarm retry-upload`).")
+    retry_job(ledger, record.id)
     console.print(f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})")
     dispatch_once(ledger)
 

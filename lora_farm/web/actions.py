@@ -12,11 +12,11 @@ from pathlib import Path
 
 from lora_farm.errors import LoraFarmError, SpecError
 from lora_farm.ledger import Ledger
-from lora_farm.ledger import transitions as tr
 from lora_farm.settings import Settings
 from lora_farm.submit import submit_files
 from lora_farm.workers.dispatch import Sender, celery_sender, dispatch_once
 from lora_farm.workers.lifecycle import cancel as cancel_job
+from lora_farm.workers.lifecycle import retry as retry_job
 
 TOKEN_HEADER = "X-Lorafarm-Token"
 UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -45,12 +45,9 @@ def cancel(ledger: Ledger, job_id: str) -> str:
 
 
 def retry(ledger: Ledger, job_id: str) -> str:
-    """`lorafarm retry JOB`, with its refusal for a job that is not failed or cancelled."""
+    """`lorafarm retry JOB`: the same function, the same refusal."""
     record = ledger.find(job_id)
-    result = tr.retry(ledger, record.id)
-    if isinstance(result, tr.Refused):
-        raise LoraFarmError(f"job {record.id} is `{result.state}`; only failed or cancelled jobs "
-                            "can be retried (an uploading one: `lorafarm retry-upload`).")
+    retry_job(ledger, record.id)
     dispatch_once(ledger)
     return f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})"
 

@@ -16,6 +16,8 @@ returns the record written, or ``transitions.Refused`` when the job had moved on
 from __future__ import annotations
 
 import logging
+
+from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
@@ -96,3 +98,13 @@ def cancel(ledger: Ledger, job_id: str) -> str:
             return "cancelled"
     return f"not cancelled: it kept changing state (now {ledger.get(job_id).state}); try again"
 
+
+
+def retry(ledger: Ledger, job_id: str) -> JobRecord:
+    """A user's retry (`lorafarm retry`, the dashboard): a failed or cancelled job queued again
+    with a fresh retry budget; any other state is refused with what to do instead."""
+    result = tr.retry(ledger, job_id)
+    if isinstance(result, tr.Refused):
+        raise LoraFarmError(f"job {job_id} is `{result.state}`; only failed or cancelled jobs can "
+                            "be retried (an uploading one: `lorafarm retry-upload`).")
+    return result

@@ -73,15 +73,16 @@ def _alive(process) -> bool:
         psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
 
 
-def test_up_starts_redis_worker_flower_and_down_stops_them(farm_settings):
+def test_up_starts_redis_worker_flower_web_and_down_stops_them(farm_settings):
     url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"  # nothing answers there yet
     settings = farm_settings(url)
-    flower_port = free_port()
+    flower_port, web_port = free_port(), free_port()
 
-    state = farm_up(settings, with_flower=True, flower_port=flower_port)
+    state = farm_up(settings, with_flower=True, flower_port=flower_port, with_web=True,
+                    web_port=web_port)
 
     roles = sorted(p.role for p in state.processes)
-    assert roles == ["flower", "redis", "worker"]
+    assert roles == ["flower", "redis", "web", "worker"]
     client = redis.Redis.from_url(url, decode_responses=True)
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     redis_dir = settings.output_root_abs / "_farm" / f"redis-{url.rsplit(':', 1)[1].split('/')[0]}"
@@ -96,9 +97,12 @@ def test_up_starts_redis_worker_flower_and_down_stops_them(farm_settings):
     assert PASSWORD not in state_file(settings).read_text()
     assert "***" in redact_url(url) and PASSWORD not in redact_url(url)
     _wait_http(f"http://127.0.0.1:{flower_port}/healthcheck")
+    _wait_http(f"http://127.0.0.1:{web_port}/healthz")
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/cards", timeout=10) as page:
+        assert "gpu0" in page.read().decode()  # the dashboard reads this farm's ledger
 
     again = farm_up(settings)
-    assert again.processes == [] and len(again.running) == 3  # already up: starts nothing twice
+    assert again.processes == [] and len(again.running) == 4  # already up: starts nothing twice
 
     stopped = farm_down(settings, grace=15).stopped
     assert sorted(p.role for p in stopped) == roles

@@ -196,3 +196,15 @@ def test_reads_from_another_host_need_the_token(ledger):
     local = client_for(ledger, guard_reads=True)
     assert local.get("/jobs").status_code == 200
     assert outside.get("/static/live.js").status_code == 200
+
+
+def test_lorafarm_web_refuses_a_public_address_without_a_token():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LORAFARM_WEB_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "lora_farm", "web", "--host", "0.0.0.0"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "refusing to listen on '0.0.0.0' without a token" in " ".join(result.stderr.split())

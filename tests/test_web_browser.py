@@ -173,3 +173,32 @@ def test_the_sample_grid_shows_images(page, web, ledger, image_dataset, tmp_path
     wait_until(lambda: all(images.nth(i).evaluate("img => img.naturalWidth") == 64 for i in range(6)),
                20, "the sample images to load")
     shot(page, "samples")
+
+
+def _samples_merged() -> bool:
+    from lora_farm.jobs.spec import JobSpec
+
+    return "sample_prompts" in JobSpec.model_fields
+
+
+@pytest.mark.skipif(not _samples_merged(), reason="the trainer renders no samples yet (spec has no "
+                    "`sample_prompts`): rebase onto the samples work")
+def test_a_real_image_job_shows_its_sample_grid_and_ships_it(page, web, ledger, celery_workers,
+                                                            tiny_sd, image_dataset, tmp_path):
+    celery_workers.start("gpu0", concurrency=1, timeout=300)
+    prompts = ["a red circle", "a blue square"]
+    spec = write_spec(tmp_path, "web-img", tiny_sd, image_dataset, "image", max_steps=2,
+                      sample_prompts=prompts, sample_every_steps=1, sample_steps=2)
+    (job,) = submit_files([spec], ledger, batch="browser").jobs
+    page.goto(f"{web}/jobs/{job.record.id}")
+    page.locator("#state", has_text="succeeded").wait_for(timeout=400_000)
+    columns = page.locator("#samples thead th").count() - 1
+    images = page.locator("#samples img.sample")
+    assert columns >= 1 and images.count() == len(prompts) * columns
+    for prompt in prompts:
+        assert page.locator("#samples th.prompt", has_text=prompt).count() == 1
+    wait_until(lambda: all(images.nth(i).evaluate("img => img.naturalWidth") > 0
+                           for i in range(images.count())), 20, "the sample images to load")
+    shipped = page.locator("#artifacts td a", has_text="samples/").count()
+    assert shipped >= images.count()  # the grid is in the uploaded artifacts too
+    shot(page, "samples-farm")

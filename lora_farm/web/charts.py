@@ -80,13 +80,19 @@ def _axes(x0: float, x1: float, y0: float, y1: float, x_label: str, plot_w: floa
         parts.append(f'<line class="grid" x1="{PAD_LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>')
         parts.append(f'<text class="tick" x="{PAD_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
                      f'{_label(value)}</text>')
-    for i in range(5):
-        value = x0 + (x1 - x0) * i / 4
-        x = PAD_LEFT + plot_w * i / 4
-        text = str(int(round(value))) if math.isfinite(value) else "?"
-        parts.append(f'<text class="tick" x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{text}</text>')
+    for value in _step_ticks(x0, x1):
+        x = PAD_LEFT + (value - x0) / (x1 - x0) * plot_w
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{value}</text>')
     parts.append(f'<text class="tick" x="{right}" y="{HEIGHT - 2}" text-anchor="end">{escape(x_label)}</text>')
     return parts
+
+
+def _step_ticks(x0: float, x1: float, count: int = 5) -> list[int]:
+    """Up to ``count`` whole steps inside [x0, x1], each once (a 2-step run shows 1 and 2)."""
+    if not (math.isfinite(x0) and math.isfinite(x1)):
+        return []
+    values = {int(round(x0 + (x1 - x0) * i / (count - 1))) for i in range(count)}
+    return sorted(v for v in values if x0 <= v <= x1)
 
 
 def _legend(names: list[str]) -> str:

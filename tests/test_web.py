@@ -208,3 +208,18 @@ def test_lorafarm_web_refuses_a_public_address_without_a_token():
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "refusing to listen on '0.0.0.0' without a token" in " ".join(result.stderr.split())
+
+
+def test_the_login_cookie_is_no_token_for_actions_and_a_dead_ledger_says_so(ledger):
+    from lora_farm.ledger import Ledger
+    from lora_farm.redis_conn import make_client
+    from tests.fixtures_s3 import free_port
+
+    (job_id,) = fill_ledger(ledger, finished=0, running=1)
+    outside = client_for(ledger, guard_reads=True, client=("10.1.2.3", 40000))
+    outside.post("/login", data={"token": TOKEN})
+    refused = outside.post(f"/jobs/{job_id}/cancel", data={})  # the cookie alone
+    assert refused.status_code == 403 and not ledger.cancel_requested(job_id)
+    dead = Ledger(make_client(f"redis://127.0.0.1:{free_port()}/0"), ledger.keys.prefix)
+    page = client_for(dead).get("/jobs")
+    assert page.status_code == 503 and "the ledger does not answer" in page.text

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
+import redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -24,9 +25,10 @@ from lora_farm.cli.status_view import step_progress, summary_line
 from lora_farm.errors import JobNotFound, LoraFarmError
 from lora_farm.ledger import Ledger
 from lora_farm.protocol import format_duration
+from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings
 from lora_farm.web import actions, charts, jobdir, reading
-from lora_farm.web.guard import ReadGuard, TOKEN_COOKIE
+from lora_farm.web.guard import TOKEN_COOKIE, ReadGuard
 
 HERE = Path(__file__).parent
 LIVE_MS = 2000
@@ -60,7 +62,7 @@ def create_app(ledger: Ledger, settings: Settings, config: WebConfig) -> Starlet
     ]
     middleware = [Middleware(ReadGuard, token=config.token)] if config.guard_reads else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers={
-        JobNotFound: pages.not_found})
+        JobNotFound: pages.not_found, redis.RedisError: pages.ledger_down})
 
 
 class Pages:
@@ -77,6 +79,11 @@ class Pages:
 
     async def not_found(self, request: Request, error: Exception) -> Response:
         return self.render(request, "message.html", 404, title="not found", message=str(error))
+
+    async def ledger_down(self, request: Request, error: Exception) -> Response:
+        message = (f"the ledger does not answer (Redis {redact_url(self.settings.redis_url)}: "
+                   f"{type(error).__name__}). This page works again once Redis is back.")
+        return self.render(request, "message.html", 503, title="ledger unavailable", message=message)
 
     # ---- jobs ---------------------------------------------------------------------------
 
@@ -198,8 +205,9 @@ class Pages:
 
 
 def _given_token(request: Request, form) -> str:
-    return (request.headers.get(actions.TOKEN_HEADER) or str(form.get("token") or "")
-            or request.cookies.get(TOKEN_COOKIE, ""))
+    """The header or the form field, never the login cookie: a form another site posts would
+    carry the cookie, never the token."""
+    return request.headers.get(actions.TOKEN_HEADER) or str(form.get("token") or "")
 
 
 def _int(value: str | None, default: int) -> int:

@@ -11,6 +11,7 @@ attempt owns the job folder (``protocol.Fence``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import signal
@@ -48,6 +49,14 @@ class _Events:
                 self.writer.emit(event, **fields)
 
 
+def quiet_torchao_import() -> None:
+    """peft imports torchao wherever it is installed; torchao then warns that its optional C
+    kernels (mxfp8, cutlass) were built for another torch, and torch that torchao registers enums
+    the old way. lora-farm uses none of those kernels: noise in train.log."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lora_farm.trainers",
                                      description="Run one LoRA training job in this process.")
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch_ranks(sys.argv[1:] if argv is None else argv, world)
     # a deprecation notice peft triggers inside transformers on every load: noise in train.log
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_torchao_import()
     from lora_farm.trainers.distributed import DistContext
 
     dist = DistContext.from_env()

@@ -56,7 +56,7 @@ class JobSpec(BaseModel):
     # identity and scheduling
     name: SafeName = Field(description="job name; file names and storage keys derive from it "
                            "(default: the YAML file's stem)")
-    task: Literal["image", "llm"]
+    task: Literal["image", "video", "llm"]
     batch: SafeName | None = Field(None, description="batch this job belongs to (CLI --batch wins)")
     tags: list[str] = Field(default_factory=list, description="free-form labels shown by status")
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
@@ -179,6 +179,72 @@ class ImageJobSpec(JobSpec):
                                   "guidance-distilled models (Flux.1 dev) while training")
 
 
+BUCKET = re.compile(r"^\s*(\d{2,5})\s*[xX]\s*(\d{2,5})\s*$")
+
+
+def parse_bucket(value: str) -> tuple[int, int]:
+    """``"832x480"`` -> ``(832, 480)``: width x height, each a multiple of 16 in 32-4096."""
+    match = BUCKET.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"each bucket must be 'WIDTHxHEIGHT' such as '832x480', got {value!r}")
+    width, height = int(match[1]), int(match[2])
+    if not all(32 <= side <= 4096 and side % 16 == 0 for side in (width, height)):
+        raise ValueError(f"bucket {value!r}: width and height must be multiples of 16 between 64 "
+                         "and 4096 (the VAE's 8x and the transformer's 2x2 patches); e.g. '832x480'")
+    return width, height
+
+
+class VideoJobSpec(ImageJobSpec):
+    """A video-model LoRA (a family whose card trains on clips: Wan) trained with diffusers + peft.
+
+    Clips are ``.mp4``/``.webm``/``.mov``/``.gif`` files or folders of frames, captioned as images
+    are (metadata.csv or sidecars). Each clip gives ``num_frames`` frames, every ``frame_stride``-th
+    one (or resampled to ``fps``), resized to cover its bucket and cropped."""
+
+    task: Literal["video"] = "video"  # type: ignore[assignment]
+    num_frames: int = Field(17, ge=1, le=1025, description="frames per clip sample (Wan: 4k+1, "
+                            "e.g. 17, 33, 81)")
+    frame_stride: int | None = Field(None, ge=1, le=1000, description="take every N-th frame "
+                                     "(default 1; not with `fps`)")
+    fps: float | None = Field(None, gt=0, le=240, description="resample each clip to this frame "
+                              "rate before taking frames (not with `frame_stride`)")
+    buckets: list[str] | None = Field(None, min_length=1, max_length=64, description="'WxH' frame "
+                                      "sizes (e.g. ['832x480', '480x832']); each clip goes to the "
+                                      "nearest aspect ratio (default: `resolution` square)")
+    fp8_base: bool = Field(False, description="store the frozen transformer in 8 bits (fp8 "
+                           "e4m3), computing in the training precision")
+    blocks_to_swap: int = Field(0, ge=0, le=200, description="keep this many transformer blocks "
+                                "on the host, brought to the card for their turn (needs "
+                                "gradient_checkpointing)")
+    cache_text_embeddings: bool = Field(True, description="encode each caption once, then free "
+                                        "the text encoder from the card")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_parse(cls, buckets: list[str] | None) -> list[str] | None:
+        if buckets is not None:
+            for bucket in buckets:
+                parse_bucket(bucket)
+        return buckets
+
+    @model_validator(mode="after")
+    def _one_frame_rule(self) -> "VideoJobSpec":
+        if self.frame_stride is not None and self.fps is not None:
+            raise ValueError("set `frame_stride` or `fps`, not both (fps resamples the clip, "
+                             "frame_stride skips frames of it)")
+        if self.blocks_to_swap and not self.gradient_checkpointing:
+            raise ValueError("`blocks_to_swap` needs `gradient_checkpointing: true` (a swapped "
+                             "block's weights must leave the card between forward and backward)")
+        return self
+
+    @property
+    def frame_sizes(self) -> list[tuple[int, int]]:
+        """The buckets as (width, height); the square ``resolution`` when none is set."""
+        if not self.buckets:
+            return [(self.resolution, self.resolution)]
+        return [parse_bucket(bucket) for bucket in self.buckets]
+
+
 class LlmJobSpec(JobSpec):
     """A causal-LM LoRA trained with transformers + peft."""
 
@@ -189,14 +255,14 @@ class LlmJobSpec(JobSpec):
 
 PATH_FIELDS = ("base_model", "train_data_dir", "output_dir", "resume_from", "metadata_path",
                "base_model_config")
-SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "llm": LlmJobSpec}
+SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "video": VideoJobSpec, "llm": LlmJobSpec}
 
 
 def spec_from_dict(data: dict[str, Any]) -> ImageJobSpec | LlmJobSpec:
     """Validate already-resolved data (e.g. a ``config.resolved.yaml``) into a spec."""
     task = data.get("task")
     if task not in SPEC_CLASSES:
-        raise ValueError(f"`task` must be 'image' or 'llm', got {task!r}")
+        raise ValueError(f"`task` must be 'image', 'video' or 'llm', got {task!r}")
     return SPEC_CLASSES[task].model_validate(data)  # type: ignore[return-value]
 
 

@@ -9,7 +9,6 @@ single file's key layout.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ class ImageProgram(TrainingProgram):
 
     def load(self) -> None:
         self.model = load_image_model(self.spec.base_model, self.spec.base_model_config, self.dtype)
-        self.model.to(self.device)
+        self._place_model()
         card = self.model.card
         self.adapter = adapter_for(card)
         with torch.random.fork_rng(devices=[]):
@@ -69,6 +68,11 @@ class ImageProgram(TrainingProgram):
         self._mark_trainable()
         if self.spec.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+
+    def _place_model(self) -> None:
+        """Every component onto the training device (before the LoRA is added)."""
+        assert self.model is not None
+        self.model.to(self.device)
 
     def _lora_config(self, targets: list[str]) -> Any:
         from peft import LoraConfig
@@ -151,7 +155,7 @@ class ImageProgram(TrainingProgram):
 
     def micro_batches_per_epoch(self) -> int:
         assert self.dataset is not None, "prepare() first"
-        return math.ceil(len(self.dataset) / self.spec.batch_size)
+        return len(self._order_of(0))
 
     def batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         """Cheap handles (which examples, which flips); pixels load in ``compute_loss``.
@@ -161,9 +165,7 @@ class ImageProgram(TrainingProgram):
         pass over the epoch (``num_workers`` processes loading ahead).
         """
         assert self.dataset is not None, "prepare() first"
-        order = epoch_order(len(self.dataset), self.spec.batch_size, self.spec.seed, epoch,
-                            self.spec.random_flip)
-        for position, keys in enumerate(order):
+        for position, keys in enumerate(self._order_of(epoch)):
             yield {"epoch": epoch, "position": position, "keys": keys,
                    "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
 

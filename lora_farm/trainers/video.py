@@ -1,0 +1,143 @@
+"""Video LoRA (the families whose card has ``media="video"``: Wan) with diffusers + peft: the
+image program with clips for images, captions encoded once, and the memory levers.
+
+What differs from ``ImageProgram``: the data (``video_data``: clips decoded with PyAV, bucketed,
+``pixel_values`` of (3, frames, H, W)); the text encoder, which encodes every distinct caption
+once in ``prepare`` and then leaves the card (``cache_text_embeddings``); the frozen transformer
+stored in fp8 (``fp8_base``: diffusers' layerwise casting, the LoRA kept out of it) and its last
+``blocks_to_swap`` blocks kept on the host (diffusers' group offloading, leaf by leaf). Latent
+caching, the loop, the LoRA and both exports are the image program's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_farm.errors import DatasetError
+from lora_farm.jobs.clips import VIDEO_SUFFIXES, FrameRule
+from lora_farm.jobs.datasets import find_examples
+from lora_farm.jobs.spec import VideoJobSpec
+from lora_farm.trainers.image import ImageProgram
+from lora_farm.trainers.video_data import VideoDataset, bucketed_epoch_order, checked_clips
+
+FP8 = "float8_e4m3fn"
+
+
+class VideoProgram(ImageProgram):
+    """Train a LoRA on a video model's transformer."""
+
+    spec: VideoJobSpec
+
+    def __init__(self, spec: VideoJobSpec, job_dir: Path, device: torch.device, dtype: torch.dtype):
+        super().__init__(spec, job_dir, device, dtype)
+        self.caption_cache: dict[str, torch.Tensor] = {}
+        self.dataset: VideoDataset | None = None  # type: ignore[assignment]
+
+    # -- data -------------------------------------------------------------------------------
+
+    def check_data(self) -> None:
+        """Every clip exists, decodes as far as its sample reaches, and has a caption."""
+        spec = self.spec
+        examples = find_examples(spec.train_data_dir, spec.metadata_path, spec.caption_extension, media="video")
+        if not examples:
+            raise DatasetError(f"{spec.train_data_dir}: no training clips found (no metadata.csv rows, no "
+                               f"{'/'.join(VIDEO_SUFFIXES)} files or folders of frames). Fix: add clips and captions.")
+        rule = FrameRule.of_spec(spec)
+        clips, problems = checked_clips(examples, rule, spec.frame_sizes)
+        if problems:
+            raise DatasetError(f"{len(problems)} problem(s) in the training clips under "
+                               f"{spec.metadata_path or spec.train_data_dir}:\n  " + "\n  ".join(problems[:20]))
+        self.dataset = VideoDataset(clips, rule, spec.center_crop, spec.seed)
+
+    def _order_of(self, epoch: int) -> list[list[tuple[int, bool, int]]]:
+        assert self.dataset is not None
+        buckets = [clip.bucket for clip in self.dataset.clips]
+        return bucketed_epoch_order(buckets, self.spec.batch_size, self.spec.seed, epoch, self.spec.random_flip)
+
+    # -- placement: what goes to the card, in which form --------------------------------------
+
+    def _place_model(self) -> None:
+        """The VAE to the card; the transformer waits for its LoRA (``load`` below), the text
+        encoder for ``prepare`` when captions are cached."""
+        assert self.model is not None
+        self.model.vae.to(self.device)
+        if not self.spec.cache_text_embeddings:
+            for encoder in self.model.text_encoders:
+                encoder.to(self.device)
+
+    def load(self) -> None:
+        super().load()
+        assert self.model is not None
+        denoiser = self.model.denoiser
+        if self.spec.fp8_base:
+            self._store_in_fp8(denoiser)
+        swapped = self._swapped_blocks(denoiser)
+        for name, child in denoiser.named_children():
+            if name != "blocks":
+                child.to(self.device)
+        for block in denoiser.blocks[:len(denoiser.blocks) - len(swapped)]:
+            block.to(self.device)
+        for param in denoiser.parameters(recurse=False):
+            param.data = param.data.to(self.device)
+        if swapped:
+            self._swap(swapped)
+
+    def _store_in_fp8(self, denoiser: Any) -> None:
+        """diffusers' layerwise casting: each frozen layer's weight stored in fp8 and cast to the
+        compute dtype for its forward. The LoRA layers (``lora_``) stay out: they train in fp32."""
+        skip = tuple(getattr(denoiser, "_skip_layerwise_casting_patterns", None) or ()) + ("lora_",)
+        compute = torch.float32 if self.dtype == torch.float32 else self.dtype
+        denoiser.enable_layerwise_casting(storage_dtype=getattr(torch, FP8), compute_dtype=compute,
+                                          skip_modules_pattern=skip)
+        self.notes.append("fp8_base: the frozen transformer is stored in float8_e4m3fn")
+
+    def _swapped_blocks(self, denoiser: Any) -> list[Any]:
+        count = min(self.spec.blocks_to_swap, len(denoiser.blocks))
+        return list(denoiser.blocks[len(denoiser.blocks) - count:]) if count else []
+
+    def _swap(self, blocks: list[Any]) -> None:
+        """Each swapped block's leaves stay on the host and come to the card for their forward
+        (diffusers' group offloading); with gradient checkpointing the recompute before the
+        backward brings them again. On the CPU nothing moves; the hooks run all the same."""
+        from diffusers.hooks import apply_group_offloading
+
+        host = torch.device("cpu")
+        for block in blocks:
+            apply_group_offloading(block, onload_device=self.device, offload_device=host,
+                                   offload_type="leaf_level", use_stream=self.device.type == "cuda")
+        self.notes.append(f"blocks_to_swap: the last {len(blocks)} transformer blocks stay on the host")
+
+    # -- captions -----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.spec.cache_text_embeddings:
+            self._cache_captions()
+
+    @torch.no_grad()
+    def _cache_captions(self) -> None:
+        """Each distinct caption encoded once on the card, then the text encoder leaves it."""
+        assert self.model is not None and self.adapter is not None and self.dataset is not None
+        encoders = self.model.text_encoders
+        for encoder in encoders:
+            encoder.to(self.device)
+        captions = sorted({example.caption for example in self.dataset.examples})
+        for caption in captions:
+            self.caption_cache[caption] = self.adapter.encode(self.model, [caption], self.device)[0]
+        for encoder in encoders:
+            encoder.to("cpu")
+
+    def caption_states(self, captions: list[str]) -> torch.Tensor:
+        """The text encoder's states of a batch's captions: cached, or encoded now."""
+        assert self.model is not None and self.adapter is not None
+        if all(caption in self.caption_cache for caption in captions):
+            return torch.stack([self.caption_cache[caption] for caption in captions])
+        return self.adapter.encode(self.model, captions, self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "cached_captions": len(self.caption_cache),
+                "buckets": sorted({f"{w}x{h}" for w, h in (c.bucket for c in self.dataset.clips)})
+                if self.dataset else []}

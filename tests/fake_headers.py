@@ -187,3 +187,29 @@ def zimage_headers(root: Path) -> Path:
     for folder, params in (("text_encoder", 4_022_468_096), ("vae", 83_819_683)):
         write_header_only(root / folder / "model.safetensors", {"weight": [params]}, "BF16")
     return root
+
+
+# Wan 2.1 T2V: (width, feed-forward, blocks, heads, transformer parameters)
+WAN21_SIZES = {"1.3B": (1536, 8960, 30, 12, 1_418_996_800), "14B": (5120, 13824, 40, 40, 14_288_491_584)}
+UMT5_XXL_ENCODER, WAN_VAE = 5_680_910_336, 126_892_531
+
+
+def wan21_headers(root: Path, size: str = "14B") -> Path:
+    """Wan 2.1 T2V's parameter counts (fp32 headers, no data; our assumption for how the
+    -Diffusers folders store them): the transformer with every block Linear at its real shape
+    (blocks.N.*: the estimate counts the swapped blocks from them), UMT5-XXL's encoder, the VAE."""
+    width, ffn, blocks, heads, total = WAN21_SIZES[size]
+    config = {"_class_name": "WanTransformer3DModel", "num_layers": blocks, "num_attention_heads": heads,
+              "attention_head_dim": width // heads, "ffn_dim": ffn, "in_channels": 16, "text_dim": 4096}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    shapes = {f"blocks.{i}.{attn}.{p}.weight": [width, width] for i in range(blocks)
+              for attn in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes |= {f"blocks.{i}.ffn.net.0.proj.weight": [ffn, width] for i in range(blocks)}
+    shapes |= {f"blocks.{i}.ffn.net.2.weight": [width, ffn] for i in range(blocks)}
+    shapes["condition_embedder.rest.weight"] = [total - sum(a * b for a, b in shapes.values())]
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes)
+    for folder, params in (("text_encoder", UMT5_XXL_ENCODER), ("vae", WAN_VAE)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]})
+    return root

@@ -273,3 +273,36 @@ def test_wan_single_files_are_recognised_and_refused_for_now(tmp_path, clips):
     assert inspect_base_model(comfy).family == "wan21"
     code, output = validate(write_video_spec(tmp_path, comfy, clips))
     assert code == 1 and "from its diffusers folder only" in output and "Fix:" in output, output
+
+
+# -- the estimate at real sizes -------------------------------------------------------------
+
+def wan_spec(base: Path, **fields) -> VideoJobSpec:
+    settings = {"buckets": ["832x480"], "num_frames": 81, "lora_rank": 16, "mixed_precision": "bf16", **fields}
+    return VideoJobSpec(name="wan", base_model=base, train_data_dir=base, **settings)
+
+
+def test_the_estimate_knows_frames_resolution_and_every_memory_lever(tmp_path):
+    from lora_farm.scheduler.estimate import estimate_vram
+    from lora_farm.scheduler.host_ram import estimate_host_ram
+    from tests.fake_headers import wan21_headers
+
+    base = wan21_headers(tmp_path / "14B", "14B")
+    plain = estimate_vram(wan_spec(base))
+    checkpointed = estimate_vram(wan_spec(base, gradient_checkpointing=True))
+    fp8 = estimate_vram(wan_spec(base, gradient_checkpointing=True, fp8_base=True))
+    swapped = estimate_vram(wan_spec(base, gradient_checkpointing=True, fp8_base=True, blocks_to_swap=20))
+    gib = 1024
+    assert 26 * gib < checkpointed.parts["frozen_weights"] < 27.5 * gib  # 14.29 B x 2 bytes (+ VAE)
+    assert 12 * gib < checkpointed.parts["activations"] < 22 * gib  # 21 latent frames of 1,560 tokens
+    assert plain.total_mb > checkpointed.total_mb > fp8.total_mb > swapped.total_mb
+    assert abs(checkpointed.parts["frozen_weights"] - fp8.parts["frozen_weights"] - 14.29e9 / 2**20) < 0.1 * gib
+    # the text encoder (UMT5-XXL, 10.6 GiB in bf16) alone on the card while captions are encoded
+    assert swapped.parts["frozen_weights"] >= 5.68e9 * 2 / 2**20
+    uncached = estimate_vram(wan_spec(base, gradient_checkpointing=True, cache_text_embeddings=False))
+    assert uncached.parts["frozen_weights"] - checkpointed.parts["frozen_weights"] > 10 * gib
+    short = estimate_vram(wan_spec(base, gradient_checkpointing=True, num_frames=33))
+    wide = estimate_vram(wan_spec(base, gradient_checkpointing=True, buckets=["1280x720"]))
+    assert short.parts["activations"] < checkpointed.parts["activations"] < wide.parts["activations"]
+    host = estimate_host_ram(wan_spec(base, gradient_checkpointing=True, fp8_base=True, blocks_to_swap=20))
+    assert host.parts["base_as_stored"] > (14.29e9 + 5.68e9) * 4 / 2**20  # fp32 files, read before casting

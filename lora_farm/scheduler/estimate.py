@@ -44,7 +44,7 @@ from typing import Any, Iterable, Literal
 from lora_farm import families
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model, read_safetensors_header
-from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS
 
 MIB = 1024 * 1024
@@ -107,7 +107,12 @@ def _model_parts(spec: JobSpec) -> dict[str, float]:
     info = base_model_info(spec)
     width = 4 if spec.mixed_precision == "no" else 2
     tensors = _tensors(info)
-    if isinstance(spec, ImageJobSpec):
+    if isinstance(spec, VideoJobSpec):
+        card = families.by_name(info.family)
+        frozen = _video_frozen_mb(spec, tensors, width, card.params)
+        lora = _image_lora_params(spec, card, tensors)
+        activations = _video_activations_mb(spec, card, info)
+    elif isinstance(spec, ImageJobSpec):
         card = families.by_name(info.family)
         frozen = _frozen_mb(tensors, width, card.params)
         lora = _image_lora_params(spec, card, tensors)
@@ -211,6 +216,53 @@ def _image_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseM
     per_sample = card.activation_mb_512 * (spec.resolution / 512) ** 2
     width = card.width(info.details.get(card.denoiser, {}))
     if width:  # a narrower denoiser keeps proportionally smaller activations
+        per_sample *= width / card.reference_width
+    if spec.gradient_checkpointing:
+        per_sample *= card.checkpointing_keeps
+    if spec.mixed_precision == "no":
+        per_sample *= 2
+    return spec.batch_size * per_sample
+
+
+# ---- video ------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _video_frozen_mb(spec: VideoJobSpec, tensors: list[_Tensor], width: int, fallback_params: float) -> float:
+    """The weights on the card at the peak: the VAE, plus the larger of the text encoder (alone
+    while it encodes the captions, when they are cached) and the transformer as the levers leave
+    it (fp8: 1 byte a weight; ``blocks_to_swap``: those blocks on the host but one in flight)."""
+    if not tensors:
+        return fallback_params * width / MIB
+    def params(component: str) -> int:
+        return sum(math.prod(t.shape) for t in tensors if t.component == component)
+
+    blocks: dict[int, int] = {}
+    for tensor in tensors:
+        match = _BLOCK.match(tensor.name) if tensor.component == "denoiser" else None
+        if match:
+            blocks[int(match[1])] = blocks.get(int(match[1]), 0) + math.prod(tensor.shape)
+    swapped = [blocks[index] for index in sorted(blocks)[len(blocks) - min(spec.blocks_to_swap, len(blocks)):]]
+    in_flight = max(swapped) if swapped and spec.blocks_to_swap else 0
+    denoiser = params("denoiser") - (sum(swapped) if spec.blocks_to_swap else 0) + in_flight
+    denoiser_mb = denoiser * (1 if spec.fp8_base else width) / MIB
+    encoders_mb = params("text_encoder") * width / MIB
+    shared = max(denoiser_mb, encoders_mb) if spec.cache_text_embeddings else denoiser_mb + encoders_mb
+    return shared + params("vae") * width / MIB
+
+
+def latent_frames(spec: VideoJobSpec, card: families.Family) -> int:
+    return (spec.num_frames - 1) // card.temporal_compression + 1
+
+
+def _video_activations_mb(spec: VideoJobSpec, card: families.Family, info: BaseModelInfo) -> float:
+    """The card's 512 x 512 px figure per latent frame x latent frames x the largest bucket's
+    pixels, scaled and checkpointed as an image's."""
+    pixels = max(width * height for width, height in spec.frame_sizes)
+    per_sample = card.activation_mb_512 * pixels / 512**2 * latent_frames(spec, card)
+    width = card.width(info.details.get(card.denoiser, {}))
+    if width:
         per_sample *= width / card.reference_width
     if spec.gradient_checkpointing:
         per_sample *= card.checkpointing_keeps

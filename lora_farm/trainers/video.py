@@ -3,7 +3,7 @@ image program with clips for images, captions encoded once, and the memory lever
 
 What differs from ``ImageProgram``: the data (``video_data``: clips decoded with PyAV, bucketed,
 ``pixel_values`` of (3, frames, H, W)); the text encoder, which encodes every distinct caption
-once in ``prepare`` and then leaves the card (``cache_text_embeddings``); the frozen transformer
+once in ``load``, before the transformer comes to the card, and then leaves it (``cache_text_embeddings``); the frozen transformer
 stored in fp8 (``fp8_base``: diffusers' layerwise casting, the LoRA kept out of it) and its last
 ``blocks_to_swap`` blocks kept on the host (diffusers' group offloading, leaf by leaf). Latent
 caching, the loop, the LoRA and both exports are the image program's.
@@ -69,8 +69,13 @@ class VideoProgram(ImageProgram):
                 encoder.to(self.device)
 
     def load(self) -> None:
+        """The LoRA added on the host; the captions encoded while the transformer is still
+        there (the text encoder and the transformer never share the card); then the
+        transformer goes to the card in the form the levers say."""
         super().load()
         assert self.model is not None
+        if self.spec.cache_text_embeddings:
+            self._cache_captions()
         denoiser = self.model.denoiser
         if self.spec.fp8_base:
             self._store_in_fp8(denoiser)
@@ -112,14 +117,11 @@ class VideoProgram(ImageProgram):
 
     # -- captions -----------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        super().prepare()
-        if self.spec.cache_text_embeddings:
-            self._cache_captions()
-
     @torch.no_grad()
     def _cache_captions(self) -> None:
         """Each distinct caption encoded once on the card, then the text encoder leaves it."""
+        if self.dataset is None:
+            self.check_data()
         assert self.model is not None and self.adapter is not None and self.dataset is not None
         encoders = self.model.text_encoders
         for encoder in encoders:

@@ -306,3 +306,41 @@ def test_the_estimate_knows_frames_resolution_and_every_memory_lever(tmp_path):
     assert short.parts["activations"] < checkpointed.parts["activations"] < wide.parts["activations"]
     host = estimate_host_ram(wan_spec(base, gradient_checkpointing=True, fp8_base=True, blocks_to_swap=20))
     assert host.parts["base_as_stored"] > (14.29e9 + 5.68e9) * 4 / 2**20  # fp32 files, read before casting
+
+
+def test_wan_22_folders_are_not_taken_for_wan_21(tmp_path, clips):
+    """A14B's second expert (transformer_2) and TI2V-5B's per-token timesteps are other steps:
+    refused at validation, naming the supported families."""
+    for name, index, extra in (("a14b", {"_class_name": "WanPipeline", "boundary_ratio": 0.875}, "transformer_2"),
+                               ("ti2v", {"_class_name": "WanPipeline", "expand_timesteps": True}, None)):
+        folder = tmp_path / name
+        (folder / "transformer").mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps(index))
+        (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+        if extra:
+            (folder / extra).mkdir()
+        code, output = validate(write_video_spec(tmp_path, folder, clips))
+        assert code == 1 and "does not train (WanPipeline)" in output and "wan21 (Wan 2.1 T2V)" in output, output
+
+
+# -- host RAM at submit ---------------------------------------------------------------------------
+
+def test_submit_refuses_a_job_no_host_has_the_ram_for_and_records_the_figure(
+        farm_env, ledger, monkeypatch, tmp_path, tiny_wan, clips):
+    from lora_farm.errors import NoCapacity
+    from lora_farm.settings import reload_settings
+    from lora_farm.submit import submit_files
+
+    spec = write_video_spec(tmp_path, tiny_wan, clips, name="wan-ram", buckets=[BUCKET])
+    monkeypatch.setenv("LORAFARM_HOST_RAM", "2GiB")  # below the trainer process alone (3 GiB)
+    reload_settings()
+    with pytest.raises(NoCapacity) as refused:
+        submit_files([spec], ledger, batch="ram", send=lambda *args: None)
+    message = str(refused.value)
+    assert "wan-ram:" in message and "of host RAM" in message and "has 2.0 GB" in message, message
+    assert ledger.queued_ids(10) == []  # nothing was submitted
+    monkeypatch.setenv("LORAFARM_HOST_RAM", "16GiB")
+    reload_settings()
+    report = submit_files([spec], ledger, batch="ram", send=lambda *args: None)
+    record = report.jobs[0].record
+    assert 3 * 1024 < record.host_ram_mb < 4 * 1024  # 3 GiB process + the tiny model + 2 clips in flight

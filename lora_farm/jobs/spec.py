@@ -62,6 +62,8 @@ class JobSpec(BaseModel):
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     gpus: int = Field(1, ge=1, le=16, description=">1: one DDP job over that many whole cards")
     vram_gb: float | None = Field(None, gt=0, le=2048, description="override the VRAM estimate")
+    host_ram_gb: float | None = Field(None, gt=0, le=65536, description="override the host RAM "
+                                      "estimate")
     max_retries: int = Field(2, ge=0, le=50, description="retries after a crash or OOM")
     timeout: Seconds | None = Field(24 * 3600, gt=0, le=90 * 24 * 3600,
                                     description="wall-clock limit per attempt ('6h', '90m', s)")
@@ -145,8 +147,8 @@ class JobSpec(BaseModel):
 
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
-        # an unset base_model_id leaves the hashes of specs written before it existed alone
-        unset = {"base_model_id"} if self.base_model_id is None else set()
+        # an unset base_model_id / host_ram_gb leaves the hashes of specs written before they existed alone
+        unset = {name for name in ("base_model_id", "host_ram_gb") if getattr(self, name) is None}
         payload = self.model_dump(mode="json", exclude={"batch"} | unset)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -344,3 +344,14 @@ def test_submit_refuses_a_job_no_host_has_the_ram_for_and_records_the_figure(
     report = submit_files([spec], ledger, batch="ram", send=lambda *args: None)
     record = report.jobs[0].record
     assert 3 * 1024 < record.host_ram_mb < 4 * 1024  # 3 GiB process + the tiny model + 2 clips in flight
+
+
+def test_video_fields_are_refused_each_by_its_name(tmp_path, tiny_wan, clips):
+    code, output = validate(write_video_spec(tmp_path, tiny_wan, clips, frame_stride=2, fps=4, blocks_to_swap=1,
+                                             buckets=["64x40"]))
+    assert code == 1 and "Traceback" not in output, output
+    assert "`fps` is 4 and `frame_stride` is set too" in output, output
+    assert "`blocks_to_swap` is 1, which needs `gradient_checkpointing: true`" in output, output
+    assert "`buckets` bucket '64x40': width and height must be multiples of 16" in output, output
+    code, output = validate(write_video_spec(tmp_path, tiny_wan, clips, fps=1))  # 12 frames at 8 fps: 1.5 s
+    assert code == 1 and "too few frames for 9 frames at 1 fps" in output and "raise `fps`" in output, output

@@ -60,9 +60,9 @@ def check_spec(label: str, spec: JobSpec, *, check_output: bool = True,
     problems += _check_output(label, spec) if check_output and usable("output_dir") else []
     if usable("base_model", "resume_from", "base_model_config"):
         problems += _check_optional_paths(label, spec)
-    if isinstance(spec, VideoJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension",
-                                                 "num_frames", "frame_stride", "fps"):
-        problems += check_video_dataset(label, spec)
+    if isinstance(spec, VideoJobSpec):
+        if usable("train_data_dir", "metadata_path", "caption_extension", "num_frames", "frame_stride", "fps"):
+            problems += check_video_dataset(label, spec)
     elif isinstance(spec, ImageJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension"):
         problems += check_image_dataset(label, spec)
     elif isinstance(spec, LlmJobSpec) and usable("train_data_dir", "text_field"):

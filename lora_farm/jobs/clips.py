@@ -36,6 +36,12 @@ class FrameRule:
     def of_spec(cls, spec: Any) -> "FrameRule":
         return cls(spec.num_frames, spec.frame_stride or 1, spec.fps)
 
+    def shorter(self) -> str:
+        """How the sample would span less of a clip."""
+        if self.fps:
+            return "lower `num_frames`, or raise `fps` (up to the clip's own rate)"
+        return "lower `num_frames` or `frame_stride`" if self.stride > 1 else "lower `num_frames`"
+
     def describe(self) -> str:
         how = f"at {self.fps:g} fps" if self.fps else f"every {self.stride}" if self.stride > 1 else "in a row"
         return f"{self.count} frames {how}"
@@ -88,8 +94,7 @@ def _video_frames(clip: Path, rule: FrameRule) -> list[Any]:
     if seen == 0:
         raise ClipError(f"{clip}: no frame decodes (an empty or damaged video); re-encode or remove it")
     raise ClipError(f"{clip}: too few frames for {rule.describe()}: it ends after {seen} decoded "
-                    f"frame(s) ({len(picked)} of {rule.count} taken); use a longer clip, or lower "
-                    "`num_frames`, `frame_stride` or `fps`")
+                    f"frame(s) ({len(picked)} of {rule.count} taken); use a longer clip, or {rule.shorter()}")
 
 
 def _wanted(frame: Any, index: int, taken: int, rule: FrameRule, stream: Any) -> bool:
@@ -113,8 +118,7 @@ def _folder_frames(folder: Path, rule: FrameRule) -> list[Any]:
     files = frame_files(folder)[::rule.stride][:rule.count]
     if len(files) < rule.count:
         raise ClipError(f"{folder}: too few frames for {rule.describe()}: it holds "
-                        f"{len(frame_files(folder))} frame image(s); add frames, or lower "
-                        "`num_frames` or `frame_stride`")
+                        f"{len(frame_files(folder))} frame image(s); add frames, or {rule.shorter()}")
     return [_image_frame(file) for file in files]
 
 

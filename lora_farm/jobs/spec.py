@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -191,7 +192,7 @@ def parse_bucket(value: str) -> tuple[int, int]:
         raise ValueError(f"each bucket must be 'WIDTHxHEIGHT' such as '832x480', got {value!r}")
     width, height = int(match[1]), int(match[2])
     if not all(32 <= side <= 4096 and side % 16 == 0 for side in (width, height)):
-        raise ValueError(f"bucket {value!r}: width and height must be multiples of 16 between 64 "
+        raise ValueError(f"bucket {value!r}: width and height must be multiples of 16 between 32 "
                          "and 4096 (the VAE's 8x and the transformer's 2x2 patches); e.g. '832x480'")
     return width, height
 
@@ -229,15 +230,21 @@ class VideoJobSpec(ImageJobSpec):
                 parse_bucket(bucket)
         return buckets
 
-    @model_validator(mode="after")
-    def _one_frame_rule(self) -> "VideoJobSpec":
-        if self.frame_stride is not None and self.fps is not None:
-            raise ValueError("set `frame_stride` or `fps`, not both (fps resamples the clip, "
-                             "frame_stride skips frames of it)")
-        if self.blocks_to_swap and not self.gradient_checkpointing:
-            raise ValueError("`blocks_to_swap` needs `gradient_checkpointing: true` (a swapped "
-                             "block's weights must leave the card between forward and backward)")
-        return self
+    @field_validator("fps")
+    @classmethod
+    def _one_frame_rule(cls, fps: float | None, info: ValidationInfo) -> float | None:
+        if fps is not None and info.data.get("frame_stride") is not None:
+            raise ValueError(f"is {fps:g} and `frame_stride` is set too; keep one (fps resamples "
+                             "the clip, frame_stride skips frames of it)")
+        return fps
+
+    @field_validator("blocks_to_swap")
+    @classmethod
+    def _swap_needs_checkpointing(cls, count: int, info: ValidationInfo) -> int:
+        if count and not info.data.get("gradient_checkpointing"):
+            raise ValueError(f"is {count}, which needs `gradient_checkpointing: true` (a swapped "
+                             "block's weights leave the card between its forward and backward)")
+        return count
 
     @property
     def frame_sizes(self) -> list[tuple[int, int]]:

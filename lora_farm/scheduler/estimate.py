@@ -25,6 +25,12 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
   hidden x (34 bytes x layers)`` (Korthikanti et al. 2022, with flash/SDPA attention) plus the
   logits ``batch x seq_len x vocab x 10 bytes``. fp32 (``no``) doubles them; gradient
   checkpointing keeps the card's share of them (image) or one layer plus each layer's input (LLM).
+- video (``VideoJobSpec``, a card with ``media="video"``): activations are the card's 512 px figure
+  per latent frame x ``(num_frames - 1) / temporal_compression + 1`` latent frames x the largest
+  bucket's pixels over 512 x 512; the frozen weights on the card are the VAE plus the larger of the
+  text encoder (alone on the card while the captions are cached) and the transformer as the levers
+  leave it: ``fp8_base`` 1 byte a weight, ``blocks_to_swap`` those blocks on the host but one.
+  The host RAM is ``scheduler.host_ram``'s.
 - ``cuda_context``: ~500 MiB per process (CUDA context + cuBLAS workspace + kernels); it is not in
   the trainer's ``peak_vram_mb`` (``torch.cuda.max_memory_reserved``).
 
@@ -238,18 +244,23 @@ def _video_frozen_mb(spec: VideoJobSpec, tensors: list[_Tensor], width: int, fal
     def params(component: str) -> int:
         return sum(math.prod(t.shape) for t in tensors if t.component == component)
 
+    swapped = _swapped_block_params(tensors, spec.blocks_to_swap)
+    denoiser = params("denoiser") - sum(swapped) + max(swapped, default=0)  # one swapped block in flight
+    denoiser_mb = denoiser * (1 if spec.fp8_base else width) / MIB
+    encoders_mb = params("text_encoder") * width / MIB
+    shared = max(denoiser_mb, encoders_mb) if spec.cache_text_embeddings else denoiser_mb + encoders_mb
+    return shared + params("vae") * width / MIB
+
+
+def _swapped_block_params(tensors: list[_Tensor], count: int) -> list[int]:
+    """The parameter counts of the last ``count`` denoiser blocks (``blocks.N.*``)."""
     blocks: dict[int, int] = {}
     for tensor in tensors:
         match = _BLOCK.match(tensor.name) if tensor.component == "denoiser" else None
         if match:
             blocks[int(match[1])] = blocks.get(int(match[1]), 0) + math.prod(tensor.shape)
-    swapped = [blocks[index] for index in sorted(blocks)[len(blocks) - min(spec.blocks_to_swap, len(blocks)):]]
-    in_flight = max(swapped) if swapped and spec.blocks_to_swap else 0
-    denoiser = params("denoiser") - (sum(swapped) if spec.blocks_to_swap else 0) + in_flight
-    denoiser_mb = denoiser * (1 if spec.fp8_base else width) / MIB
-    encoders_mb = params("text_encoder") * width / MIB
-    shared = max(denoiser_mb, encoders_mb) if spec.cache_text_embeddings else denoiser_mb + encoders_mb
-    return shared + params("vae") * width / MIB
+    last = sorted(blocks)[len(blocks) - min(count, len(blocks)):] if count else []
+    return [blocks[index] for index in last]
 
 
 def latent_frames(spec: VideoJobSpec, card: families.Family) -> int:

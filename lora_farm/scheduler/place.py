@@ -320,7 +320,7 @@ def _no_host_ram_message(host_ram_mb: float, snapshots: list[GpuSnapshot]) -> st
     host, ram = max(((s.host, s.host_ram_mb or 0.0) for s in snapshots), key=lambda pair: pair[1],
                     default=("-", 0.0))
     return (f"the job needs {_gb(host_ram_mb)} of host RAM (the base model is read whole before it is "
-            f"cast; see `lorafarm validate`), but the largest host {host} has {_gb(ram)}. Fix: store the "
+            f"cast), but the largest host {host} has {_gb(ram)}. Fix: store the "
             "base in bf16 (not fp32) to halve what is read, run it on a host with more RAM (or add "
             "swap and set LORAFARM_HOST_RAM), or set `host_ram_gb` if the estimate is wrong for this job.")
 

@@ -17,7 +17,7 @@ Prints figures only; the assertions on these estimates live in the family tests.
 The second table: Wan 2.1 T2V 1.3B and 14B (video), 480p (832x480) and 720p (1280x720), 33 and
 81 frames, rank 16, batch 1, bf16, from no lever to all of them (implemented, not derived):
 gradient checkpointing, then `fp8_base` (the frozen transformer in fp8), then `blocks_to_swap`
-(half the blocks on the host). Captions are cached (the default), so the text encoder and the
+(half the blocks on the host), then `fp8_text_encoder` (UMT5 in fp8 while it encodes). Captions are cached (the default), so the text encoder and the
 transformer never share the card: the weights are the larger of the two plus the VAE.
 """
 
@@ -107,7 +107,9 @@ def main() -> None:
 
 WAN_LEVERS = [("none", {}), ("ckpt", {"gradient_checkpointing": True}),
               ("ckpt+fp8", {"gradient_checkpointing": True, "fp8_base": True}),
-              ("ckpt+fp8+swap", {"gradient_checkpointing": True, "fp8_base": True, "blocks_to_swap": "half"})]
+              ("ckpt+fp8+swap", {"gradient_checkpointing": True, "fp8_base": True, "blocks_to_swap": "half"}),
+              ("+fp8 TE", {"gradient_checkpointing": True, "fp8_base": True, "blocks_to_swap": "half",
+                           "fp8_text_encoder": True})]
 WAN_HEADER = ["model", "size", "frames", "lora", "act ckpt"] + [f"{name}" for name, _ in WAN_LEVERS] + ["host RAM"]
 WAN_ANCHOR = ("Wan 14B video LoRA with musubi-tuner's fp8 base + block swap: 24 GB cards (users' reports: "
               "'24G VRAM is sufficient for video training', clips of at most 81 frames at 16 fps on an RTX 3090)")

@@ -159,6 +159,18 @@ def test_fp8_base_stores_the_frozen_transformer_in_8_bits_and_learns(tmp_path, t
     check_learns(program, program.model.denoiser, steps=30)
 
 
+def test_fp8_text_encoder_encodes_the_captions_from_8_bit_weights(tmp_path, tiny_wan, clips):
+    plain = ready(make_video_program(tmp_path / "plain", tiny_wan, clips))
+    fp8 = ready(make_video_program(tmp_path / "fp8", tiny_wan, clips, fp8_text_encoder=True))
+    weights = {name: p.dtype for name, p in fp8.model.text_encoders[0].named_parameters()}
+    assert weights["encoder.block.0.layer.0.SelfAttention.q.weight"] == torch.float8_e4m3fn
+    assert weights["shared.weight"] == torch.float32  # the embedding is kept
+    for caption, states in plain.caption_cache.items():
+        quantised = fp8.caption_cache[caption]
+        assert torch.isfinite(quantised).all() and not torch.equal(quantised, states)
+        assert torch.nn.functional.cosine_similarity(quantised.flatten(), states.flatten(), dim=0) > 0.95
+
+
 def test_swapped_blocks_and_checkpointing_give_the_same_losses(tmp_path, tiny_wan, clips):
     """On the CPU nothing moves, but the offloading hooks run through forward, recompute and
     backward: the losses of 3 steps are those of the plain run."""
@@ -299,6 +311,9 @@ def test_the_estimate_knows_frames_resolution_and_every_memory_lever(tmp_path):
     assert abs(checkpointed.parts["frozen_weights"] - fp8.parts["frozen_weights"] - 14.29e9 / 2**20) < 0.1 * gib
     # the text encoder (UMT5-XXL, 10.6 GiB in bf16) alone on the card while captions are encoded
     assert swapped.parts["frozen_weights"] >= 5.68e9 * 2 / 2**20
+    encoder_fp8 = estimate_vram(wan_spec(base, gradient_checkpointing=True, fp8_base=True, blocks_to_swap=20,
+                                         fp8_text_encoder=True))
+    assert swapped.total_mb - encoder_fp8.total_mb > 3 * 1024  # the text encoder was the floor
     uncached = estimate_vram(wan_spec(base, gradient_checkpointing=True, cache_text_embeddings=False))
     assert uncached.parts["frozen_weights"] - checkpointed.parts["frozen_weights"] > 10 * gib
     short = estimate_vram(wan_spec(base, gradient_checkpointing=True, num_frames=33))

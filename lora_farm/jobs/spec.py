@@ -221,6 +221,8 @@ class VideoJobSpec(ImageJobSpec):
                                 "gradient_checkpointing)")
     cache_text_embeddings: bool = Field(True, description="encode each caption once, then free "
                                         "the text encoder from the card")
+    fp8_text_encoder: bool = Field(False, description="store the frozen text encoder in 8 bits "
+                                   "(fp8 e4m3) too (musubi-tuner's --fp8_t5)")
 
     @field_validator("buckets")
     @classmethod

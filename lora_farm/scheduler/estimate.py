@@ -29,7 +29,8 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
   per latent frame x ``(num_frames - 1) / temporal_compression + 1`` latent frames x the largest
   bucket's pixels over 512 x 512; the frozen weights on the card are the VAE plus the larger of the
   text encoder (alone on the card while the captions are cached) and the transformer as the levers
-  leave it: ``fp8_base`` 1 byte a weight, ``blocks_to_swap`` those blocks on the host but one.
+  leave it: ``fp8_base`` 1 byte a weight, ``blocks_to_swap`` those blocks on the host but one;
+  ``fp8_text_encoder`` 1 byte a text-encoder weight.
   The host RAM is ``scheduler.host_ram``'s.
 - ``cuda_context``: ~500 MiB per process (CUDA context + cuBLAS workspace + kernels); it is not in
   the trainer's ``peak_vram_mb`` (``torch.cuda.max_memory_reserved``).
@@ -247,7 +248,7 @@ def _video_frozen_mb(spec: VideoJobSpec, tensors: list[_Tensor], width: int, fal
     swapped = _swapped_block_params(tensors, spec.blocks_to_swap)
     denoiser = params("denoiser") - sum(swapped) + max(swapped, default=0)  # one swapped block in flight
     denoiser_mb = denoiser * (1 if spec.fp8_base else width) / MIB
-    encoders_mb = params("text_encoder") * width / MIB
+    encoders_mb = params("text_encoder") * (1 if spec.fp8_text_encoder else width) / MIB
     shared = max(denoiser_mb, encoders_mb) if spec.cache_text_embeddings else denoiser_mb + encoders_mb
     return shared + params("vae") * width / MIB
 

@@ -4,7 +4,8 @@ image program with clips for images, captions encoded once, and the memory lever
 What differs from ``ImageProgram``: the data (``video_data``: clips decoded with PyAV, bucketed,
 ``pixel_values`` of (3, frames, H, W)); the text encoder, which encodes every distinct caption
 once in ``load``, before the transformer comes to the card, and then leaves it (``cache_text_embeddings``); the frozen transformer
-stored in fp8 (``fp8_base``: diffusers' layerwise casting, the LoRA kept out of it) and its last
+stored in fp8 (``fp8_base``: diffusers' layerwise casting, the LoRA kept out of it; the text
+encoder too with ``fp8_text_encoder``) and its last
 ``blocks_to_swap`` blocks kept on the host (diffusers' group offloading, leaf by leaf). Latent
 caching, the loop, the LoRA and both exports are the image program's.
 """
@@ -60,13 +61,10 @@ class VideoProgram(ImageProgram):
     # -- placement: what goes to the card, in which form --------------------------------------
 
     def _place_model(self) -> None:
-        """The VAE to the card; the transformer waits for its LoRA (``load`` below), the text
-        encoder for ``prepare`` when captions are cached."""
+        """The VAE to the card; the transformer waits for its LoRA, the text encoder for its
+        fp8 form and, when captions are cached, for their turn (``load`` below)."""
         assert self.model is not None
         self.model.vae.to(self.device)
-        if not self.spec.cache_text_embeddings:
-            for encoder in self.model.text_encoders:
-                encoder.to(self.device)
 
     def load(self) -> None:
         """The LoRA added on the host; the captions encoded while the transformer is still
@@ -74,8 +72,13 @@ class VideoProgram(ImageProgram):
         transformer goes to the card in the form the levers say."""
         super().load()
         assert self.model is not None
+        if self.spec.fp8_text_encoder:
+            self._text_encoder_in_fp8()
         if self.spec.cache_text_embeddings:
             self._cache_captions()
+        else:
+            for encoder in self.model.text_encoders:
+                encoder.to(self.device)
         denoiser = self.model.denoiser
         if self.spec.fp8_base:
             self._store_in_fp8(denoiser)
@@ -94,10 +97,21 @@ class VideoProgram(ImageProgram):
         """diffusers' layerwise casting: each frozen layer's weight stored in fp8 and cast to the
         compute dtype for its forward. The LoRA layers (``lora_``) stay out: they train in fp32."""
         skip = tuple(getattr(denoiser, "_skip_layerwise_casting_patterns", None) or ()) + ("lora_",)
-        compute = torch.float32 if self.dtype == torch.float32 else self.dtype
-        denoiser.enable_layerwise_casting(storage_dtype=getattr(torch, FP8), compute_dtype=compute,
+        denoiser.enable_layerwise_casting(storage_dtype=getattr(torch, FP8), compute_dtype=self.dtype,
                                           skip_modules_pattern=skip)
         self.notes.append("fp8_base: the frozen transformer is stored in float8_e4m3fn")
+
+    def _text_encoder_in_fp8(self) -> None:
+        """The same casting for the text encoders' Linear layers; norms, embeddings and T5's
+        feed-forward output (``wo``, whose weight dtype T5 casts its hidden states to) are kept."""
+        from diffusers.hooks import apply_layerwise_casting
+
+        assert self.model is not None
+        for encoder in self.model.text_encoders:
+            apply_layerwise_casting(encoder, storage_dtype=getattr(torch, FP8), compute_dtype=self.dtype,
+                                    skip_modules_pattern=("norm", r"\.wo$"),
+                                    skip_modules_classes=(torch.nn.Embedding,))
+        self.notes.append("fp8_text_encoder: the text encoder is stored in float8_e4m3fn")
 
     def _swapped_blocks(self, denoiser: Any) -> list[Any]:
         count = min(self.spec.blocks_to_swap, len(denoiser.blocks))

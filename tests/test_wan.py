@@ -323,19 +323,20 @@ def test_the_estimate_knows_frames_resolution_and_every_memory_lever(tmp_path):
     assert host.parts["base_as_stored"] > (14.29e9 + 5.68e9) * 4 / 2**20  # fp32 files, read before casting
 
 
-def test_wan_22_folders_are_not_taken_for_wan_21(tmp_path, clips):
-    """A14B's second expert (transformer_2) and TI2V-5B's per-token timesteps are other steps:
-    refused at validation, naming the supported families."""
-    for name, index, extra in (("a14b", {"_class_name": "WanPipeline", "boundary_ratio": 0.875}, "transformer_2"),
-                               ("ti2v", {"_class_name": "WanPipeline", "expand_timesteps": True}, None)):
+def test_wan_22_ti2v_and_image_to_video_folders_are_refused(tmp_path, clips):
+    """TI2V-5B's per-token timesteps and the image-to-video transformer (36 input channels, an
+    image embedding) are other steps: refused at validation, naming the supported families."""
+    for name, index, config in (("ti2v", {"_class_name": "WanPipeline", "expand_timesteps": True}, {}),
+                                ("i2v", {"_class_name": "WanImageToVideoPipeline"},
+                                 {"in_channels": 36, "image_dim": 1280})):
         folder = tmp_path / name
         (folder / "transformer").mkdir(parents=True)
         (folder / "model_index.json").write_text(json.dumps(index))
-        (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
-        if extra:
-            (folder / extra).mkdir()
+        (folder / "transformer" / "config.json").write_text(
+            json.dumps({"_class_name": "WanTransformer3DModel", **config}))
         code, output = validate(write_video_spec(tmp_path, folder, clips))
-        assert code == 1 and "does not train (WanPipeline)" in output and "wan21 (Wan 2.1 T2V)" in output, output
+        assert code == 1 and f"does not train ({index['_class_name']})" in output, output
+        assert "wan21 (Wan 2.1 T2V)" in output and "wan22 (Wan 2.2 T2V A14B)" in output, output
 
 
 # -- host RAM at submit ---------------------------------------------------------------------------
@@ -370,3 +371,59 @@ def test_video_fields_are_refused_each_by_its_name(tmp_path, tiny_wan, clips):
     assert "`buckets` bucket '64x40': width and height must be multiples of 16" in output, output
     code, output = validate(write_video_spec(tmp_path, tiny_wan, clips, fps=1))  # 12 frames at 8 fps: 1.5 s
     assert code == 1 and "too few frames for 9 frames at 1 fps" in output and "raise `fps`" in output, output
+
+
+
+# -- Wan 2.2 A14B: two experts ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_wan22(tmp_path_factory) -> Path:
+    return demo.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22", experts=True)
+
+
+def test_wan22_needs_an_expert_and_each_expert_has_its_range_of_t(tmp_path, tiny_wan22, clips):
+    assert inspect_base_model(tiny_wan22).family == "wan22"
+    code, output = validate(write_video_spec(tmp_path, tiny_wan22, clips))
+    assert code == 1 and "`expert` is not set" in output and "high_noise or low_noise" in output, output
+    code, output = validate(write_video_spec(tmp_path, tiny_wan22, clips, expert="low_noise"))
+    assert code == 0 and "Wan 2.2 T2V A14B (wan22)" in output, output
+    for expert, inside in (("high_noise", lambda s: s >= 0.875), ("low_noise", lambda s: s < 0.875)):
+        program = ready(make_video_program(tmp_path / expert, tiny_wan22, clips, expert=expert))
+        second = program.model.denoiser is program.model.pipeline.transformer_2
+        assert second == (expert == "low_noise")
+        sigmas = program.adapter.sigmas(program.model, 512, torch.Generator().manual_seed(3))
+        assert inside(sigmas).all() and sigmas.max() - sigmas.min() > 0.05, expert
+
+
+def test_wan22_low_noise_expert_trains_and_both_files_load_into_transformer_2(tmp_path, tiny_wan22, clips):
+    program = ready(make_video_program(tmp_path, tiny_wan22, clips, expert="low_noise", lora_alpha=8,
+                                       cache_latents=True))
+    untouched = {n: p.clone() for n, p in program.model.pipeline.transformer.named_parameters()}
+    check_learns(program, program.model.denoiser, steps=20)
+    assert all(torch.equal(p, untouched[n]) for n, p in program.model.pipeline.transformer.named_parameters())
+    files = exported(program)
+    expected = transformer_output(program.model.pipeline, program.model.denoiser)
+    tensors, metadata = read_safetensors(files["kohya"])
+    assert metadata["ss_base_model_version"] == "wan22" and "diffusion_model.blocks.0.ffn.0.alpha" in tensors
+    for kind in ("diffusers", "kohya"):
+        pipe = fresh_pipeline(tiny_wan22)
+        pipe.load_lora_weights(str(files[kind]), load_into_transformer_2=True)
+        got = transformer_output(pipe, pipe.transformer_2)
+        assert torch.allclose(got, expected, atol=1e-4), kind
+        assert not any("lora_" in name for name, _ in pipe.transformer.named_parameters())
+    resumed = ready(make_video_program(tmp_path / "resumed", tiny_wan22, clips, expert="low_noise",
+                                       resume_from=files["kohya"]))
+    got = transformer_output(resumed.model.pipeline, resumed.model.denoiser)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_wan22_estimates_one_expert_on_the_card_and_both_on_the_host(tmp_path):
+    from lora_farm.scheduler.estimate import estimate_vram
+    from lora_farm.scheduler.host_ram import estimate_host_ram
+    from tests.fake_headers import wan21_headers, wan22_a14b_headers
+
+    wan21 = wan_spec(wan21_headers(tmp_path / "wan21", "14B"), gradient_checkpointing=True)
+    wan22 = wan_spec(wan22_a14b_headers(tmp_path / "wan22"), gradient_checkpointing=True, expert="low_noise")
+    assert estimate_vram(wan22).total_mb == estimate_vram(wan21).total_mb
+    extra = estimate_host_ram(wan22).total_mb - estimate_host_ram(wan21).total_mb
+    assert abs(extra - 14.29e9 * 4 / 2**20) < 1024  # the other expert, read from its fp32 files

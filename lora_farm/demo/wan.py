@@ -55,8 +55,9 @@ def _transformer():
                                  ffn_dim=64, num_layers=2, rope_max_seq_len=256)
 
 
-def build_tiny_wan(path: Path, seed: int = 0) -> Path:
-    """Save a tiny ``WanPipeline`` folder to ``path``."""
+def build_tiny_wan(path: Path, seed: int = 0, experts: bool = False) -> Path:
+    """Save a tiny ``WanPipeline`` folder to ``path``; ``experts``: Wan 2.2 A14B's layout, a
+    second transformer (the low-noise expert) and T2V's boundary_ratio 0.875."""
     import torch
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
@@ -64,7 +65,9 @@ def build_tiny_wan(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=_umt5(tokenizer), vae=_vae(),
-                       scheduler=UniPCMultistepScheduler(**SCHEDULER), transformer=_transformer())
+                       scheduler=UniPCMultistepScheduler(**SCHEDULER), transformer=_transformer(),
+                       transformer_2=_transformer() if experts else None,
+                       boundary_ratio=0.875 if experts else None)
     pipe.save_pretrained(path)
     return path
 

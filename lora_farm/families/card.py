@@ -63,3 +63,5 @@ class Family:
     # then scale with latent frames x the frame's pixels over 512 x 512
     media: Media = "image"
     temporal_compression: int = 1
+    # two-expert models (Wan 2.2 A14B): the spec's `expert` -> the denoiser folder it trains
+    experts: Mapping[str, str] = field(default_factory=dict)

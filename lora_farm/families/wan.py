@@ -5,13 +5,16 @@ F frames -> (F - 1) / 4 + 1 latent frames, per-channel latents_mean/latents_std)
 with a static shift (5.0 for 720p, 3.0 for 480p in Wan's own sampler; training samples t
 uniformly, shifted as the scheduler config says, as musubi-tuner's ``--timestep_sampling shift``).
 
-Wan 2.2's A14B (two experts: ``transformer`` and ``transformer_2`` split at a boundary timestep)
-and TI2V-5B (48-channel VAE, per-token timesteps) are recognised and refused for now: their
-pipelines are not the same step (see ``_is_wan21``).
+Wan 2.2 T2V A14B is the same model twice: two experts of the 14B's shape, ``transformer`` for
+the high-noise steps (t >= boundary_ratio x 1000, 0.875 for T2V) and ``transformer_2`` for the
+low-noise ones. A LoRA trains one of them (the spec's ``expert``), on its own range of t, as
+musubi-tuner and ai-toolkit train them. TI2V-5B (48-channel VAE, per-token timesteps) and the
+image-to-video pipelines are another step and are refused (see ``_is_wan``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from lora_farm.families.card import Family, TextEncoder
@@ -29,13 +32,13 @@ FILE_BLOCK = "blocks.0.self_attn.q.weight"
 FILE_MARKER = "text_embedding.0.weight"
 
 
-def _is_wan21(index: dict[str, Any], config: dict[str, Any], folders: frozenset[str]) -> bool:
-    """The plain text-to-video pipeline of one transformer: Wan 2.2 A14B adds ``transformer_2``
-    (a second expert), TI2V-5B per-token timesteps, the image-to-video pipelines an image
-    encoder; each is another training step."""
+def _is_wan(index: dict[str, Any], config: dict[str, Any], folders: frozenset[str], experts: bool) -> bool:
+    """The text-to-video pipeline with one transformer (2.1) or two experts (2.2 A14B):
+    TI2V-5B's per-token timesteps and the image-to-video pipelines (an image encoder, 36 input
+    channels) are another training step."""
     pipeline = index.get("_class_name", "WanPipeline")
     return (config.get("_class_name") == TRANSFORMER and pipeline == "WanPipeline"
-            and "transformer_2" not in folders and not index.get("expand_timesteps")
+            and ("transformer_2" in folders) == experts and not index.get("expand_timesteps")
             and config.get("in_channels", 16) == 16 and not config.get("image_dim"))
 
 
@@ -61,7 +64,8 @@ WAN21 = Family(
     kohya_metadata={"ss_base_model_version": "wan21", "ss_v2": "False"},
     modelspec_architecture="wan2.1-t2v/lora",  # musubi-tuner's modelspec name for Wan 2.1 T2V
     adapter="lora_farm.trainers.families.wan:WanAdapter",
-    matches_folder=_is_wan21, matches_file=_file_is_wan, loads_single_file=False,
+    matches_folder=lambda index, config, folders: _is_wan(index, config, folders, experts=False),
+    matches_file=_file_is_wan, loads_single_file=False,
     trains_text_encoders=False, media="video", temporal_compression=4,
     # one latent frame of 512 x 512 px (32 x 32 = 1,024 tokens) through 40 blocks of width 5120
     # (14B): ~13 tensors of tokens x width per block in bf16 plus the 13,824-wide feed-forward,
@@ -74,4 +78,13 @@ WAN21 = Family(
     activation_mb_512=5300.0, reference_width=5120.0 * 40, width=_width, checkpointing_keeps=0.10,
     params=19.1e9, lora_params_per_rank=2.9e6)
 
-CARDS = (WAN21,)
+# Wan 2.2 T2V A14B: the 14B's card with two experts (the estimate counts the trained one on the
+# card; the other stays on the host). Its single files share 2.1's names: a file is taken as 2.1.
+WAN22 = replace(
+    WAN21, name="wan22", title="Wan 2.2 T2V A14B", components=("transformer", "transformer_2", "vae", "text_encoder"),
+    kohya_metadata={"ss_base_model_version": "wan22", "ss_v2": "False"},
+    modelspec_architecture="wan2.2-t2v-a14b/lora",
+    matches_folder=lambda index, config, folders: _is_wan(index, config, folders, experts=True),
+    matches_file=None, params=33.1e9, experts={"high_noise": "transformer", "low_noise": "transformer_2"})
+
+CARDS = (WAN21, WAN22)

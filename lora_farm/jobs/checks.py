@@ -95,13 +95,27 @@ def _family_problems(label: str, spec: ImageJobSpec, card: families.Family) -> l
     if spec.train_text_encoder and not card.trains_text_encoders:
         return [SpecProblem(label, "train_text_encoder", f"is true, but lora-farm trains {card.title} "
                             "LoRAs on the transformer only.", "remove `train_text_encoder`.")]
-    step = card.temporal_compression
-    if isinstance(spec, VideoJobSpec) and step > 1 and spec.num_frames % step != 1:
-        below = spec.num_frames - (spec.num_frames - 1) % step
-        return [SpecProblem(label, "num_frames", f"must be {step}k+1 for {card.title} (its VAE "
-                            f"compresses {step} frames into one after the first), got {spec.num_frames}.",
-                            f"use {below} or {below + step}.")]
+    if isinstance(spec, VideoJobSpec):
+        return _video_family_problems(label, spec, card)
     return []
+
+
+def _video_family_problems(label: str, spec: VideoJobSpec, card: families.Family) -> list[SpecProblem]:
+    problems = []
+    if card.experts and spec.expert is None:
+        problems.append(SpecProblem(label, "expert", f"is not set, and {card.title} has two experts "
+                                    f"({', '.join(f'{k}: {v}' for k, v in card.experts.items())}).",
+                                    f"set `expert` to {' or '.join(card.experts)} (one LoRA each)."))
+    elif spec.expert is not None and not card.experts:
+        problems.append(SpecProblem(label, "expert", f"is {spec.expert!r}, but {card.title} has one "
+                                    "transformer.", "remove `expert`."))
+    step = card.temporal_compression
+    if step > 1 and spec.num_frames % step != 1:
+        below = spec.num_frames - (spec.num_frames - 1) % step
+        problems.append(SpecProblem(label, "num_frames", f"must be {step}k+1 for {card.title} (its VAE "
+                                    f"compresses {step} frames into one after the first), got "
+                                    f"{spec.num_frames}.", f"use {below} or {below + step}."))
+    return problems
 
 
 def _check_output(label: str, spec: JobSpec) -> list[SpecProblem]:

@@ -221,6 +221,9 @@ class VideoJobSpec(ImageJobSpec):
                                 "gradient_checkpointing)")
     cache_text_embeddings: bool = Field(True, description="encode each caption once, then free "
                                         "the text encoder from the card")
+    expert: Literal["high_noise", "low_noise"] | None = Field(
+        None, description="two-expert models (Wan 2.2 A14B): the expert the LoRA trains, on its own "
+        "range of t: high_noise (transformer) or low_noise (transformer_2)")
     fp8_text_encoder: bool = Field(False, description="store the frozen text encoder in 8 bits "
                                    "(fp8 e4m3) too (musubi-tuner's --fp8_t5)")
 

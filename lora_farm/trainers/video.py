@@ -65,6 +65,18 @@ class VideoProgram(ImageProgram):
         fp8 form and, when captions are cached, for their turn (``load`` below)."""
         assert self.model is not None
         self.model.vae.to(self.device)
+        if self.spec.expert is not None:
+            self._select_expert(self.spec.expert)
+
+    def _select_expert(self, expert: str) -> None:
+        """A two-expert model trains the one the spec names; every expert stays frozen, the
+        other one on the host."""
+        assert self.model is not None
+        folders = self.model.card.experts
+        for folder in folders.values():
+            getattr(self.model.pipeline, folder).requires_grad_(False)
+        self.model.denoiser = getattr(self.model.pipeline, folders[expert])
+        self.notes.append(f"expert: {expert} ({folders[expert]})")
 
     def load(self) -> None:
         """The LoRA added on the host; the captions encoded while the transformer is still

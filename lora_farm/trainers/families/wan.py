@@ -51,6 +51,21 @@ def original_name(module: str) -> str:
     return OTHER_NAMES[module]
 
 
+def expert_range(model: ImageModel) -> tuple[float, float]:
+    """The shifted s the trained transformer sees: all of [0, 1] with one transformer; with two
+    (Wan 2.2 A14B) the first (high noise) takes s >= boundary_ratio, the second the rest."""
+    pipeline = model.pipeline
+    boundary = getattr(pipeline.config, "boundary_ratio", None)
+    if boundary is None or getattr(pipeline, "transformer_2", None) is None:
+        return 0.0, 1.0
+    return (0.0, boundary) if model.denoiser is pipeline.transformer_2 else (boundary, 1.0)
+
+
+def unshift(s: float, shift: float) -> float:
+    """The u whose shifted value is s (the inverse of shift u / (1 + (shift - 1) u))."""
+    return s / (shift - (shift - 1) * s)
+
+
 class WanAdapter(FamilyAdapter):
     def pipeline_class(self) -> Any:
         from diffusers import WanPipeline
@@ -74,9 +89,11 @@ class WanAdapter(FamilyAdapter):
     # -- the step -----------------------------------------------------------------------------
 
     def sigmas(self, model: ImageModel, count: int, generator: torch.Generator) -> torch.Tensor:
-        """u ~ U(0, 1) shifted by the scheduler's ``flow_shift`` (Wan: 3.0 at 480p, 5.0 at 720p)."""
+        """u ~ U(0, 1) shifted by the scheduler's ``flow_shift`` (Wan: 3.0 at 480p, 5.0 at 720p);
+        an expert of Wan 2.2 draws u only where the shifted s is its own (``expert_range``)."""
         shift = float(getattr(model.noise_scheduler.config, "flow_shift", None) or 1.0)
-        u = torch.rand((count,), generator=generator, device=generator.device).cpu()
+        low, high = (unshift(s, shift) for s in expert_range(model))
+        u = low + (high - low) * torch.rand((count,), generator=generator, device=generator.device).cpu()
         return shift * u / (1 + (shift - 1) * u)
 
     def predict(self, program: VideoProgram, latents: torch.Tensor, batch: dict[str, Any],  # type: ignore[override]
@@ -106,8 +123,10 @@ class WanAdapter(FamilyAdapter):
     # -- LoRA files ---------------------------------------------------------------------------
 
     def load_lora(self, model: ImageModel, path: Path, adapter_name: str) -> dict[str, Any]:
-        """diffusers' own loader: the diffusers file, and Wan's original / musubi layouts."""
-        model.pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+        """diffusers' own loader: the diffusers file, and Wan's original / musubi layouts (into
+        ``transformer_2`` when that expert trains)."""
+        second = model.denoiser is getattr(model.pipeline, "transformer_2", None)
+        model.pipeline.load_lora_weights(str(path), adapter_name=adapter_name, load_into_transformer_2=second)
         if not any("lora_" in name for name, _ in model.denoiser.named_parameters()):
             raise ValueError("it holds no transformer LoRA weights")
         return {self.card.denoiser: model.denoiser}

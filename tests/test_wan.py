@@ -19,11 +19,10 @@ from lora_farm.jobs.spec import VideoJobSpec
 from lora_farm.protocol import ExitCode
 from lora_farm.trainers.video import VideoProgram
 from tests.family_checks import (CPU, PROMPTS, Stopping, check_diffusers_reload, check_exact_resume, check_learns,
-                                 check_resume_from_file, check_single_file_reload, exported, load_pipeline,
-                                 read_safetensors)
+                                 check_single_file_reload, exported, load_pipeline, read_safetensors)
 from tests.fake_headers import write_header_only
 from tests.test_families import validate
-from tests.test_image_trainer import fixed_eval_loss, ready, run_trainer, train
+from tests.test_image_trainer import ready, run_trainer, train
 
 pytestmark = pytest.mark.slow
 FRAMES = 9  # 4k+1: 3 latent frames
@@ -101,6 +100,21 @@ def test_clips_decode_with_their_frame_rule(clips):
         sample_frames(clips / "clip_03_frames", FrameRule(6, fps=4))
     with pytest.raises(ClipError, match="too few frames for 7 frames every 2"):
         sample_frames(clips / "clip_00.mp4", FrameRule(7, stride=2))
+
+
+@pytest.mark.parametrize("suffix", [".webm", ".mov", ".gif"])
+def test_each_container_decodes_to_the_frames_written(tmp_path, suffix):
+    images = demo.wan._clip_frames("square", "blue", "white", "left to right", (64, 48), 6)
+    clip = demo.wan.write_clip(tmp_path / f"clip{suffix}", images)
+    frames = sample_frames(clip, FrameRule(6))
+    assert [(f.width, f.height) for f in frames] == [(64, 48)] * 6
+    def pixels(image) -> torch.Tensor:
+        return torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).float()
+
+    for index in (0, 5):  # lossy codecs (GIF: a 256-colour palette): the nearest written frame is its own
+        decoded = pixels(frames[index].to_image())
+        errors = [(decoded - pixels(image)).abs().mean().item() for image in images]
+        assert min(range(len(images)), key=errors.__getitem__) == index and errors[index] < 20, errors
 
 
 def test_clips_go_to_the_nearest_bucket_and_batches_keep_to_one(tmp_path, tiny_wan):

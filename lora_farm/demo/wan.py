@@ -94,15 +94,15 @@ def _clip_frames(shape: str, colour: str, background: str, direction: str, size:
 
 
 def write_clip(path: Path, frames: list, fps: int = CLIP_FPS) -> Path:
-    """Encode PIL frames as a video file (MPEG-4 Part 2 in .mp4/.mov/.mkv; GIF for .gif)."""
+    """Encode PIL frames as a video file (MPEG-4 Part 2 in .mp4/.mov/.mkv, VP9 in .webm, GIF)."""
     import av
 
-    codec = "gif" if path.suffix == ".gif" else CLIP_CODEC
+    codec = {".gif": "gif", ".webm": "libvpx-vp9"}.get(path.suffix, CLIP_CODEC)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
-        if codec != "gif":
+        if codec == CLIP_CODEC:
             stream.options = {"qscale": "2"}
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_image(image)):

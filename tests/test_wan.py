@@ -441,3 +441,14 @@ def test_wan22_estimates_one_expert_on_the_card_and_both_on_the_host(tmp_path):
     assert estimate_vram(wan22).total_mb == estimate_vram(wan21).total_mb
     extra = estimate_host_ram(wan22).total_mb - estimate_host_ram(wan21).total_mb
     assert abs(extra - 14.29e9 * 4 / 2**20) < 1024  # the other expert, read from its fp32 files
+
+
+def test_calibration_tells_video_shapes_apart(tmp_path):
+    from lora_farm.scheduler.calibration import shape_key
+    from tests.fake_headers import wan21_headers
+
+    base = wan21_headers(tmp_path / "14B", "14B")
+    keys = {shape_key(wan_spec(base, **fields)) for fields in
+            ({}, {"num_frames": 33}, {"buckets": ["1280x720"]}, {"fp8_base": True},
+             {"gradient_checkpointing": True, "blocks_to_swap": 20}, {"fp8_text_encoder": True})}
+    assert len(keys) == 6  # a peak measured at one shape never corrects another

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
-from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.scheduler.estimate import CUDA_CONTEXT_MB, VramEstimate, base_model_info, estimate_vram
 
 FLOOR = 0.5  # never trust a calibration to more than halve the model's figure
@@ -52,7 +52,11 @@ def shape_key(spec: JobSpec) -> str:
         "precision": spec.mixed_precision, "gradient_checkpointing": spec.gradient_checkpointing,
         "targets": sorted(spec.target_modules or []),
     }
-    if isinstance(spec, ImageJobSpec):
+    if isinstance(spec, VideoJobSpec):  # what the video estimate grows or shrinks with
+        shape.update(frames=spec.num_frames, sizes=sorted(spec.frame_sizes), fp8_base=spec.fp8_base,
+                     blocks_to_swap=spec.blocks_to_swap, fp8_text_encoder=spec.fp8_text_encoder,
+                     cached_captions=spec.cache_text_embeddings, expert=spec.expert)
+    elif isinstance(spec, ImageJobSpec):
         shape.update(resolution=spec.resolution, train_text_encoder=spec.train_text_encoder)
     elif isinstance(spec, LlmJobSpec):
         shape.update(seq_len=spec.max_seq_len)

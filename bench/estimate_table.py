@@ -14,6 +14,12 @@ fp8 with `cache_text_encoder_outputs` (the text encoders leave the card before t
 loads), and what `quantize_base: auto` picks for a 24 GiB card (its usable share after the
 policy's headroom) -- all computed by the estimate itself.
 Prints figures only; the assertions on these estimates live in the family tests.
+
+The second table: Wan 2.1 T2V 1.3B and 14B (video), 480p (832x480) and 720p (1280x720), 33 and
+81 frames, rank 16, batch 1, bf16, from no lever to all of them (implemented, not derived):
+gradient checkpointing, then `quantize_base: fp8` (the frozen transformer and UMT5 in fp8), then
+`blocks_to_swap` (half the blocks on the host). Captions are cached (the video default), so the text encoder and the
+transformer never share the card: the weights are the larger of the two plus the VAE.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_farm.jobs.spec import ImageJobSpec  # noqa: E402
+from lora_farm.jobs.spec import ImageJobSpec, VideoJobSpec  # noqa: E402
 from lora_farm.scheduler.estimate import choose_quantization, estimate_vram  # noqa: E402
 from lora_farm.scheduler.policy import Policy  # noqa: E402
 from tests import fake_headers as fh  # noqa: E402
@@ -93,5 +99,55 @@ def main() -> None:
         print("  " + line)
 
 
+WAN_LEVERS = [("none", {}), ("ckpt", {"gradient_checkpointing": True}),
+              ("ckpt+fp8", {"gradient_checkpointing": True, "quantize_base": "fp8"}),
+              ("ckpt+fp8+swap", {"gradient_checkpointing": True, "quantize_base": "fp8", "blocks_to_swap": "half"})]
+WAN_HEADER = ["model", "size", "frames", "lora", "act ckpt"] + [f"{name}" for name, _ in WAN_LEVERS] + ["host RAM"]
+WAN_ANCHOR = ("Wan 14B video LoRA with musubi-tuner's fp8 base + block swap: 24 GB cards (users' reports: "
+              "'24G VRAM is sufficient for video training', clips of at most 81 frames at 16 fps on an RTX 3090)")
+
+
+def wan_estimate(folder: Path, bucket: str, frames: int, levers: dict):
+    blocks = {"1.3B": 30, "14B": 40}[folder.name]
+    levers = {k: blocks // 2 if v == "half" else v for k, v in levers.items()}
+    spec = VideoJobSpec(name="bench", base_model=folder, train_data_dir=folder, buckets=[bucket],
+                        num_frames=frames, lora_rank=16, batch_size=1, mixed_precision="bf16", **levers)
+    return spec, estimate_vram(spec)
+
+
+def wan_rows(root: Path) -> list[list[str]]:
+    from lora_farm.scheduler.host_ram import estimate_host_ram
+
+    table = []
+    for size in ("1.3B", "14B"):
+        folder = fh.wan21_headers(root / size, size)
+        for bucket in ("832x480", "1280x720"):
+            for frames in (33, 81):
+                runs = [wan_estimate(folder, bucket, frames, levers) for _, levers in WAN_LEVERS]
+                spec, checkpointed = runs[1]
+                host = estimate_host_ram(runs[-1][0])
+                table.append([f"Wan 2.1 {size}", bucket, str(frames), f"{checkpointed.parts['lora_params'] / GIB:.2f}",
+                              f"{checkpointed.parts['activations'] / GIB:.1f}"]
+                             + [f"{estimate.total_mb / GIB:.1f}" for _, estimate in runs] + [f"{host.total_mb / GIB:.1f}"])
+    return table
+
+
+def print_table(header: list[str], table: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
+    for line in [header] + table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def main_video() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        table = wan_rows(Path(tmp))
+    print("\nWan 2.1 T2V: VRAM estimate in GiB by memory lever (rank 16, batch 1, bf16, captions cached);")
+    print("lora / act ckpt: parts with checkpointing; swap: half the blocks (15 of 30, 20 of 40) on the host;")
+    print("host RAM: the estimate with every lever (the base as stored, loaded before casting)\n")
+    print_table(WAN_HEADER, table)
+    print(f"\nchecked against:\n  {WAN_ANCHOR}")
+
+
 if __name__ == "__main__":
     main()
+    main_video()

@@ -144,9 +144,9 @@ class JobDir:
 def published_adapter(output_dir: str | os.PathLike[str] | None, output_root: Path, name: str,
                       task: str) -> Path:
     """Where a finished adapter is also copied: ``<output_dir>/<name>.safetensors`` (image) or
-    ``<output_dir>/<name>/`` (llm), where lora-scripts users look."""
+    ``<output_dir>/<name>/`` (llm); video LoRAs are single files too, where lora-scripts users look."""
     base = Path(output_dir) if output_dir else Path(output_root)
-    return base / (f"{name}.safetensors" if task == "image" else name)
+    return base / (name if task == "llm" else f"{name}.safetensors")
 
 
 class EventWriter:

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     output_root: Path = Field(Path("output"), validate_default=True,
                               description="where job folders live (shared FS)")
     gpus: str = Field("", description="declared inventory 'name:memory,...' when there is no NVML")
+    host_ram: str = Field("", description="this host's RAM for placement, e.g. '64GiB' (default: "
+                          "what the OS reports)")
     policy: str = Field("", description="placement policy file (default: scheduler/policy.yaml)")
     headroom: str = Field("", description="overrides the policy's headroom (a fraction)")
     visibility_timeout: int = Field(7 * 24 * 3600, description="seconds before Redis redelivers")

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_farm.errors import NoCapacity, SpecError, SpecProblem
+from lora_farm.errors import ModelLoadError, NoCapacity, SpecError, SpecProblem
 from lora_farm.jobs.loader import load_spec_files
 from lora_farm.jobs.spec import DEFAULT_BATCH, NAME_PATTERN, JobSpec
 from lora_farm.ledger import JobRecord, Ledger, NewJob
 from lora_farm.redis_conn import bytes_client
 from lora_farm.scheduler.calibration import planned_estimate
 from lora_farm.scheduler.gpus import read_gpus, to_snapshot
+from lora_farm.scheduler.host_ram import estimate_host_ram
 from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm, largest_card_mb
 from lora_farm.scheduler.policy import Policy, placement_of
 from lora_farm.settings import Settings
@@ -69,10 +70,11 @@ def submit_specs(specs: Sequence[JobSpec], ledger: Ledger, *, batch: str | None 
     cards = farm_cards(ledger, settings)
     planned = [planned_estimate(raw, ledger.keys.prefix, spec, largest_card_mb(cards, policy)) for spec in specs]
     estimates = [estimate.total_mb for estimate, _ in planned]
-    refuse_what_never_fits(specs, estimates, cards, policy)
+    host_rams = [host_ram_of(spec) for spec in specs]
+    refuse_what_never_fits(specs, estimates, cards, policy, host_rams)
     new = [NewJob(spec, batch or spec.batch or DEFAULT_BATCH,
-                  spec.priority if priority is None else priority, mb, plan)
-           for spec, mb, (_, plan) in zip(specs, estimates, planned)]
+                  spec.priority if priority is None else priority, mb, ram, plan)
+           for spec, mb, ram, (_, plan) in zip(specs, estimates, host_rams, planned)]
     created = ledger.create_jobs(new)
     placed = dispatch_once(ledger, send, settings=settings, policy=policy) if any(
         c.created for c in created) else []
@@ -91,13 +93,25 @@ def check_batch_name(batch: str | None) -> None:
         fix="pass a plain name such as `--batch nightly-2024-06-01`.")])
 
 
+def host_ram_of(spec: JobSpec) -> float:
+    """The job's host-RAM figure; 0 (not limited) when a `vram_gb` job's model cannot be read."""
+    try:
+        return estimate_host_ram(spec).total_mb
+    except ModelLoadError:
+        if spec.vram_gb is None:
+            raise
+        return 0.0
+
+
 def refuse_what_never_fits(specs: Sequence[JobSpec], estimates: Sequence[float],
-                           cards: list[GpuSnapshot], policy: Policy) -> None:
-    """``NoCapacity`` listing every job that no card of the farm could hold, with the figures."""
+                           cards: list[GpuSnapshot], policy: Policy,
+                           host_rams: Sequence[float] | None = None) -> None:
+    """``NoCapacity`` listing every job that no card (or host) of the farm could hold, with the figures."""
     problems = []
-    for spec, mb in zip(specs, estimates):
+    for spec, mb, ram in zip(specs, estimates, host_rams or [0.0] * len(specs)):
         try:
-            check_fits_farm(mb, spec.gpus, cards, policy, overridden=spec.vram_gb is not None)
+            check_fits_farm(mb, spec.gpus, cards, policy, overridden=spec.vram_gb is not None,
+                            host_ram_mb=ram)
         except NoCapacity as error:
             problems.append(f"{spec.name}: {error}")
     if problems:
@@ -108,6 +122,7 @@ def refuse_what_never_fits(specs: Sequence[JobSpec], estimates: Sequence[float],
 def farm_cards(ledger: Ledger, settings: Settings) -> list[GpuSnapshot]:
     """Every card a worker has published (online or not); else this host's own inventory."""
     published = [GpuSnapshot(uuid=c["uuid"], host=c["host"], total_mb=float(c["total_mb"]),
-                             free_mb=float(c["free_mb"]), cpu=c.get("source") == "cpu")
+                             free_mb=float(c["free_mb"]), cpu=c.get("source") == "cpu",
+                             host_ram_mb=float(c["host_ram_mb"]) if c.get("host_ram_mb") else None)
                  for c in read_gpu_snapshots(ledger)]
     return published or [to_snapshot(info) for info in read_gpus(settings)]

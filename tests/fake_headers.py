@@ -205,3 +205,41 @@ def zimage_headers(root: Path) -> Path:
                       text_encoder(4_022_468_096, "model.embed_tokens.weight", [151_936, 2560]), "BF16")
     write_header_only(root / "vae" / "model.safetensors", {"weight": [83_819_683]}, "BF16")
     return root
+
+
+# Wan 2.1 T2V: (width, feed-forward, blocks, heads, transformer parameters)
+WAN21_SIZES = {"1.3B": (1536, 8960, 30, 12, 1_418_996_800), "14B": (5120, 13824, 40, 40, 14_288_491_584)}
+UMT5_XXL_ENCODER, WAN_VAE = 5_680_910_336, 126_892_531
+
+
+def wan21_headers(root: Path, size: str = "14B") -> Path:
+    """Wan 2.1 T2V's parameter counts (fp32 headers, no data; our assumption for how the
+    -Diffusers folders store them): the transformer with every block Linear at its real shape
+    (blocks.N.*: the estimate counts the swapped blocks from them), UMT5-XXL's encoder, the VAE."""
+    _wan_transformer(root / "transformer", size)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    for folder, params in (("text_encoder", UMT5_XXL_ENCODER), ("vae", WAN_VAE)):
+        write_header_only(root / folder / "model.safetensors", {"weight": [params]})
+    return root
+
+
+def wan22_a14b_headers(root: Path) -> Path:
+    """Wan 2.2 T2V A14B: Wan 2.1 14B's folder with a second expert of the same shapes."""
+    wan21_headers(root, "14B")
+    _wan_transformer(root / "transformer_2", "14B")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
+    return root
+
+
+def _wan_transformer(folder: Path, size: str) -> None:
+    width, ffn, blocks, heads, total = WAN21_SIZES[size]
+    config = {"_class_name": "WanTransformer3DModel", "num_layers": blocks, "num_attention_heads": heads,
+              "attention_head_dim": width // heads, "ffn_dim": ffn, "in_channels": 16, "text_dim": 4096}
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {f"blocks.{i}.{attn}.{p}.weight": [width, width] for i in range(blocks)
+              for attn in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes |= {f"blocks.{i}.ffn.net.0.proj.weight": [ffn, width] for i in range(blocks)}
+    shapes |= {f"blocks.{i}.ffn.net.2.weight": [width, ffn] for i in range(blocks)}
+    shapes["condition_embedder.rest.weight"] = [total - sum(a * b for a, b in shapes.values())]
+    write_header_only(folder / "diffusion_pytorch_model.safetensors", shapes)

@@ -15,11 +15,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from lora_farm.jobs.spec import ImageJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, VideoJobSpec
 from lora_farm.protocol import EventWriter, ExitCode
 from lora_farm.scheduler.estimate import estimate_vram
 from lora_farm.trainers.device import choose_precision
 from lora_farm.trainers.image import ImageProgram
+from lora_farm.trainers.video import VideoProgram
 from lora_farm.trainers.runtime import Runtime, TrainingInterrupted
 
 CPU = torch.device("cpu")
@@ -81,7 +82,7 @@ def check_family_learns(program: ImageProgram, family: str, steps: int) -> None:
 
 # -- resume through the runtime -------------------------------------------------------------
 
-class StoppingProgram(ImageProgram):
+class Stopping:
     """Asks the runtime to stop during a given micro-step, as SIGTERM would."""
 
     stop_at_call: int | None = None
@@ -95,12 +96,17 @@ class StoppingProgram(ImageProgram):
         return super().compute_loss(batch, generator)
 
 
+class StoppingProgram(Stopping, ImageProgram):
+    pass
+
+
 def run_runtime(base: Path, data: Path, job_dir: Path, stop_at_call: int | None = None, *, name: str,
-                max_steps: int = 8, **fields) -> Runtime:
-    spec = ImageJobSpec(base_model=base, train_data_dir=data, name=name, resolution=64, lora_rank=4,
-                        lora_alpha=4, batch_size=2, num_workers=0, seed=7, max_steps=max_steps, save_steps=100,
-                        learning_rate=1e-2, **fields)
-    program = StoppingProgram(spec, job_dir, CPU, torch.float32)
+                max_steps: int = 8, program_class: type = StoppingProgram, **fields) -> Runtime:
+    spec_class = VideoJobSpec if issubclass(program_class, VideoProgram) else ImageJobSpec
+    spec = spec_class(base_model=base, train_data_dir=data, name=name, resolution=64, lora_rank=4,
+                      lora_alpha=4, batch_size=2, num_workers=0, seed=7, max_steps=max_steps, save_steps=100,
+                      learning_rate=1e-2, **fields)
+    program = program_class(spec, job_dir, CPU, torch.float32)
     program.stop_at_call = stop_at_call
     runtime = Runtime(program, EventWriter(job_dir / "events.jsonl"), choose_precision("auto", CPU),
                       out=io.StringIO(), progress_interval=0.0)
@@ -110,7 +116,7 @@ def run_runtime(base: Path, data: Path, job_dir: Path, stop_at_call: int | None 
 
 
 def check_exact_resume(base: Path, data: Path, tmp_path: Path, *, stop_at: int = 4, max_steps: int = 8,
-                       published: bool = True, **spec) -> None:
+                       published: bool = True, **spec) -> None:  # spec may hold program_class
     """Stopped at micro-step ``stop_at`` and resumed, the run repeats the uninterrupted loss curve
     (to 1e-6) for the steps after it; ``published``: the diffusers file is written at the end."""
     reference = run_runtime(base, data, tmp_path / "reference", max_steps=max_steps, **spec)

@@ -181,6 +181,8 @@ def write_spec(folder: Path, name: str, model: Path, data: Path, task: str, **ex
             "max_steps": 2, "save_steps": 1, "num_workers": 0, "batch_size": 1, **extra}
     if task == "image":
         spec["resolution"] = 64
+    elif task == "video":
+        spec |= {"num_frames": 9, "buckets": ["64x48"]}
     else:
         spec["max_seq_len"] = 32
     path = folder / f"{name}.yaml"

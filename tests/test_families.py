@@ -65,12 +65,12 @@ def test_schnell_is_told_apart_by_its_transformer_config(tiny_flux_schnell):
 
 
 def test_an_unknown_architecture_is_refused_listing_the_supported_ones(tmp_path):
-    folder = tmp_path / "wan"
+    folder = tmp_path / "hunyuan-video"
     (folder / "transformer").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "HunyuanVideoTransformer3DModel"}))
     code, output = validate(write_spec(tmp_path, folder))
-    assert code == 1 and "WanPipeline" in output and "Fix:" in output, output
+    assert code == 1 and "HunyuanVideoPipeline" in output and "Fix:" in output, output
     for card in families.all_families():
         assert f"{card.name} ({card.title})" in output
 

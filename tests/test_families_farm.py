@@ -54,3 +54,31 @@ def test_a_batch_with_every_image_family_succeeds_on_declared_cards(
         assert {DIFFUSERS_FILE, f"{record.name}.safetensors"} <= shipped, (family, shipped)
         (summary,) = job_events(record, "summary")
         assert summary["family"] == family, (record.name, summary)
+
+
+def test_a_video_job_and_an_image_job_succeed_on_declared_cards(
+        farm_env, ledger, celery_workers, tmp_path, tmp_path_factory, image_dataset):
+    """The farm never names a family or a medium: the Wan job is estimated, placed, run, shipped
+    like the image job beside it, and its summary is the video program's."""
+    farm_env["LORAFARM_STALE_AFTER_SECONDS"] = "60"
+    root = tmp_path_factory.mktemp("video-farm")
+    clips = demo.write_clip_dataset(root / "clips")
+    specs = {"wan21": write_spec(tmp_path, "lora-wan", demo.build_tiny_wan(root / "wan"), clips, "video",
+                                 lora_rank=4),
+             "sd1": write_spec(tmp_path, "lora-sd", demo.build_tiny_sd(root / "sd1"), image_dataset, "image",
+                               lora_rank=4)}
+    celery_workers.start("gpu0", timeout=300)
+    celery_workers.start("gpu1", timeout=300)
+    report = submit_files(list(specs.values()), ledger, batch="video-and-image")
+    ids = [job.record.id for job in report.jobs]
+    records = wait_until(lambda: all_done(ledger, ids), 600, "both jobs to finish", celery_workers)
+
+    assert [r.state for r in records] == ["succeeded", "succeeded"], [r.exit_reason for r in records]
+    for family, record in zip(specs, records):
+        manifest = json.loads((Path(record.job_dir) / "manifest.json").read_text())
+        shipped = {entry["path"] for entry in manifest["files"]}
+        assert {DIFFUSERS_FILE, f"{record.name}.safetensors"} <= shipped, (family, shipped)
+        (summary,) = job_events(record, "summary")
+        assert summary["family"] == family, (record.name, summary)
+    (video,) = job_events(records[0], "summary")
+    assert video["cached_captions"] == 4 and video["buckets"] == ["64x48"]

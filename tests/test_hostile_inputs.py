@@ -148,7 +148,7 @@ def test_a_recursive_alias_is_refused(tmp_path, llm, texts):
 def test_a_huge_value_is_shown_cut_short(tmp_path, llm, texts):
     """The original hang: the message built repr() of the whole value before cutting it."""
     spec = spec_file(tmp_path, llm, texts, "task: [" + ", ".join(["x" * 1000] * 900) + "]\n")
-    output = refused(spec, "`task` must be 'image' or 'llm', got ['xxx")
+    output = refused(spec, "`task` must be 'image', 'video' or 'llm', got ['xxx")
     assert len(output) < 2000
 
 

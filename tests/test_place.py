@@ -322,3 +322,47 @@ def test_a_bad_headroom_variable_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFARM_HEADROOM", "twenty")
     with pytest.raises(ConfigError, match="LORAFARM_HEADROOM='twenty'"):
         load_policy(tmp_path / "absent.yaml")
+
+
+# -- host RAM -----------------------------------------------------------------------------------
+
+def ram_card(uuid: str, host: str, ram_gb: float | None, total_gb: float = 80) -> GpuSnapshot:
+    return GpuSnapshot(uuid=uuid, host=host, total_mb=total_gb * GIB, free_mb=total_gb * GIB,
+                       host_ram_mb=None if ram_gb is None else ram_gb * GIB)
+
+
+def ram_job(job_id: str, ram_gb: float, gb: float = 10, gpus: int = 1, age: float = 0) -> QueuedJob:
+    return QueuedJob(job_id=job_id, priority=0, submitted_at=NOW - age, estimate_mb=gb * GIB, gpus=gpus,
+                     host_ram_mb=ram_gb * GIB)
+
+
+def test_a_job_goes_to_a_host_with_the_ram_for_it():
+    gpus = [ram_card("small0", "small", 64), ram_card("big0", "big", 256)]
+    assert by_job(place([ram_job("video", 90)], gpus, [], POLICY, NOW)) == {"video": ["big0"]}
+    assert place([ram_job("huge", 300)], gpus, [], POLICY, NOW) == []  # no host holds it: it waits
+
+
+def test_the_jobs_of_a_host_share_its_ram_whatever_their_cards():
+    gpus = [ram_card("a0", "a", 128), ram_card("a1", "a", 128)]  # VRAM for both, RAM for one
+    placed = by_job(place([ram_job("first", 80, age=2), ram_job("second", 80, age=1)], gpus, [], POLICY, NOW))
+    assert placed == {"first": ["a0"]}
+    running = [Reservation("running", "a0", 10 * GIB, 100 * GIB)]  # on the host, whichever card
+    assert by_job(place([ram_job("fits", 28)], gpus, running, POLICY, NOW)) == {"fits": ["a1"]}
+    assert place([ram_job("no-room", 29)], gpus, running, POLICY, NOW) == []
+
+
+def test_a_host_of_unknown_ram_is_not_limited():
+    assert by_job(place([ram_job("any", 10_000)], [ram_card("gpu0", "h", None)], [], POLICY, NOW)) == {
+        "any": ["gpu0"]}
+
+
+def test_check_fits_farm_refuses_a_job_no_host_has_the_ram_for_with_the_figures():
+    gpus = [ram_card("a0", "a", 64), ram_card("b0", "b", 128)]
+    with pytest.raises(NoCapacity) as raised:
+        check_fits_farm(30 * GIB, 1, gpus, POLICY, host_ram_mb=160 * GIB)
+    message = str(raised.value)
+    assert "160.0 GB of host RAM" in message and "largest host b has 128.0 GB" in message and "Fix:" in message
+    check_fits_farm(30 * GIB, 1, gpus, POLICY, host_ram_mb=100 * GIB)  # host b holds it
+    with pytest.raises(NoCapacity, match="needs 70.0 GB"):  # the RAM on b only, the VRAM on a only
+        check_fits_farm(70 * GIB, 1, [ram_card("a0", "a", 64, 96), ram_card("b0", "b", 256, 80)], POLICY,
+                        host_ram_mb=200 * GIB)

@@ -147,6 +147,7 @@ def test_the_caption_phase_is_the_peak_when_the_encoders_outweigh_the_training(t
 def test_submit_chooses_auto_for_the_farms_largest_card(cards, fields, chosen, farm_env, ledger, flux_sized,
                                                         monkeypatch):
     monkeypatch.setenv("LORAFARM_GPUS", cards)
+    monkeypatch.setenv("LORAFARM_HOST_RAM", "256GiB")  # a host that holds Flux.1-dev as stored
     reload_settings()
     spec = flux_spec(flux_sized, quantize_base="auto", **fields)
     record = submit_specs([spec], ledger, batch="auto").jobs[0].record  # no worker: stays queued

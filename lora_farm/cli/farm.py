@@ -43,7 +43,8 @@ def submit(
         r = job.record
         if job.created:
             console.print(f"[green]queued[/] {r.id} {r.name} (batch {r.batch}, priority {r.priority}, "
-                          f"estimate {r.estimate_mb / 1024:.1f} GB{_chosen(r.plan)})", highlight=False)
+                          f"estimate {r.estimate_mb / 1024:.1f} GB{_chosen(r.plan)}, "
+                          f"host RAM {r.host_ram_mb / 1024:.1f} GB)", highlight=False)
         else:
             console.print(f"[yellow]unchanged[/] {r.name}: identical spec already in batch {r.batch} "
                           f"as {r.id} ({r.state}); nothing queued", highlight=False)

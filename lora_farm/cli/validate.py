@@ -47,7 +47,7 @@ def _model_of(spec: Any) -> str:
     from lora_farm import families
     from lora_farm.jobs.inspect import inspect_base_model
 
-    if spec.task != "image":
+    if spec.task == "llm":
         return ""
     card = families.by_name(inspect_base_model(spec.base_model).family)  # validated: it is known
     return f"{card.title} ({card.name}), "

@@ -12,12 +12,13 @@ from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.qwen_image import build_tiny_qwen_image
 from lora_farm.demo.sd import build_tiny_sd, build_tiny_sdxl
 from lora_farm.demo.sd3 import build_tiny_sd3
+from lora_farm.demo.wan import build_tiny_wan, write_clip_dataset
 from lora_farm.demo.single_file import write_single_file_checkpoint
 from lora_farm.demo.zimage import build_tiny_zimage
 
 __all__ = [
     "build_demo_assets", "build_tiny_flux", "build_tiny_llm", "build_tiny_qwen_image", "build_tiny_sd",
-    "build_tiny_sd3", "build_tiny_sdxl",
+    "build_tiny_sd3", "build_tiny_sdxl", "build_tiny_wan", "write_clip_dataset",
     "write_demo_batch", "write_image_dataset", "write_single_file_checkpoint",
     "write_text_dataset", "build_tiny_zimage",
 ]

@@ -21,6 +21,7 @@ from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.qwen_image import build_tiny_qwen_image
 from lora_farm.demo.sd import IMAGE_SIZE, build_tiny_sd, build_tiny_sdxl
 from lora_farm.demo.sd3 import build_tiny_sd3
+from lora_farm.demo.wan import build_tiny_wan, write_clip_dataset
 from lora_farm.demo.single_file import write_single_file_checkpoint
 from lora_farm.demo.zimage import build_tiny_zimage
 
@@ -51,11 +52,13 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
         "zimage": _ensure(models / "tiny-z-image", build_tiny_zimage),  # configs/z-image-lora.yaml
         "sd3": _ensure(models / "tiny-sd35-medium", build_tiny_sd3),  # configs/sd35-large-lora.yaml
         "qwen_image": _ensure(models / "tiny-qwen-image", build_tiny_qwen_image),  # configs/qwen-image-lora.yaml
+        "wan": _ensure(models / "tiny-wan", build_tiny_wan),  # configs/wan21-t2v-lora.yaml
         "llm": _ensure(models / "tiny-llm", build_tiny_llm),
         "shapes_metadata": _ensure(data / "shapes-metadata",
                                    lambda p: write_image_dataset(p, n=8, captions="metadata")),
         "shapes_sidecar": _ensure(data / "shapes-sidecar",
                                   lambda p: write_image_dataset(p, n=8, captions="sidecar", seed=1)),
+        "clips": _ensure(data / "moving-shapes", lambda p: write_clip_dataset(p, n=4, frames=81)),
         "facts": _ensure(data / "facts.jsonl", lambda p: write_text_dataset(p, n=64, fmt="jsonl")),
         "instructions": _ensure(data / "facts-instructions.jsonl",
                                 lambda p: write_text_dataset(p, n=64, fmt="instruction")),

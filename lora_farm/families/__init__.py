@@ -1,4 +1,4 @@
-"""The registry of image model families (torch-free): what each is, how it is recognised, what
+"""The registry of image and video model families (torch-free): what each is, how it is recognised, what
 it costs. One module per family line holds its cards (``card.Family``); the torch side of a
 family is the adapter its card names, imported only by the trainer process.
 
@@ -17,7 +17,7 @@ from lora_farm.families.card import Family, TextEncoder
 __all__ = ["Family", "TextEncoder", "all_families", "by_name", "denoiser_folders", "recognise_file", "recognise_folder",
            "supported"]
 
-MODULES = ("zimage", "flux", "sd3", "qwen_image", "sd")  # recognition asks them in this order: the first
+MODULES = ("wan", "zimage", "flux", "sd3", "qwen_image", "sd")  # recognition asks them in this order: the first
 # card that matches wins (SD last: its single-file rule claims any `model.diffusion_model.` file)
 
 

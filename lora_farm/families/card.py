@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Objective = Literal["ddpm", "flow"]
+Media = Literal["image", "video"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class TextEncoder:
 
     folder: str  # text_encoder, text_encoder_2 ... (also the prefix of its LoRA keys)
     tokenizer: str
-    kind: Literal["clip", "t5", "qwen"]
+    kind: Literal["clip", "t5", "qwen", "umt5"]
     max_length: int
 
     @property
@@ -62,3 +63,10 @@ class Family:
     checkpointing_keeps: float = 0.35  # the share of activations gradient checkpointing keeps
     params: float = 1e9  # parameter count when a model ships no safetensors (.bin only)
     lora_params_per_rank: float = 2e5
+    # video families: what a job of the family trains on (the spec's `task`), and the VAE's
+    # temporal compression (F frames -> (F - 1) / temporal + 1 latent frames); activations
+    # then scale with latent frames x the frame's pixels over 512 x 512
+    media: Media = "image"
+    temporal_compression: int = 1
+    # two-expert models (Wan 2.2 A14B): the spec's `expert` -> the denoiser folder it trains
+    experts: Mapping[str, str] = field(default_factory=dict)

@@ -13,11 +13,12 @@ from typing import Any
 
 from lora_farm import families
 from lora_farm.errors import DatasetError, SpecProblem
-from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, example_problems, find_data_files,
-                                     find_examples, read_records, to_example)
+from lora_farm.jobs.clips import VIDEO_SUFFIXES, ClipError, FrameRule, is_clip, sample_frames
+from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, Example, clip_problems, example_problems,
+                                     find_data_files, find_examples, read_records, to_example)
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model, single_file_config_problem
 from lora_farm.jobs.paths import is_inside, what_is
-from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.settings import get_settings
 
 MAX_LISTED = 5
@@ -39,6 +40,8 @@ def infer_task(data: dict[str, Any]) -> str | None:
         if dataset.is_dir():
             if list_images(dataset):
                 return "image"
+            if any(is_clip(path) for path in dataset.iterdir()):
+                return "video"
             if text_files(dataset):
                 return "llm"
     return None
@@ -57,7 +60,10 @@ def check_spec(label: str, spec: JobSpec, *, check_output: bool = True,
     problems += _check_output(label, spec) if check_output and usable("output_dir") else []
     if usable("base_model", "resume_from", "base_model_config"):
         problems += _check_optional_paths(label, spec)
-    if isinstance(spec, ImageJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension"):
+    if isinstance(spec, VideoJobSpec):
+        if usable("train_data_dir", "metadata_path", "caption_extension", "num_frames", "frame_stride", "fps"):
+            problems += check_video_dataset(label, spec)
+    elif isinstance(spec, ImageJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension"):
         problems += check_image_dataset(label, spec)
     elif isinstance(spec, LlmJobSpec) and usable("train_data_dir", "text_field"):
         problems += check_text_dataset(label, spec)
@@ -89,7 +95,27 @@ def _family_problems(label: str, spec: ImageJobSpec, card: families.Family) -> l
     if spec.train_text_encoder and not card.trains_text_encoders:
         return [SpecProblem(label, "train_text_encoder", f"is true, but lora-farm trains {card.title} "
                             "LoRAs on the transformer only.", "remove `train_text_encoder`.")]
+    if isinstance(spec, VideoJobSpec):
+        return _video_family_problems(label, spec, card)
     return []
+
+
+def _video_family_problems(label: str, spec: VideoJobSpec, card: families.Family) -> list[SpecProblem]:
+    problems = []
+    if card.experts and spec.expert is None:
+        problems.append(SpecProblem(label, "expert", f"is not set, and {card.title} has two experts "
+                                    f"({', '.join(f'{k}: {v}' for k, v in card.experts.items())}).",
+                                    f"set `expert` to {' or '.join(card.experts)} (one LoRA each)."))
+    elif spec.expert is not None and not card.experts:
+        problems.append(SpecProblem(label, "expert", f"is {spec.expert!r}, but {card.title} has one "
+                                    "transformer.", "remove `expert`."))
+    step = card.temporal_compression
+    if step > 1 and spec.num_frames % step != 1:
+        below = spec.num_frames - (spec.num_frames - 1) % step
+        problems.append(SpecProblem(label, "num_frames", f"must be {step}k+1 for {card.title} (its VAE "
+                                    f"compresses {step} frames into one after the first), got "
+                                    f"{spec.num_frames}.", f"use {below} or {below + step}."))
+    return problems
 
 
 def _check_output(label: str, spec: JobSpec) -> list[SpecProblem]:
@@ -149,6 +175,46 @@ def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
                                                 if len(problems) > MAX_LISTED else "")
     return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.",
                         "mend each file named, then validate again.")]
+
+
+def check_video_dataset(label: str, spec: VideoJobSpec) -> list[SpecProblem]:
+    """The image rules for clips, and every clip decoded as far as its sample reaches (PyAV):
+    a broken, empty or short clip is named here, before anything is queued."""
+    folder = spec.train_data_dir
+    if not folder.is_dir():
+        return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r} {what_is(folder)}.",
+                            "point it at the folder that holds the training clips.")]
+    uses_metadata = spec.metadata_path is not None or (folder / "metadata.csv").is_file()
+    field = "metadata_path" if uses_metadata else "train_data_dir"
+    try:
+        examples = find_examples(folder, spec.metadata_path, spec.caption_extension, media="video")
+    except DatasetError as error:
+        message, _, fix = str(error).partition(" Fix: ")
+        return [SpecProblem(label, field, message, fix or "correct the dataset.")]
+    if not examples:
+        return [SpecProblem(label, field, f"lists no training clips ({', '.join(VIDEO_SUFFIXES)} or "
+                            f"folders of frames) in {str(folder)!r}.", "put the clips and captions "
+                            "there, or fix the path.")]
+    problems = [problem for example in examples for problem in clip_problems(example)]
+    if not problems:
+        problems = decoding_problems(examples, FrameRule.of_spec(spec))
+    if not problems:
+        return []
+    shown = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
+                                                if len(problems) > MAX_LISTED else "")
+    return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.",
+                        "mend or remove each clip named, then validate again.")]
+
+
+def decoding_problems(examples: list[Example], rule: FrameRule) -> list[str]:
+    """Each clip that does not give the sample ``rule`` asks for, in its own words."""
+    problems = []
+    for example in examples:
+        try:
+            sample_frames(example.image, rule)
+        except ClipError as error:
+            problems.append(str(error))
+    return problems
 
 
 def check_text_dataset(label: str, spec: LlmJobSpec) -> list[SpecProblem]:

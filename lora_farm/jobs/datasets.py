@@ -3,6 +3,9 @@
 **Images**: a folder of images with captions from ``metadata.csv`` (columns ``file_name,text``, the
 diffusers/HF ``imagefolder`` layout) or sidecar files (``cat.png`` + ``cat.txt``).
 
+**Videos**: the same, with clips for images (``lora_farm.jobs.clips``: video files or folders of
+frames; ``clip.mp4`` + ``clip.txt``, ``frames_of_a_walk/`` + ``frames_of_a_walk.txt``).
+
 **Text (LLM)**: .jsonl / .json / .csv files (or a folder of them). A record is plain text (``text``,
 or the spec's ``text_field``) or an instruction record (``instruction``, optional ``input``,
 ``output``) formatted with the Alpaca template; for those the loss covers the response only.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import DatasetError
+from lora_farm.jobs.clips import is_clip
 from lora_farm.jobs.paths import what_is
 from lora_farm.settings import get_settings
 
@@ -40,8 +44,10 @@ class Example:
     caption_source: Path  # metadata.csv or the sidecar file: where to fix the caption
 
 
-def find_examples(train_data_dir: Path, metadata_path: Path | None, caption_extension: str) -> list[Example]:
-    """Every example of the dataset, in a stable order (metadata row order, else sorted names)."""
+def find_examples(train_data_dir: Path, metadata_path: Path | None, caption_extension: str,
+                  media: str = "image") -> list[Example]:
+    """Every example of the dataset, in a stable order (metadata row order, else sorted names);
+    ``media="video"``: clips (``Example.image`` is then the clip's file or frame folder)."""
     if not train_data_dir.is_dir():
         raise DatasetError(f"`train_data_dir`: {train_data_dir} is not a folder. "
                            "Fix: point it at the folder holding the training images.")
@@ -52,7 +58,7 @@ def find_examples(train_data_dir: Path, metadata_path: Path | None, caption_exte
         examples = _examples_from_metadata(metadata, train_data_dir)
         confine([example.image for example in examples], train_data_dir)
         return examples
-    return _examples_from_sidecars(train_data_dir, caption_extension)
+    return _examples_from_sidecars(train_data_dir, caption_extension, media)
 
 
 def confine(files: Iterable[Path], folder: Path) -> None:
@@ -102,9 +108,13 @@ def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
     return [Example(image_root / row["file_name"], (row["text"] or "").strip(), metadata) for row in rows]
 
 
-def _examples_from_sidecars(folder: Path, caption_extension: str) -> list[Example]:
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    sidecars = [image.with_suffix(caption_extension) for image in images]
+def _examples_from_sidecars(folder: Path, caption_extension: str, media: str = "image") -> list[Example]:
+    if media == "video":
+        images = sorted(p for p in folder.iterdir() if is_clip(p))
+    else:
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    sidecars = [image.with_name(image.name.removesuffix(image.suffix) + caption_extension)
+                if image.is_file() else image.with_name(image.name + caption_extension) for image in images]
     confine(images + sidecars, folder)  # before a caption is read
     return [Example(image, sidecar.read_text(encoding="utf-8", errors="replace").strip()
                     if sidecar.is_file() else "", sidecar) for image, sidecar in zip(images, sidecars)]
@@ -126,6 +136,13 @@ def check_examples(examples: list[Example], where: Path,
                            + "\n  ".join(shown) + more)
 
 
+def clip_problems(example: Example) -> list[str]:
+    """What is wrong with one clip example short of decoding it: a missing clip, an empty caption."""
+    problems = example_problems(example) if not example.image.is_dir() else _caption_problems(example)
+    return [problem.replace("image file", "clip file").replace("not an image", "not a clip")
+            for problem in problems]
+
+
 def example_problems(example: Example) -> list[str]:
     """What is wrong with one example short of decoding it: a missing image, an empty caption."""
     problems = []
@@ -134,6 +151,11 @@ def example_problems(example: Example) -> list[str]:
         what = "image file not found" if kind == "does not exist" else f"{kind}, not an image file"
         problems.append(f"{example.image}: {what} (listed in {example.caption_source}); add the "
                         "file or remove its row")
+    return problems + _caption_problems(example)
+
+
+def _caption_problems(example: Example) -> list[str]:
+    problems = []
     if not example.caption:
         if example.caption_source.suffix == ".csv":
             problems.append(f"{example.image}: empty caption in {example.caption_source}; write one")

@@ -36,7 +36,8 @@ class BaseModelInfo:
 
     @property
     def task(self) -> str:
-        return "llm" if self.family == LLM_FAMILY else "image"
+        """``llm``, or what the image family's card trains on: ``image`` or ``video``."""
+        return "llm" if self.family == LLM_FAMILY else families.by_name(self.family).media
 
 
 class UnknownModelFormat(ValueError):

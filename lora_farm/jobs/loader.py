@@ -80,7 +80,7 @@ def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool =
         inferred = checks.infer_task(data)
         if inferred is None:
             problems.append(SpecProblem(label, "task", "could not be inferred from `base_model` and "
-                                        "`train_data_dir`.", "add `task: image` or `task: llm`."))
+                                        "`train_data_dir`.", "add `task: image`, `task: video` or `task: llm`."))
         else:
             data["task"] = inferred
     spec, failed = _validate(label, data, problems)
@@ -204,8 +204,8 @@ def _validate(label: str, data: dict[str, Any], problems: list[SpecProblem]
     cls = SPEC_CLASSES.get(task) if isinstance(task, str) else None
     if cls is None:
         if "task" in data:
-            problems.append(SpecProblem(label, "task", f"must be 'image' or 'llm', got {show(data['task'])}.",
-                                        "write `task: image` or `task: llm`."))
+            problems.append(SpecProblem(label, "task", f"must be 'image', 'video' or 'llm', got {show(data['task'])}.",
+                                        "write `task: image`, `task: video` or `task: llm`."))
         return None, set()
     try:
         return cls.model_validate(data), set()

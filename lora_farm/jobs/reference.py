@@ -11,13 +11,13 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from lora_farm.jobs.spec import PATH_FIELDS, ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import PATH_FIELDS, ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 
 LORA_SCRIPTS_KEYS = {"train_data_dir", "metadata_path", "base_model", "lora_rank", "batch_size",
                      "epochs", "learning_rate", "output_dir", "save_steps"}
 EXTRA_NOTES = {
     "name": "must match `[A-Za-z0-9][A-Za-z0-9._-]*` (≤100)",
-    "task": "`image` or `llm`; inferred from `base_model` / `train_data_dir` when left out",
+    "task": "`image`, `video` or `llm`; inferred from `base_model` / `train_data_dir` when left out",
     "timeout": "seconds or `90m`, `6h`, `1h30m`, `2d`",
     "base_model_id": "the hub's `org/name` form",
 }
@@ -75,11 +75,13 @@ def _rows(cls: type[JobSpec], keys: list[str], where: str) -> list[str]:
 def reference_table() -> str:
     common = [key for key in JobSpec.model_fields if key != "task"]
     image_only = [k for k in ImageJobSpec.model_fields if k not in JobSpec.model_fields]
+    video_only = [k for k in VideoJobSpec.model_fields if k not in ImageJobSpec.model_fields]
     llm_only = [k for k in LlmJobSpec.model_fields if k not in JobSpec.model_fields]
     lines = ["| key | jobs | type | default | meaning |", "|---|---|---|---|---|"]
-    lines += [f"| `task` | all | `image` \\| `llm` | inferred | {EXTRA_NOTES['task']} |"]
+    lines += [f"| `task` | all | `image` \\| `video` \\| `llm` | inferred | {EXTRA_NOTES['task']} |"]
     lines += _rows(JobSpec, common, "all")
-    lines += _rows(ImageJobSpec, image_only, "image")
+    lines += _rows(ImageJobSpec, image_only, "image, video")
+    lines += _rows(VideoJobSpec, video_only, "video")
     lines += _rows(LlmJobSpec, llm_only, "llm")
     return "\n".join(lines)
 

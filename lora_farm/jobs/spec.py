@@ -11,13 +11,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,12 +57,14 @@ class JobSpec(BaseModel):
     # identity and scheduling
     name: SafeName = Field(description="job name; file names and storage keys derive from it "
                            "(default: the YAML file's stem)")
-    task: Literal["image", "llm"]
+    task: Literal["image", "video", "llm"]
     batch: SafeName | None = Field(None, description="batch this job belongs to (CLI --batch wins)")
     tags: list[str] = Field(default_factory=list, description="free-form labels shown by status")
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     gpus: int = Field(1, ge=1, le=16, description=">1: one DDP job over that many whole cards")
     vram_gb: float | None = Field(None, gt=0, le=2048, description="override the VRAM estimate")
+    host_ram_gb: float | None = Field(None, gt=0, le=65536, description="override the host RAM "
+                                      "estimate")
     max_retries: int = Field(2, ge=0, le=50, description="retries after a crash or OOM")
     timeout: Seconds | None = Field(24 * 3600, gt=0, le=90 * 24 * 3600,
                                     description="wall-clock limit per attempt ('6h', '90m', s)")
@@ -145,8 +148,8 @@ class JobSpec(BaseModel):
 
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
-        # an unset base_model_id leaves the hashes of specs written before it existed alone
-        unset = {"base_model_id"} if self.base_model_id is None else set()
+        # an unset base_model_id / host_ram_gb leaves the hashes of specs written before they existed alone
+        unset = {name for name in ("base_model_id", "host_ram_gb") if getattr(self, name) is None}
         payload = self.model_dump(mode="json", exclude={"batch"} | unset)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -181,6 +184,7 @@ class ImageJobSpec(JobSpec):
         "none", description="store the frozen transformer (and the big T5/Qwen text encoders) in "
         "8-bit float or 4-bit NF4 on CUDA (torchao); auto: the least quantization whose estimate "
         "fits the farm's largest card. The CPU trains the base unquantized")
+    QUANTIZATIONS: ClassVar[tuple[str, ...]] = ("none", "fp8", "nf4")  # what `auto` tries, in order
     cache_text_encoder_outputs: bool = Field(
         False, description="encode each caption once before training, then move the text "
         "encoders off the card (not with train_text_encoder)")
@@ -193,6 +197,84 @@ class ImageJobSpec(JobSpec):
         return self
 
 
+BUCKET = re.compile(r"^\s*(\d{2,5})\s*[xX]\s*(\d{2,5})\s*$")
+
+
+def parse_bucket(value: str) -> tuple[int, int]:
+    """``"832x480"`` -> ``(832, 480)``: width x height, each a multiple of 16 in 32-4096."""
+    match = BUCKET.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"each bucket must be 'WIDTHxHEIGHT' such as '832x480', got {value!r}")
+    width, height = int(match[1]), int(match[2])
+    if not all(32 <= side <= 4096 and side % 16 == 0 for side in (width, height)):
+        raise ValueError(f"bucket {value!r}: width and height must be multiples of 16 between 32 "
+                         "and 4096 (the VAE's 8x and the transformer's 2x2 patches); e.g. '832x480'")
+    return width, height
+
+
+class VideoJobSpec(ImageJobSpec):
+    """A video-model LoRA (a family whose card trains on clips: Wan) trained with diffusers + peft.
+
+    Clips are ``.mp4``/``.webm``/``.mov``/``.gif`` files or folders of frames, captioned as images
+    are (metadata.csv or sidecars). Each clip gives ``num_frames`` frames, every ``frame_stride``-th
+    one (or resampled to ``fps``), resized to cover its bucket and cropped."""
+
+    task: Literal["video"] = "video"  # type: ignore[assignment]
+    QUANTIZATIONS: ClassVar[tuple[str, ...]] = ("none", "fp8")
+    num_frames: int = Field(17, ge=1, le=1025, description="frames per clip sample (Wan: 4k+1, "
+                            "e.g. 17, 33, 81)")
+    frame_stride: int | None = Field(None, ge=1, le=1000, description="take every N-th frame "
+                                     "(default 1; not with `fps`)")
+    fps: float | None = Field(None, gt=0, le=240, description="resample each clip to this frame "
+                              "rate before taking frames (not with `frame_stride`)")
+    buckets: list[str] | None = Field(None, min_length=1, max_length=64, description="'WxH' frame "
+                                      "sizes (e.g. ['832x480', '480x832']); each clip goes to the "
+                                      "nearest aspect ratio (default: `resolution` square)")
+    quantize_base: Literal["none", "fp8", "auto"] = Field(  # type: ignore[assignment]
+        "none", description="video: store the frozen transformer and UMT5 in fp8 (diffusers' "
+        "layerwise casting; musubi-tuner's --fp8_base and --fp8_t5); auto: fp8 where the farm's "
+        "largest card needs it. The CPU trains the base unquantized")
+    cache_text_encoder_outputs: bool = Field(True, description="video: on by default: encode each "
+                                             "caption once, then move the text encoder off the card")
+    blocks_to_swap: int = Field(0, ge=0, le=200, description="keep this many transformer blocks "
+                                "on the host, brought to the card for their turn (needs "
+                                "gradient_checkpointing)")
+    expert: Literal["high_noise", "low_noise"] | None = Field(
+        None, description="two-expert models (Wan 2.2 A14B): the expert the LoRA trains, on its own "
+        "range of t: high_noise (transformer) or low_noise (transformer_2)")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_parse(cls, buckets: list[str] | None) -> list[str] | None:
+        if buckets is not None:
+            for bucket in buckets:
+                parse_bucket(bucket)
+        return buckets
+
+    @field_validator("fps")
+    @classmethod
+    def _one_frame_rule(cls, fps: float | None, info: ValidationInfo) -> float | None:
+        if fps is not None and info.data.get("frame_stride") is not None:
+            raise ValueError(f"is {fps:g} and `frame_stride` is set too; keep one (fps resamples "
+                             "the clip, frame_stride skips frames of it)")
+        return fps
+
+    @field_validator("blocks_to_swap")
+    @classmethod
+    def _swap_needs_checkpointing(cls, count: int, info: ValidationInfo) -> int:
+        if count and not info.data.get("gradient_checkpointing"):
+            raise ValueError(f"is {count}, which needs `gradient_checkpointing: true` (a swapped "
+                             "block's weights leave the card between its forward and backward)")
+        return count
+
+    @property
+    def frame_sizes(self) -> list[tuple[int, int]]:
+        """The buckets as (width, height); the square ``resolution`` when none is set."""
+        if not self.buckets:
+            return [(self.resolution, self.resolution)]
+        return [parse_bucket(bucket) for bucket in self.buckets]
+
+
 class LlmJobSpec(JobSpec):
     """A causal-LM LoRA trained with transformers + peft."""
 
@@ -203,14 +285,14 @@ class LlmJobSpec(JobSpec):
 
 PATH_FIELDS = ("base_model", "train_data_dir", "output_dir", "resume_from", "metadata_path",
                "base_model_config")
-SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "llm": LlmJobSpec}
+SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "video": VideoJobSpec, "llm": LlmJobSpec}
 
 
 def spec_from_dict(data: dict[str, Any]) -> ImageJobSpec | LlmJobSpec:
     """Validate already-resolved data (e.g. a ``config.resolved.yaml``) into a spec."""
     task = data.get("task")
     if task not in SPEC_CLASSES:
-        raise ValueError(f"`task` must be 'image' or 'llm', got {task!r}")
+        raise ValueError(f"`task` must be 'image', 'video' or 'llm', got {task!r}")
     return SPEC_CLASSES[task].model_validate(data)  # type: ignore[return-value]
 
 

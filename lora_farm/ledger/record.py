@@ -13,7 +13,7 @@ _INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps
                "epochs", "seq", "gpus_needed", "exit_code", "upload_tries", "shutdowns")
 _FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
                  "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
-                 "next_upload_at", "queued_at")
+                 "next_upload_at", "queued_at", "host_ram_mb")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class JobRecord:
     timeout: float | None = None
     gpus_needed: int = 1
     estimate_mb: float = 0.0
+    host_ram_mb: float = 0.0  # peak host RAM (scheduler.host_ram): placement keeps hosts within theirs
     seq: int = 0
     host: str = ""
     worker: str = ""  # the Celery worker (hostname) whose runner executes the job

@@ -40,6 +40,7 @@ class NewJob:
     batch: str
     priority: int
     estimate_mb: float
+    host_ram_mb: float = 0.0
     plan: dict[str, Any] = field(default_factory=dict)  # overrides of the spec chosen at submit
 
 
@@ -106,8 +107,8 @@ class Ledger:
             id=uuid.uuid4().hex[:12], name=spec.name, batch=job.batch, task=spec.task,
             config_hash=spec.config_hash(), priority=job.priority, max_retries=spec.max_retries,
             timeout=spec.timeout, gpus_needed=spec.gpus, estimate_mb=round(job.estimate_mb, 1),
-            seq=seq, submitted=now, queued_at=now, updated=now, spec=spec.to_yaml_dict(),
-            plan=dict(job.plan))
+            host_ram_mb=round(job.host_ram_mb, 1), seq=seq, submitted=now, queued_at=now, updated=now,
+            spec=spec.to_yaml_dict(), plan=dict(job.plan))
 
     def _write_new(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
         keys = self.keys

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
-from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.scheduler.estimate import (CUDA_CONTEXT_MB, VramEstimate, base_model_info, choose_quantization,
                                          estimate_vram)
 
@@ -54,15 +54,18 @@ def shape_key(spec: JobSpec) -> str:
         "precision": spec.mixed_precision, "gradient_checkpointing": spec.gradient_checkpointing,
         "targets": sorted(spec.target_modules or []),
     }
-    if isinstance(spec, ImageJobSpec):
+    if isinstance(spec, VideoJobSpec):  # what the video estimate grows or shrinks with
+        shape.update(frames=spec.num_frames, sizes=sorted(spec.frame_sizes),
+                     blocks_to_swap=spec.blocks_to_swap, expert=spec.expert)
+    elif isinstance(spec, ImageJobSpec):
         shape.update(resolution=spec.resolution, train_text_encoder=spec.train_text_encoder)
-        # only where set: the shapes recorded before these fields existed keep their keys
-        if spec.quantize_base != "none":
+    elif isinstance(spec, LlmJobSpec):
+        shape.update(seq_len=spec.max_seq_len)
+    if isinstance(spec, ImageJobSpec):  # video too; only where set, so the shapes recorded before
+        if spec.quantize_base != "none":  # these fields existed keep their keys
             shape.update(quantize_base=spec.quantize_base)
         if spec.cache_text_encoder_outputs:
             shape.update(cache_text_encoder_outputs=True)
-    elif isinstance(spec, LlmJobSpec):
-        shape.update(seq_len=spec.max_seq_len)
     return json.dumps(shape, sort_keys=True, separators=(",", ":"))
 
 

@@ -31,6 +31,13 @@ The model, part by part (shapes from the safetensors headers, sizes from the con
   hidden x (34 bytes x layers)`` (Korthikanti et al. 2022, with flash/SDPA attention) plus the
   logits ``batch x seq_len x vocab x 10 bytes``. fp32 (``no``) doubles them; gradient
   checkpointing keeps the card's share of them (image) or one layer plus each layer's input (LLM).
+- video (``VideoJobSpec``, a card with ``media="video"``): activations are the card's 512 px figure
+  per latent frame x ``(num_frames - 1) / temporal_compression + 1`` latent frames x the largest
+  bucket's pixels over 512 x 512; the frozen weights on the card are the VAE plus the larger of the
+  text encoder (alone on the card while the captions are cached) and the transformer as the levers
+  leave it: ``quantize_base: fp8`` 1 byte a transformer and a text-encoder weight,
+  ``blocks_to_swap`` those blocks on the host but one.
+  The host RAM is ``scheduler.host_ram``'s.
 - ``cuda_context``: ~500 MiB per process (CUDA context + cuBLAS workspace + kernels); it is not in
   the trainer's ``peak_vram_mb`` (``torch.cuda.max_memory_reserved``).
 
@@ -50,7 +57,7 @@ from typing import Any, Iterable, Literal
 from lora_farm import families
 from lora_farm.errors import ModelLoadError
 from lora_farm.jobs.inspect import BaseModelInfo, UnknownModelFormat, inspect_base_model, read_safetensors_header
-from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec
+from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.jobs.targets import TEXT_ENCODER_TARGETS
 
 MIB = 1024 * 1024
@@ -64,7 +71,6 @@ LLM_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqk
 _VARIANT = re.compile(r"\.(fp16|bf16|fp32|ema|non_ema)\.")
 _EMBEDDING = re.compile(r"(embed_tokens|^shared|word_embeddings|\bwte)\.weight$")
 
-QUANTIZATIONS = ("none", "fp8", "nf4")  # quantize_base, least first (auto tries them in order)
 # bytes per quantized weight: fp8 one byte (its per-row scale is noise); NF4 half a byte plus
 # one 8-bit scale per 64 weights and one fp32 scale per 256 of those (QLoRA's double quantization)
 QUANT_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
@@ -106,12 +112,14 @@ def estimate_vram(spec: JobSpec, correction: float | None = None) -> VramEstimat
 
 
 def choose_quantization(spec: JobSpec, card_mb: float, correction: float | None = None) -> str:
-    """``quantize_base: auto`` for a card of ``card_mb`` usable MiB: the least quantization whose
-    estimate fits it (none, fp8, nf4); nf4 when none does (placement then refuses the job)."""
-    for mode in QUANTIZATIONS[:-1]:
+    """``quantize_base: auto`` for a card of ``card_mb`` usable MiB: the least quantization of the
+    spec's kind whose estimate fits it (image: none, fp8, nf4; video: none, fp8); the last when
+    none does (placement then refuses the job)."""
+    modes = type(spec).QUANTIZATIONS  # type: ignore[attr-defined]
+    for mode in modes[:-1]:
         if estimate_vram(spec.model_copy(update={"quantize_base": mode}), correction).total_mb <= card_mb:
             return mode
-    return QUANTIZATIONS[-1]
+    return modes[-1]
 
 
 def base_model_info(spec: JobSpec) -> BaseModelInfo:
@@ -131,7 +139,12 @@ def _model_parts(spec: JobSpec) -> tuple[dict[str, float], tuple[str, ...]]:
     tensors = _tensors(info)
     counted: tuple[str, ...] = ()
     caption_phase_mb = 0.0
-    if isinstance(spec, ImageJobSpec):
+    if isinstance(spec, VideoJobSpec):
+        card = families.by_name(info.family)
+        frozen = _video_frozen_mb(spec, tensors, width, card.params)
+        lora = _image_lora_params(spec, card, tensors)
+        activations = _video_activations_mb(spec, card, info)
+    elif isinstance(spec, ImageJobSpec):
         card = families.by_name(info.family)
         weights = _image_weights(spec, card, tensors, width)
         frozen, caption_phase_mb, counted = weights.training_mb, weights.caption_phase_mb, weights.counted
@@ -284,6 +297,59 @@ def _image_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseM
     per_sample = card.activation_mb_512 * (spec.resolution / 512) ** 2
     width = card.width(info.details.get(card.denoiser, {}))
     if width:  # a narrower denoiser keeps proportionally smaller activations
+        per_sample *= width / card.reference_width
+    if spec.gradient_checkpointing:
+        per_sample *= card.checkpointing_keeps
+    if spec.mixed_precision == "no":
+        per_sample *= 2
+    return spec.batch_size * per_sample
+
+
+# ---- video ------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _video_frozen_mb(spec: VideoJobSpec, tensors: list[_Tensor], width: int, fallback_params: float) -> float:
+    """The weights on the card at the peak: the VAE, plus the larger of the text encoder (alone
+    while it encodes the captions, when they are cached) and the transformer as the levers leave
+    it (fp8: 1 byte a weight; ``blocks_to_swap``: those blocks on the host but one in flight)."""
+    if not tensors:
+        return fallback_params * width / MIB
+    def params(component: str) -> int:
+        return sum(math.prod(t.shape) for t in tensors if t.component == component)
+
+    swapped = _swapped_block_params(tensors, spec.blocks_to_swap)
+    denoiser = params("denoiser") - sum(swapped) + max(swapped, default=0)  # one swapped block in flight
+    fp8 = spec.quantize_base == "fp8"  # the transformer and UMT5 (auto counts as none here)
+    denoiser_mb = denoiser * (1 if fp8 else width) / MIB
+    encoders_mb = params("text_encoder") * (1 if fp8 else width) / MIB
+    shared = max(denoiser_mb, encoders_mb) if spec.cache_text_encoder_outputs else denoiser_mb + encoders_mb
+    return shared + params("vae") * width / MIB
+
+
+def _swapped_block_params(tensors: list[_Tensor], count: int) -> list[int]:
+    """The parameter counts of the last ``count`` denoiser blocks (``blocks.N.*``)."""
+    blocks: dict[int, int] = {}
+    for tensor in tensors:
+        match = _BLOCK.match(tensor.name) if tensor.component == "denoiser" else None
+        if match:
+            blocks[int(match[1])] = blocks.get(int(match[1]), 0) + math.prod(tensor.shape)
+    last = sorted(blocks)[len(blocks) - min(count, len(blocks)):] if count else []
+    return [blocks[index] for index in last]
+
+
+def latent_frames(spec: VideoJobSpec, card: families.Family) -> int:
+    return (spec.num_frames - 1) // card.temporal_compression + 1
+
+
+def _video_activations_mb(spec: VideoJobSpec, card: families.Family, info: BaseModelInfo) -> float:
+    """The card's 512 x 512 px figure per latent frame x latent frames x the largest bucket's
+    pixels, scaled and checkpointed as an image's."""
+    pixels = max(width * height for width, height in spec.frame_sizes)
+    per_sample = card.activation_mb_512 * pixels / 512**2 * latent_frames(spec, card)
+    width = card.width(info.details.get(card.denoiser, {}))
+    if width:
         per_sample *= width / card.reference_width
     if spec.gradient_checkpointing:
         per_sample *= card.checkpointing_keeps

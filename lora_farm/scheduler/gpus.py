@@ -9,6 +9,9 @@ Interface::
     parse_declared("gpu0:24GiB,gpu1:24GiB")      # -> list[GpuInfo] (source="declared")
     pinned_env(["GPU-3f..."])                    # -> {"CUDA_VISIBLE_DEVICES": ..., "CUDA_DEVICE_ORDER": ...}
     to_snapshot(info) -> place.GpuSnapshot       # what the pure placement reads
+    host_ram_mb(settings)                        # LORAFARM_HOST_RAM, else the OS's total RAM
+
+Every card carries its host's RAM (``host_ram_mb``): placement keeps a host's jobs within it.
 
 Sources, in order:
 
@@ -72,6 +75,7 @@ class GpuInfo:
     source: Source = "declared"
     error: str | None = None  # this card could not be read (NVML): listed, never scheduled
     note: str = ""  # why this inventory source was chosen, where it is worth saying
+    host_ram_mb: float | None = None  # the RAM of its host (placement keeps the host's jobs within it)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (ledger, status --json)."""
@@ -92,12 +96,30 @@ def read_gpus(settings: Settings | None = None) -> list[GpuInfo]:
     """This host's cards: NVML when it works and finds cards, else the declared ones, else CPU."""
     settings = settings or get_settings()
     cards = read_nvml()
-    if cards:
-        return cards
-    if settings.gpus.strip():
-        return parse_declared(settings.gpus)
-    log.info(_CPU_NOTE)
-    return [cpu_slot()]
+    if not cards and settings.gpus.strip():
+        cards = parse_declared(settings.gpus)
+    if not cards:
+        log.info(_CPU_NOTE)
+        cards = [cpu_slot()]
+    ram = host_ram_mb(settings)
+    for card in cards:
+        card.host_ram_mb = ram
+    return cards
+
+
+def host_ram_mb(settings: Settings) -> float:
+    """This host's RAM in MiB: LORAFARM_HOST_RAM (e.g. '64GiB') when set, else the OS's total."""
+    declared = settings.host_ram.strip()
+    if not declared:
+        import psutil
+
+        return psutil.virtual_memory().total / (1024 * 1024)
+    match = _MEMORY.match(declared)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNIT_MIB or float(match.group(1)) <= 0:
+        raise GpuInventoryError(f"LORAFARM_HOST_RAM={declared!r} is not a positive size with a unit. "
+                                "Fix: write it as e.g. 64GiB, 512GB or 65536MiB (or unset it).")
+    return float(match.group(1)) * _UNIT_MIB[unit]
 
 
 def cpu_slot(host: str | None = None) -> GpuInfo:
@@ -170,7 +192,7 @@ def to_snapshot(info: GpuInfo) -> "GpuSnapshot":
 
     free_mb = 0.0 if info.error else info.free_mb
     return GpuSnapshot(uuid=info.uuid, host=info.host, total_mb=info.total_mb, free_mb=free_mb,
-                       cpu=info.source == "cpu")
+                       cpu=info.source == "cpu", host_ram_mb=info.host_ram_mb)
 
 
 # ---- NVML -------------------------------------------------------------------------------------

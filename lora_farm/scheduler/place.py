@@ -41,6 +41,13 @@ fit it soonest (smallest shortfall now): nothing new is placed there, so they dr
 One hold at a time keeps the rest of the farm busy (EASY backfilling).
 
 A queued job that already has a reservation (the ledger lagging behind dispatch) is skipped.
+
+**Host RAM.** A job also needs host RAM (``scheduler.host_ram``: the base model is read on the
+host before it is cast and moved). A host's RAM comes with its cards' snapshots
+(``GpuSnapshot.host_ram_mb``, from the inventory; None: unknown, not limited); the jobs reserved
+on its cards and those placed in this pass use it up, once per job whatever its card count. A
+job whose need exceeds what its host has left waits (another host may take it), and
+``check_fits_farm`` refuses at submit, with the figures, a job no host could hold even empty.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class QueuedJob:
     estimate_mb: float
     gpus: int = 1
     queued_at: float | None = None  # when it (re-)entered the queue; None: at submitted_at
+    host_ram_mb: float = 0.0  # peak host RAM (scheduler.host_ram)
 
     def waited(self, now: float) -> float:
         """How long it has waited since it last entered the queue (a retry starts afresh)."""
@@ -74,6 +82,7 @@ class GpuSnapshot:
     total_mb: float
     free_mb: float
     cpu: bool = False  # the `cpu` slot of a host without cards: no VRAM limit
+    host_ram_mb: float | None = None  # the RAM of the card's host; None: unknown (not limited)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class Reservation:
     job_id: str
     gpu_uuid: str
     mb: float
+    host_ram_mb: float = 0.0  # the job's host RAM (counted once per job on its host)
 
 
 @dataclass(frozen=True)
@@ -93,10 +103,11 @@ class _Card:
     """A card's state during one pass (capacity shrinks as jobs are placed on it)."""
 
     __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held",
-                 "whole")
+                 "whole", "ram")
 
-    def __init__(self, snapshot: GpuSnapshot, policy: Policy):
+    def __init__(self, snapshot: GpuSnapshot, policy: Policy, ram: "_HostRam"):
         self.uuid, self.host, self.cpu = snapshot.uuid, snapshot.host, snapshot.cpu
+        self.ram = ram  # shared by the cards of one host
         self.usable = math.inf if self.cpu else snapshot.total_mb * (1 - policy.headroom)
         self.planned = self.usable
         self.measured = math.inf if self.cpu else snapshot.free_mb - snapshot.total_mb * policy.headroom
@@ -113,14 +124,25 @@ class _Card:
     def idle(self) -> bool:
         return self.jobs == 0
 
-    def takes(self, mb: float) -> bool:
-        return not self.held and not self.whole and self.jobs < self.slots and self.capacity >= mb
+    def takes(self, mb: float, host_ram_mb: float = 0.0) -> bool:
+        return (not self.held and not self.whole and self.jobs < self.slots and self.capacity >= mb
+                and self.ram.left >= host_ram_mb)
 
     def add(self, mb: float, whole: bool = False) -> None:
         self.planned -= mb
         self.measured -= mb
         self.jobs += 1
         self.whole = self.whole or whole
+
+
+class _HostRam:
+    """A host's RAM during one pass: what is left after the jobs reserved or placed there."""
+
+    __slots__ = ("total", "left")
+
+    def __init__(self, total_mb: float | None):
+        self.total = math.inf if total_mb is None else total_mb
+        self.left = self.total
 
 
 def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
@@ -141,6 +163,7 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
             multi_card_waiting.discard(job.job_id)
             for card in chosen:
                 card.add(job.estimate_mb, whole=job.gpus > 1)
+            chosen[0].ram.left -= job.host_ram_mb  # the cards of one job share its host
             placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
         elif is_starving and not holding:
             holding = _hold_for(job, cards)
@@ -149,8 +172,12 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
 
 def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
            policy: Policy) -> list[_Card]:
-    cards = {snapshot.uuid: _Card(snapshot, policy) for snapshot in gpus}
+    gpus = list(gpus)
+    hosts = {host: _HostRam(_host_ram(gpus, host)) for host in {s.host for s in gpus}}
+    cards = {snapshot.uuid: _Card(snapshot, policy, hosts[snapshot.host]) for snapshot in gpus}
     reservations = list(reservations)
+    for job_id, host_ram_mb, host in _reserved_on_hosts(reservations, cards):
+        hosts[host].left -= host_ram_mb
     cards_of: dict[str, set[str]] = {}
     for reservation in reservations:
         cards_of.setdefault(reservation.job_id, set()).add(reservation.gpu_uuid)
@@ -167,28 +194,44 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
     return list(cards.values())
 
 
+def _host_ram(gpus: list[GpuSnapshot], host: str) -> float | None:
+    """The host's RAM as its cards report it (the smallest figure, should two disagree)."""
+    figures = [s.host_ram_mb for s in gpus if s.host == host and s.host_ram_mb is not None]
+    return min(figures) if figures else None
+
+
+def _reserved_on_hosts(reservations: list[Reservation], cards: dict[str, "_Card"]) -> list[tuple[str, float, str]]:
+    """(job, host RAM, host) once per reserved job whose card is known."""
+    seen: dict[str, tuple[str, float, str]] = {}
+    for reservation in reservations:
+        card = cards.get(reservation.gpu_uuid)
+        if card is not None and reservation.job_id not in seen:
+            seen[reservation.job_id] = (reservation.job_id, reservation.host_ram_mb, card.host)
+    return list(seen.values())
+
+
 def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:
     if job.gpus == 1:
-        card = _best_single(job.estimate_mb, cards, keep_whole)
+        card = _best_single(job.estimate_mb, cards, keep_whole, job.host_ram_mb)
         return [card] if card else []
-    return _whole_cards(job.estimate_mb, job.gpus, cards)
+    return _whole_cards(job.estimate_mb, job.gpus, cards, job.host_ram_mb)
 
 
-def _best_single(mb: float, cards: list[_Card], keep_whole: bool) -> _Card | None:
+def _best_single(mb: float, cards: list[_Card], keep_whole: bool, host_ram_mb: float = 0.0) -> _Card | None:
     """An idle card first (busy first while whole cards are kept), then the tightest fit."""
     best, best_key = None, None
     for card in cards:
-        if card.takes(mb):
+        if card.takes(mb, host_ram_mb):
             key = (card.idle == keep_whole, card.capacity - mb, card.uuid)
             if best_key is None or key < best_key:
                 best, best_key = card, key
     return best
 
 
-def _whole_cards(mb: float, count: int, cards: list[_Card]) -> list[_Card]:
+def _whole_cards(mb: float, count: int, cards: list[_Card], host_ram_mb: float = 0.0) -> list[_Card]:
     by_host: dict[str, list[_Card]] = {}
     for card in cards:
-        if not card.cpu and card.idle and card.takes(mb):
+        if not card.cpu and card.idle and card.takes(mb, host_ram_mb):
             by_host.setdefault(card.host, []).append(card)
     hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
     if not hosts:
@@ -209,7 +252,7 @@ def _hold_for(job: QueuedJob, cards: list[_Card]) -> bool:
         return (shortfall(card), card.jobs, card.uuid)
 
     ever = [c for c in cards if not c.held and c.usable >= job.estimate_mb
-            and (job.gpus == 1 or not c.cpu)]
+            and c.ram.total >= job.host_ram_mb and (job.gpus == 1 or not c.cpu)]
     by_host: dict[str, list[_Card]] = {}
     for card in ever:
         by_host.setdefault(card.host, []).append(card)
@@ -233,8 +276,9 @@ def largest_card_mb(gpus: Iterable[GpuSnapshot], policy: Policy) -> float | None
 
 
 def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnapshot],
-                    policy: Policy, overridden: bool = False) -> None:
-    """Refuse, with the figures, a job no host of the farm could ever run (even when empty).
+                    policy: Policy, overridden: bool = False, host_ram_mb: float = 0.0) -> None:
+    """Refuse, with the figures, a job no host of the farm could ever run (even when empty):
+    too little VRAM on its cards, or too little RAM on every host whose cards would hold it.
 
     ``overridden``: the figure is the job's own ``vram_gb``, so the fix offered is to lower it.
     """
@@ -242,7 +286,11 @@ def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnap
     by_host: dict[str, list[GpuSnapshot]] = {}
     for snapshot in snapshots:
         by_host.setdefault(snapshot.host, []).append(snapshot)
-    for found in by_host.values():
+    roomy = {host: found for host, found in by_host.items()
+             if (_host_ram(snapshots, host) or math.inf) >= host_ram_mb}
+    if not roomy:
+        raise NoCapacity(_no_host_ram_message(host_ram_mb, snapshots))
+    for found in roomy.values():
         if gpus_needed == 1 and any(s.cpu for s in found):
             return
         usable = [s for s in found if not s.cpu and s.total_mb * (1 - policy.headroom) >= estimate_mb]
@@ -273,6 +321,15 @@ def _no_capacity_message(estimate_mb: float, gpus_needed: int, snapshots: list[G
                    default=("-", 0))
         text += f"; the most cards that fit it on one host is {best[1]} ({best[0]})"
     return f"{text}. {fix}"
+
+
+def _no_host_ram_message(host_ram_mb: float, snapshots: list[GpuSnapshot]) -> str:
+    host, ram = max(((s.host, s.host_ram_mb or 0.0) for s in snapshots), key=lambda pair: pair[1],
+                    default=("-", 0.0))
+    return (f"the job needs {_gb(host_ram_mb)} of host RAM (the base model is read whole before it is "
+            f"cast), but the largest host {host} has {_gb(ram)}. Fix: store the "
+            "base in bf16 (not fp32) to halve what is read, run it on a host with more RAM (or add "
+            "swap and set LORAFARM_HOST_RAM), or set `host_ram_gb` if the estimate is wrong for this job.")
 
 
 def _count_by_host(cards: list[GpuSnapshot], estimate_mb: float, policy: Policy) -> dict[str, int]:

@@ -28,7 +28,8 @@ from lora_farm.errors import LoraFarmError
 from lora_farm.protocol import LIFELINE_ENV, EventWriter, ExitCode, Fence, Fenced, JobDir
 
 PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
-            "image": ("lora_farm.trainers.image", "ImageProgram")}
+            "image": ("lora_farm.trainers.image", "ImageProgram"),
+            "video": ("lora_farm.trainers.video", "VideoProgram")}
 
 
 class _Events:

@@ -9,7 +9,6 @@ single file's key layout.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ class ImageProgram(TrainingProgram):
 
     def load(self) -> None:
         self.model = load_image_model(self.spec.base_model, self.spec.base_model_config, self.dtype)
+        self._pick_denoiser()
         card = self.model.card
         self.adapter = adapter_for(card)
         mode = self.quantization()
@@ -129,6 +129,9 @@ class ImageProgram(TrainingProgram):
         if self.caption_cache is None:
             return self.adapter.encode(self.model, captions, self.device)
         return self.adapter.collate([self.caption_cache[caption] for caption in captions], self.device)
+
+    def _pick_denoiser(self) -> None:
+        """Which of the model's denoisers the LoRA trains (a two-expert video model picks one)."""
 
     def _lora_config(self, targets: list[str]) -> Any:
         from peft import LoraConfig
@@ -211,7 +214,7 @@ class ImageProgram(TrainingProgram):
 
     def micro_batches_per_epoch(self) -> int:
         assert self.dataset is not None, "prepare() first"
-        return math.ceil(len(self.dataset) / self.spec.batch_size)
+        return len(self._order_of(0))
 
     def batches(self, epoch: int) -> Iterator[dict[str, Any]]:
         """Cheap handles (which examples, which flips); pixels load in ``compute_loss``.
@@ -221,9 +224,7 @@ class ImageProgram(TrainingProgram):
         pass over the epoch (``num_workers`` processes loading ahead).
         """
         assert self.dataset is not None, "prepare() first"
-        order = epoch_order(len(self.dataset), self.spec.batch_size, self.spec.seed, epoch,
-                            self.spec.random_flip)
-        for position, keys in enumerate(order):
+        for position, keys in enumerate(self._order_of(epoch)):
             yield {"epoch": epoch, "position": position, "keys": keys,
                    "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
 

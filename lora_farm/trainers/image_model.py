@@ -68,7 +68,7 @@ def describe_base_model(path: Path, field_name: str = "base_model") -> BaseModel
     except UnknownModelFormat as error:
         raise ModelLoadError(f"`{field_name}`: {error}. Fix: point `{field_name}` at a diffusers "
                              "folder (model_index.json) or a single-file .safetensors checkpoint.") from error
-    if info.task != "image":
+    if info.task == "llm":
         raise ModelLoadError(f"`{field_name}`: {path} is a {info.family} model, not an image model. "
                              f"Fix: use one of {families.supported()}, or `task: llm` for language models.")
     return info

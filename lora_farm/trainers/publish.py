@@ -44,7 +44,7 @@ def publish(spec: Any, job_dir: Path, fence: Fence | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
     try:
-        if spec.task == "image":
+        if spec.task != "llm":  # image and video: the single file
             if target.is_dir():
                 raise PublishRefused(f"{target} is a folder, not an earlier adapter file")
             shutil.copyfile(JobDir(job_dir).kohya(spec.name), staging)

@@ -105,19 +105,25 @@ def queued_jobs(ledger: Ledger, limit: int = QUEUE_WINDOW) -> list[QueuedJob]:
     pipe = ledger.client.pipeline(transaction=False)
     for job_id in ids:
         pipe.hmget(ledger.keys.job(job_id), "priority", "submitted", "estimate_mb", "gpus_needed",
-                   "queued_at")
+                   "queued_at", "host_ram_mb")
     jobs = []
-    for job_id, (priority, submitted, estimate, gpus, queued_at) in zip(ids, pipe.execute()):
+    for job_id, (priority, submitted, estimate, gpus, queued_at, host_ram) in zip(ids, pipe.execute()):
         if submitted is None:
             continue  # a record deleted under us
         jobs.append(QueuedJob(job_id, int(priority or 0), float(submitted), float(estimate or 0),
-                              int(gpus or 1), float(queued_at) if queued_at else None))
+                              int(gpus or 1), float(queued_at) if queued_at else None, float(host_ram or 0)))
     return jobs
 
 
 def reservations(ledger: Ledger) -> list[Reservation]:
-    return [Reservation(job_id, gpu, float(held["mb"]))
-            for job_id, held in ledger.reservations().items() for gpu in held["gpus"]]
+    """Every card a job holds, with the job's host RAM (read from its record, one pipeline)."""
+    held_by = ledger.reservations()
+    pipe = ledger.client.pipeline(transaction=False)
+    for job_id in held_by:
+        pipe.hget(ledger.keys.job(job_id), "host_ram_mb")
+    host_ram = dict(zip(held_by, pipe.execute()))
+    return [Reservation(job_id, gpu, float(held["mb"]), float(host_ram[job_id] or 0))
+            for job_id, held in held_by.items() for gpu in held["gpus"]]
 
 
 def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapshot]:
@@ -128,8 +134,13 @@ def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapsho
             snapshots.append(GpuSnapshot(uuid=card["uuid"], host=card["host"],
                                          total_mb=float(card["total_mb"]),
                                          free_mb=float(card["free_mb"]),
-                                         cpu=card.get("source") == "cpu"))
+                                         cpu=card.get("source") == "cpu",
+                                         host_ram_mb=_float_or_none(card.get("host_ram_mb"))))
     return snapshots
+
+
+def _float_or_none(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float, str)) and value != "" else None
 
 
 def card_alive(card: dict, settings: Settings, now: float) -> bool:

@@ -205,3 +205,23 @@ def zimage_headers(root: Path) -> Path:
                       text_encoder(4_022_468_096, "model.embed_tokens.weight", [151_936, 2560]), "BF16")
     write_header_only(root / "vae" / "model.safetensors", {"weight": [83_819_683]}, "BF16")
     return root
+
+
+def chroma_headers(root: Path) -> Path:
+    """Chroma1-HD's parameter counts (bf16 headers, no data): transformer 8.90 B (Flux.1's blocks
+    without their modulation linears, plus the approximator), T5-XXL 4.76 B, VAE 84 M; the LoRA
+    targets with their real shapes."""
+    config = {"_class_name": "ChromaTransformer2DModel", "num_layers": 19, "num_single_layers": 38,
+              "num_attention_heads": 24, "attention_head_dim": 128}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ChromaPipeline"}))
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(19)
+              for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    shapes |= {f"single_transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(38)
+               for p in ("to_q", "to_k", "to_v")}
+    shapes |= linear_rest(8_899_983_424 - sum(a * b for a, b in shapes.values()), 3072)
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    write_header_only(root / "text_encoder" / "model.safetensors", T5_XXL, "BF16")
+    write_header_only(root / "vae" / "model.safetensors", {"weight": [83_819_683]}, "BF16")
+    return root

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from lora_farm.demo.datasets import write_image_dataset, write_text_dataset
 from lora_farm.demo.flux import build_tiny_flux
+from lora_farm.demo.flux2 import build_tiny_flux2_klein
 from lora_farm.demo.chroma import build_tiny_chroma
 from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.qwen_image import build_tiny_qwen_image
@@ -51,6 +52,7 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
         "flux": _ensure(models / "tiny-flux-dev", build_tiny_flux),  # configs/flux-dev-lora.yaml
         "zimage": _ensure(models / "tiny-z-image", build_tiny_zimage),  # configs/z-image-lora.yaml
         "chroma": _ensure(models / "tiny-chroma", build_tiny_chroma),  # configs/chroma-lora.yaml
+        "flux2_klein": _ensure(models / "tiny-flux2-klein", build_tiny_flux2_klein),  # configs/flux2-klein-lora.yaml
         "sd3": _ensure(models / "tiny-sd35-medium", build_tiny_sd3),  # configs/sd35-large-lora.yaml
         "qwen_image": _ensure(models / "tiny-qwen-image", build_tiny_qwen_image),  # configs/qwen-image-lora.yaml
         "llm": _ensure(models / "tiny-llm", build_tiny_llm),

@@ -17,10 +17,10 @@ from lora_farm.families.card import Family, TextEncoder
 __all__ = ["Family", "TextEncoder", "all_families", "by_name", "denoiser_folders", "recognise_file", "recognise_folder",
            "supported"]
 
-# recognition asks them in this order: the first card that matches wins (Chroma before Flux: its
-# single files hold every Flux.1-schnell block tensor; SD last: its single-file rule claims any
+# recognition asks them in this order: the first card that matches wins (Chroma and Flux.2 before
+# Flux.1: their single files hold Flux.1's block tensor names; SD last: its single-file rule claims any
 # `model.diffusion_model.` file)
-MODULES = ("zimage", "chroma", "flux", "sd3", "qwen_image", "sd")
+MODULES = ("zimage", "chroma", "flux2", "flux", "sd3", "qwen_image", "sd")
 
 
 @cache

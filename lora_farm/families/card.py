@@ -21,12 +21,12 @@ class TextEncoder:
 
     folder: str  # text_encoder, text_encoder_2 ... (also the prefix of its LoRA keys)
     tokenizer: str
-    kind: Literal["clip", "t5", "qwen"]
+    kind: Literal["clip", "t5", "qwen", "mistral"]
     max_length: int
 
     @property
     def large(self) -> bool:
-        """T5 and Qwen encoders (billions of weights) are quantized with the base; CLIP stays 16-bit."""
+        """T5, Qwen and Mistral encoders (billions of weights) are quantized with the base; CLIP stays 16-bit."""
         return self.kind != "clip"
 
 

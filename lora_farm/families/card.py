@@ -54,6 +54,9 @@ class Family:
     file_components: tuple[tuple[str, str], ...] = ()
     file_details: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     trains_text_encoders: bool = True  # the text-encoder LoRA (train_text_encoder) is supported
+    # recognised and estimated, but refused at validation: why lora-farm does not train it yet
+    # (empty: it trains)
+    not_trained: str = ""
     # the VRAM model (scheduler/estimate.py): one 512 px sample, 16-bit, no checkpointing, at the
     # real model's width; a narrower denoiser (tiny test models) scales it down
     activation_mb_512: float = 3000.0

@@ -7,12 +7,14 @@ VAE's batch-norm statistics).
 - klein (``Flux2KleinPipeline``; 4B and 9B): 5 + 20 (4B) or 8 + 24 (9B) blocks, a Qwen3 text
   encoder (4B / 8B), no guidance input. Trained here.
 - dev (``Flux2Pipeline``): 32B, 8 + 48 blocks of width 6144, guidance-distilled (a guidance
-  input), a Mistral-Small-3.1 24B text encoder (``Mistral3ForConditionalGeneration``, with its
-  Pixtral processor as the tokenizer). Recognised, estimated and placed; the adapter is klein's
-  (the transformer, VAE, objective and files are the same, the guidance input is read from the
-  config), but no tiny offline Flux.2 dev exists to test it on: a tiny Mistral3 needs a Pixtral
-  vision tower and processor built offline, which this repository does not have yet, so Flux.2
-  dev training is untested here (README says so).
+  input), a Mistral-Small-3.1 24B text encoder (``Mistral3ForConditionalGeneration``) whose
+  tokenizer is a ``PixtralProcessor``. Recognised (folder and single file) and estimated, but
+  refused at validation (``not_trained``): transformers 5.24 will not build a PixtralProcessor
+  without torchvision, which lora-farm's lock does not hold, so neither the real Flux2Pipeline
+  nor a tiny offline one (the test model every family needs) loads here. klein's adapter already
+  reads the guidance input from the config and a processor's tokenizer; adding torchvision to the
+  lock and a tiny Mistral3 + Pixtral builder (31 text layers: the pipeline stacks layers 10, 20,
+  30) is what remains.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _width(config: dict[str, Any]) -> float | None:
         return None
 
 
-def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **vram: Any) -> Family:
+def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **rest: Any) -> Family:
     return Family(
         name=name, title=title, denoiser="transformer", components=("transformer", "vae", "text_encoder"),
         text_encoders=(TextEncoder("text_encoder", "tokenizer", encoder, 512),),  # the pipelines' default
@@ -66,7 +68,7 @@ def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **
                                                             or (index.get("_class_name") is None
                                                                 and bool(config.get("guidance_embeds")) == guidance))),
         matches_file=lambda header: _file_is_flux2(header) and _file_has_guidance(header) == guidance,
-        loads_single_file=False, trains_text_encoders=False, **vram)
+        loads_single_file=False, trains_text_encoders=False, **rest)
 
 
 # one 512 px sample (1024 image tokens + 512 text tokens) keeps ~20 tensors of tokens x width per
@@ -82,7 +84,10 @@ def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **
 FLUX2_KLEIN = _card("flux2-klein", "Flux.2 klein", "Flux2KleinPipeline", guidance=False, encoder="qwen",
                     activation_mb_512=3500.0, reference_width=3072.0 * 25, width=_width,
                     checkpointing_keeps=0.12, params=7.9e9, lora_params_per_rank=1.2e6)
+NOT_TRAINED_DEV = ("its Mistral3 text encoder's PixtralProcessor needs torchvision, which lora-farm does not "
+                   "install, and no tiny offline Flux.2 dev exists to test its training on")
 FLUX2_DEV = _card("flux2-dev", "Flux.2 dev", "Flux2Pipeline", guidance=True, encoder="mistral",
+                  not_trained=NOT_TRAINED_DEV,
                   activation_mb_512=15700.0, reference_width=6144.0 * 56, width=_width,
                   checkpointing_keeps=0.12, params=56e9, lora_params_per_rank=5.5e6)
 

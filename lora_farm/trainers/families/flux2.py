@@ -1,4 +1,5 @@
-"""Flux.2 (klein; dev through the same code, untested) with torch: the pipeline's own
+"""Flux.2 klein with torch (dev, refused at validation for now, would take the same path: see
+``lora_farm.families.flux2``): the pipeline's own
 ``encode_prompt`` (three hidden layers of the language model, stacked per token, with 4-D text
 ids), ``AutoencoderKLFlux2`` latents patched 2x2 into 128 channels and normalised by the VAE's
 batch-norm running statistics (as the pipeline encodes a reference image), flow matching on the

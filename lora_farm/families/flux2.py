@@ -4,8 +4,8 @@ hidden states of a language model (three of its layers, concatenated per token),
 (``AutoencoderKLFlux2``: 32 channels, latents patched 2x2 into 128 channels and normalised by the
 VAE's batch-norm statistics).
 
-- klein (``Flux2KleinPipeline``; 4B and 9B): 5 + 20 (4B) or 8 + 24 (9B) blocks, a Qwen3 text
-  encoder (4B / 8B), no guidance input. Trained here.
+- klein (``Flux2KleinPipeline``; 4B and 9B): the 4B has 5 double + 20 single blocks of width
+  3072; a Qwen3 text encoder (4B / 8B), no guidance input. Trained here.
 - dev (``Flux2Pipeline``): 32B, 8 + 48 blocks of width 6144, guidance-distilled (a guidance
   input), a Mistral-Small-3.1 24B text encoder (``Mistral3ForConditionalGeneration``) whose
   tokenizer is a ``PixtralProcessor``. Recognised (folder and single file) and estimated, but
@@ -38,6 +38,15 @@ def _is_flux2(config: dict[str, Any]) -> bool:
     return config.get("_class_name") == TRANSFORMER
 
 
+def _is_dev(index: dict[str, Any], config: dict[str, Any]) -> bool:
+    """dev's folder names ``Flux2Pipeline``, klein's a ``Flux2Klein*`` pipeline; any other (or
+    none) is told by the guidance input only dev has."""
+    pipeline = str(index.get("_class_name", ""))
+    if pipeline == "Flux2Pipeline" or pipeline.startswith("Flux2Klein"):
+        return pipeline == "Flux2Pipeline"
+    return bool(config.get("guidance_embeds"))
+
+
 def _file_is_flux2(header: dict[str, Any]) -> bool:
     return any(name == FILE_MODULATION or name.endswith("." + FILE_MODULATION) for name in header)
 
@@ -55,7 +64,7 @@ def _width(config: dict[str, Any]) -> float | None:
         return None
 
 
-def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **rest: Any) -> Family:
+def _card(name: str, title: str, guidance: bool, encoder: str, **rest: Any) -> Family:
     return Family(
         name=name, title=title, denoiser="transformer", components=("transformer", "vae", "text_encoder"),
         text_encoders=(TextEncoder("text_encoder", "tokenizer", encoder, 512),),  # the pipelines' default
@@ -63,10 +72,7 @@ def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **
         kohya_metadata={"ss_base_model_version": "flux2", "ss_v2": "False"},
         modelspec_architecture=f"{name}/lora",
         adapter="lora_farm.trainers.families.flux2:Flux2Adapter",
-        matches_folder=lambda index, config, folders: (_is_flux2(config)
-                                                       and (index.get("_class_name") == pipeline
-                                                            or (index.get("_class_name") is None
-                                                                and bool(config.get("guidance_embeds")) == guidance))),
+        matches_folder=lambda index, config, folders: _is_flux2(config) and _is_dev(index, config) == guidance,
         matches_file=lambda header: _file_is_flux2(header) and _file_has_guidance(header) == guidance,
         loads_single_file=False, trains_text_encoders=False, **rest)
 
@@ -81,12 +87,12 @@ def _card(name: str, title: str, pipeline: str, guidance: bool, encoder: str, **
 # published ai-toolkit FLUX.2 dev guide (runcomfy.com) trains it from 24 GB cards (quantized
 # transformer, text encoder unloaded after caching) up to H100/H200. Derivations, not measurements:
 # calibration corrects them from real peaks.
-FLUX2_KLEIN = _card("flux2-klein", "Flux.2 klein", "Flux2KleinPipeline", guidance=False, encoder="qwen",
+FLUX2_KLEIN = _card("flux2-klein", "Flux.2 klein", guidance=False, encoder="qwen",
                     activation_mb_512=3500.0, reference_width=3072.0 * 25, width=_width,
                     checkpointing_keeps=0.12, params=7.9e9, lora_params_per_rank=1.2e6)
 NOT_TRAINED_DEV = ("its Mistral3 text encoder's PixtralProcessor needs torchvision, which lora-farm does not "
                    "install, and no tiny offline Flux.2 dev exists to test its training on")
-FLUX2_DEV = _card("flux2-dev", "Flux.2 dev", "Flux2Pipeline", guidance=True, encoder="mistral",
+FLUX2_DEV = _card("flux2-dev", "Flux.2 dev", guidance=True, encoder="mistral",
                   not_trained=NOT_TRAINED_DEV,
                   activation_mb_512=15700.0, reference_width=6144.0 * 56, width=_width,
                   checkpointing_keeps=0.12, params=56e9, lora_params_per_rank=5.5e6)

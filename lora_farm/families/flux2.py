@@ -11,10 +11,13 @@ VAE's batch-norm statistics).
   tokenizer is a ``PixtralProcessor``. Recognised (folder and single file) and estimated, but
   refused at validation (``not_trained``): transformers 5.24 will not build a PixtralProcessor
   without torchvision, which lora-farm's lock does not hold, so neither the real Flux2Pipeline
-  nor a tiny offline one (the test model every family needs) loads here. klein's adapter already
-  reads the guidance input from the config and a processor's tokenizer; adding torchvision to the
-  lock and a tiny Mistral3 + Pixtral builder (31 text layers: the pipeline stacks layers 10, 20,
-  30) is what remains.
+  nor a tiny offline one (the test model every family needs) loads here. Tried: PyPI's
+  torchvision 0.28.0 (the release for torch 2.13) is built against the CUDA torch and fails to
+  load against the lock's CPU build (``operator torchvision::nms does not exist``); the matching
+  CPU wheel is only on download.pytorch.org, out of reach here. klein's adapter already reads the
+  guidance input from the config and a processor's tokenizer; torchvision in the lock (one build
+  per host kind) and a tiny Mistral3 + Pixtral builder (31 text layers: the pipeline stacks layers
+  10, 20, 30) are what remain.
 """
 
 from __future__ import annotations

@@ -6,10 +6,14 @@ the image tokens by the pipeline's own ``_prepare_attention_mask``. The mask is 
 so the padding is really left out of the attention, as Chroma's reference trainer and ComfyUI do:
 diffusers 0.42.1's ``ChromaPipeline`` passes it as 0.0/1.0 floats, which scaled-dot-product
 attention adds to the scores instead of masking (huggingface/diffusers#12116), so its own
-inference still sees the padding. Flow matching on 2x2-packed latents with Flux's logit-normal sigmas
-and the scheduler config's shift; the LoRA loads through ``FluxLoraLoaderMixin`` (ChromaPipeline's),
-which reads the diffusers file and the BFL/kohya single file (``flux_layout``: Chroma's blocks are
-Flux's, only their modulation linears are pruned, so no file names them).
+inference still sees the padding. The transformer masks query x key, so a padded caption token
+attends to nothing: on the CPU its row comes out finite and changes nothing (tests/test_chroma.py);
+not checked on a GPU here, where older memory-efficient SDPA kernels gave NaN for such rows
+(pytorch/pytorch#110213) -- a NaN loss would stop the job. Flow matching on 2x2-packed latents
+with Flux's logit-normal sigmas and the scheduler config's shift; the LoRA loads through
+``FluxLoraLoaderMixin`` (ChromaPipeline's), which reads the diffusers file and the BFL/kohya
+single file (``flux_layout``: Chroma's blocks are Flux's, only their modulation linears are
+pruned, so no file names them).
 """
 
 from __future__ import annotations

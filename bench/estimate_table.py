@@ -47,6 +47,12 @@ ROWS = [
      "SD3.5 Large LoRA fits 24 GB with a 4-bit NF4 base (huggingface.co/blog/sd3-5)"),
     ("qwen-image", fh.qwen_image_headers, 1024,
      "Qwen-Image-Edit LoRA at 1024 px: ~40 GB at batch 1 with an 8-bit base"),
+    ("chroma", fh.chroma_headers, 1024,
+     "Chroma LoRA at 1024 px on 24 GB cards with an 8-bit transformer (ai-toolkit qfloat8)"),
+    ("flux2-klein", fh.flux2_klein_headers, 1024,
+     "FLUX.2 klein 4B: a consumer-card model (~13 GB for inference, BFL's announcement)"),
+    ("flux2-dev", fh.flux2_dev_headers, 1024,
+     "FLUX.2 dev LoRA from 24 GB cards (quantized, text encoder cached) to H100/H200 (ai-toolkit guide)"),
     ("z-image", fh.zimage_headers, 1024,
      "Z-Image LoRA 8-bit base on 16 GB (ai-toolkit guide) to 32 GB (rank 128, batch 2)"),
 ]

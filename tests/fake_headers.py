@@ -243,3 +243,57 @@ def _wan_transformer(folder: Path, size: str) -> None:
     shapes |= {f"blocks.{i}.ffn.net.2.weight": [width, ffn] for i in range(blocks)}
     shapes["condition_embedder.rest.weight"] = [total - sum(a * b for a, b in shapes.values())]
     write_header_only(folder / "diffusion_pytorch_model.safetensors", shapes)
+
+
+def chroma_headers(root: Path) -> Path:
+    """Chroma1-HD's parameter counts (bf16 headers, no data): transformer 8.90 B (Flux.1's blocks
+    without their modulation linears, plus the approximator), T5-XXL 4.76 B, VAE 84 M; the LoRA
+    targets with their real shapes."""
+    config = {"_class_name": "ChromaTransformer2DModel", "num_layers": 19, "num_single_layers": 38,
+              "num_attention_heads": 24, "attention_head_dim": 128}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ChromaPipeline"}))
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(19)
+              for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    shapes |= {f"single_transformer_blocks.{i}.attn.{p}.weight": [3072, 3072] for i in range(38)
+               for p in ("to_q", "to_k", "to_v")}
+    shapes |= linear_rest(8_899_983_424 - sum(a * b for a, b in shapes.values()), 3072)
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    write_header_only(root / "text_encoder" / "model.safetensors", T5_XXL, "BF16")
+    write_header_only(root / "vae" / "model.safetensors", {"weight": [83_819_683]}, "BF16")
+    return root
+
+
+def _flux2_headers(root: Path, pipeline: str, transformer_params: int, blocks: tuple[int, int], width: int,
+                   encoder: dict[str, list[int]], **config) -> Path:
+    config = {"_class_name": "Flux2Transformer2DModel", "num_layers": blocks[0], "num_single_layers": blocks[1],
+              "num_attention_heads": width // 128, "attention_head_dim": 128, **config}
+    (root / "transformer").mkdir(parents=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    shapes = {f"transformer_blocks.{i}.attn.{p}.weight": [width, width] for i in range(blocks[0])
+              for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    shapes |= {f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj.weight": [9 * width, width]
+               for i in range(blocks[1])}  # q, k, v and the 3x-wide gated MLP input (2 x 3 width)
+    shapes |= linear_rest(transformer_params - sum(a * b for a, b in shapes.values()), width)
+    write_header_only(root / "transformer" / "diffusion_pytorch_model.safetensors", shapes, "BF16")
+    write_header_only(root / "text_encoder" / "model.safetensors", encoder, "BF16")
+    write_header_only(root / "vae" / "model.safetensors", {"weight": [84_046_115]}, "BF16")
+    return root
+
+
+def flux2_klein_headers(root: Path) -> Path:
+    """FLUX.2 klein 4B's parameter counts (bf16 headers, no data): transformer 3.88 B (5 double +
+    20 single blocks of width 3072), Qwen3-4B 4.02 B, VAE 84 M; LoRA targets at their real shapes."""
+    return _flux2_headers(root, "Flux2KleinPipeline", 3_875_544_576, (5, 20), 3072,
+                          text_encoder(4_022_468_096, "model.embed_tokens.weight", [151_936, 2560]),
+                          joint_attention_dim=7680, guidance_embeds=False)
+
+
+def flux2_dev_headers(root: Path) -> Path:
+    """FLUX.2 dev's parameter counts (bf16 headers, no data): transformer 32.2 B (8 double + 48
+    single blocks of width 6144), Mistral-Small-3.1 24 B, VAE 84 M."""
+    return _flux2_headers(root, "Flux2Pipeline", 32_223_281_152, (8, 48), 6144,
+                          text_encoder(24_011_361_280, "model.language_model.embed_tokens.weight", [131_072, 5120]),
+                          joint_attention_dim=15360, guidance_embeds=True)

@@ -30,7 +30,9 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
             "flux-dev": demo.build_tiny_flux(root / "flux-dev"),
             "sd35-medium": demo.build_tiny_sd3(root / "sd35-medium", medium=True),
             "qwen-image": demo.build_tiny_qwen_image(root / "qwen-image"),
-            "z-image": demo.build_tiny_zimage(root / "z-image")}
+            "z-image": demo.build_tiny_zimage(root / "z-image"),
+            "chroma": demo.build_tiny_chroma(root / "chroma"),
+            "flux2-klein": demo.build_tiny_flux2_klein(root / "flux2-klein")}
 
 
 def test_a_batch_with_every_image_family_succeeds_on_declared_cards(

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from lora_farm.demo.datasets import write_image_dataset, write_text_dataset
 from lora_farm.demo.flux import build_tiny_flux
+from lora_farm.demo.flux2 import build_tiny_flux2_klein
+from lora_farm.demo.chroma import build_tiny_chroma
 from lora_farm.demo.llm import build_tiny_llm
 from lora_farm.demo.qwen_image import build_tiny_qwen_image
 from lora_farm.demo.sd import IMAGE_SIZE, build_tiny_sd, build_tiny_sdxl
@@ -50,6 +52,8 @@ def build_demo_assets(root: Path) -> dict[str, Path]:
         "sdxl": _ensure(models / "tiny-sdxl", build_tiny_sdxl),
         "flux": _ensure(models / "tiny-flux-dev", build_tiny_flux),  # configs/flux-dev-lora.yaml
         "zimage": _ensure(models / "tiny-z-image", build_tiny_zimage),  # configs/z-image-lora.yaml
+        "chroma": _ensure(models / "tiny-chroma", build_tiny_chroma),  # configs/chroma-lora.yaml
+        "flux2_klein": _ensure(models / "tiny-flux2-klein", build_tiny_flux2_klein),  # configs/flux2-klein-lora.yaml
         "sd3": _ensure(models / "tiny-sd35-medium", build_tiny_sd3),  # configs/sd35-large-lora.yaml
         "qwen_image": _ensure(models / "tiny-qwen-image", build_tiny_qwen_image),  # configs/qwen-image-lora.yaml
         "wan": _ensure(models / "tiny-wan", build_tiny_wan),  # configs/wan21-t2v-lora.yaml

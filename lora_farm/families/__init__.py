@@ -17,8 +17,10 @@ from lora_farm.families.card import Family, TextEncoder
 __all__ = ["Family", "TextEncoder", "all_families", "by_name", "denoiser_folders", "recognise_file", "recognise_folder",
            "supported"]
 
-MODULES = ("wan", "zimage", "flux", "sd3", "qwen_image", "sd")  # recognition asks them in this order: the first
-# card that matches wins (SD last: its single-file rule claims any `model.diffusion_model.` file)
+# recognition asks them in this order: the first card that matches wins (Chroma and Flux.2 before
+# Flux.1: their single files hold Flux.1's block tensor names; SD last: its single-file rule claims any
+# `model.diffusion_model.` file)
+MODULES = ("wan", "zimage", "chroma", "flux2", "flux", "sd3", "qwen_image", "sd")
 
 
 @cache

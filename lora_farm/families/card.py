@@ -22,12 +22,12 @@ class TextEncoder:
 
     folder: str  # text_encoder, text_encoder_2 ... (also the prefix of its LoRA keys)
     tokenizer: str
-    kind: Literal["clip", "t5", "qwen", "umt5"]
+    kind: Literal["clip", "t5", "qwen", "umt5", "mistral"]
     max_length: int
 
     @property
     def large(self) -> bool:
-        """T5 and Qwen encoders (billions of weights) are quantized with the base; CLIP stays 16-bit."""
+        """T5, Qwen and Mistral encoders (billions of weights) are quantized with the base; CLIP stays 16-bit."""
         return self.kind != "clip"
 
 
@@ -55,6 +55,9 @@ class Family:
     file_components: tuple[tuple[str, str], ...] = ()
     file_details: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     trains_text_encoders: bool = True  # the text-encoder LoRA (train_text_encoder) is supported
+    # recognised and estimated, but refused at validation: why lora-farm does not train it yet
+    # (empty: it trains)
+    not_trained: str = ""
     # the VRAM model (scheduler/estimate.py): one 512 px sample, 16-bit, no checkpointing, at the
     # real model's width; a narrower denoiser (tiny test models) scales it down
     activation_mb_512: float = 3000.0

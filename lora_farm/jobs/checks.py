@@ -92,6 +92,10 @@ def _check_base_model(label: str, spec: JobSpec) -> list[SpecProblem]:
 
 def _family_problems(label: str, spec: ImageJobSpec, card: families.Family) -> list[SpecProblem]:
     """What the base model's family cannot do that the spec asks for."""
+    if card.not_trained:
+        return [SpecProblem(label, "base_model", f"is a {card.title} model, which lora-farm recognises and "
+                            f"estimates but does not train yet: {card.not_trained}.",
+                            "use a base model of a family lora-farm trains (`lorafarm validate` lists them).")]
     if spec.train_text_encoder and not card.trains_text_encoders:
         return [SpecProblem(label, "train_text_encoder", f"is true, but lora-farm trains {card.title} "
                             "LoRAs on the transformer only.", "remove `train_text_encoder`.")]

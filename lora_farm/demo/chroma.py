@@ -1,0 +1,37 @@
+"""A tiny Chroma pipeline with random weights, built offline.
+
+Flux's tiny block layout (2 double- and 2 single-stream blocks, 2 heads of 16, rope 4+6+6, 64
+packed input channels) as a ``ChromaTransformer2DModel`` with a small approximator (2 layers of
+width 32), Flux's tiny 16-channel VAE and the tiny T5 encoder with its offline Unigram tokenizer.
+No CLIP. The scheduler is Chroma1-HD's (Flux-dev's resolution-dependent shift).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_farm.demo.flux import DEV_SCHEDULER, T5_HIDDEN, _t5, flux_vae, t5_tokenizer
+
+
+def _transformer():
+    from diffusers import ChromaTransformer2DModel
+
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
+
+
+def build_tiny_chroma(path: Path, seed: int = 0) -> Path:
+    """Save a tiny ``ChromaPipeline`` folder to ``path``."""
+    import torch
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **DEV_SCHEDULER),
+                          vae=flux_vae(), text_encoder=_t5(tokenizer), tokenizer=tokenizer,
+                          transformer=_transformer())
+    pipe.save_pretrained(path)
+    return path

@@ -41,6 +41,10 @@ fit it soonest (smallest shortfall now): nothing new is placed there, so they dr
 One hold at a time keeps the rest of the farm busy (EASY backfilling).
 
 A queued job that already has a reservation (the ledger lagging behind dispatch) is skipped.
+
+**Suspect cards.** A card the throughput watchdog requeued a job away from is ``suspect`` for
+``policy.suspect_card_seconds``: every job takes it last (only when no other card fits), and the
+job that left it (``QueuedJob.avoid``) never goes back to it while it is suspect.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class QueuedJob:
     estimate_mb: float
     gpus: int = 1
     queued_at: float | None = None  # when it (re-)entered the queue; None: at submitted_at
+    avoid: tuple[str, ...] = ()  # cards it never goes to while they are suspect (a watchdog's)
 
     def waited(self, now: float) -> float:
         """How long it has waited since it last entered the queue (a retry starts afresh)."""
@@ -74,6 +79,7 @@ class GpuSnapshot:
     total_mb: float
     free_mb: float
     cpu: bool = False  # the `cpu` slot of a host without cards: no VRAM limit
+    suspect: bool = False  # a throughput watchdog left it lately: placed last, avoided by its job
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,11 @@ class _Card:
     """A card's state during one pass (capacity shrinks as jobs are placed on it)."""
 
     __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held",
-                 "whole")
+                 "whole", "suspect")
 
     def __init__(self, snapshot: GpuSnapshot, policy: Policy):
         self.uuid, self.host, self.cpu = snapshot.uuid, snapshot.host, snapshot.cpu
+        self.suspect = snapshot.suspect
         self.usable = math.inf if self.cpu else snapshot.total_mb * (1 - policy.headroom)
         self.planned = self.usable
         self.measured = math.inf if self.cpu else snapshot.free_mb - snapshot.total_mb * policy.headroom
@@ -168,6 +175,7 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
 
 
 def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:
+    cards = [card for card in cards if not (card.suspect and card.uuid in job.avoid)]
     if job.gpus == 1:
         card = _best_single(job.estimate_mb, cards, keep_whole)
         return [card] if card else []
@@ -179,7 +187,7 @@ def _best_single(mb: float, cards: list[_Card], keep_whole: bool) -> _Card | Non
     best, best_key = None, None
     for card in cards:
         if card.takes(mb):
-            key = (card.idle == keep_whole, card.capacity - mb, card.uuid)
+            key = (card.suspect, card.idle == keep_whole, card.capacity - mb, card.uuid)
             if best_key is None or key < best_key:
                 best, best_key = card, key
     return best
@@ -193,7 +201,7 @@ def _whole_cards(mb: float, count: int, cards: list[_Card]) -> list[_Card]:
     hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
     if not hosts:
         return []
-    found = sorted(by_host[hosts[0][1]], key=lambda card: (card.capacity, card.uuid))
+    found = sorted(by_host[hosts[0][1]], key=lambda card: (card.suspect, card.capacity, card.uuid))
     return found[:count]
 
 

@@ -201,7 +201,12 @@ def _output_root() -> Path:
 def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> int:
     from lora_farm.jobs.loader import write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
-    from lora_farm.trainers.device import choose_device, choose_precision, device_label
+    from lora_farm.trainers.device import (
+        apply_memory_cap,
+        choose_device,
+        choose_precision,
+        device_label,
+    )
     from lora_farm.trainers.runtime import Runtime
 
     loaded = _load(args)
@@ -216,11 +221,12 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> 
     device = choose_device(dist.local_rank)
     precision = choose_precision(spec.mixed_precision, device)
     dist.init(device)
+    vram_cap = apply_memory_cap(device, dict(os.environ))
     resume = latest_checkpoint(paths.checkpoints)
     events.emit("start", pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 device=device_label(device), attempt_resume_step=resume.step if resume else 0,
                 job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name,
-                world_size=dist.world)
+                world_size=dist.world, vram_cap=vram_cap)
     for note in loaded.notes:
         print(f"note: {note}", flush=True)
     print(f"job {spec.name} ({spec.task}) on {device_label(device)}, {precision.name}, "

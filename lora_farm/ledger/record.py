@@ -58,7 +58,7 @@ class JobRecord:
     util_source: str = ""  # process (NVML per process) | card (shared with co_tenants) | none
     co_tenants: list[str] = field(default_factory=list)  # other jobs on the card while sampled
     it_s: float | None = None  # optimizer steps per second over the last progress window
-    data_wait_pct: float | None = None  # share of step time spent waiting on the data loader
+    data_wait_pct: float | None = None  # share of step time spent waiting on the loader (mean)
     warning: str = ""  # data-bound / throughput watchdog, with the fix
     avoid_gpus: list[str] = field(default_factory=list)  # cards a watchdog requeued it away from
     exit_code: int | None = None

@@ -11,7 +11,8 @@ let tests and the GPU suite's dry run provoke what a real card does.
 
   ``LORAFARM_FAULT_LOADER_SLEEP_S``  sleep this long per batch the image DataLoader hands over
                                      (a starved loader)
-  ``LORAFARM_FAULT_SLOW_STEP_S``     sleep this long per optimizer step ...
+  ``LORAFARM_FAULT_STEP_S``          sleep this long per optimizer step, always (a steady pace)
+  ``LORAFARM_FAULT_SLOW_STEP_S``     sleep this long more per optimizer step ...
   ``LORAFARM_FAULT_SLOW_AFTER_STEP`` ... once past this step (default 0) ...
   ``LORAFARM_FAULT_SLOW_CARD``       ... only on this card (``CUDA_VISIBLE_DEVICES``; default any)
   ``LORAFARM_FAULT_OOM_ABOVE_BATCH`` raise a CUDA out-of-memory error for a micro-batch larger
@@ -31,6 +32,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Faults:
     loader_sleep_s: float = 0.0
+    step_s: float = 0.0
     slow_step_s: float = 0.0
     slow_after_step: int = 0
     slow_card: str = ""
@@ -42,6 +44,7 @@ class Faults:
         card = env.get("LORAFARM_FAULT_SLOW_CARD", "")
         on_this_card = not card or card == env.get("CUDA_VISIBLE_DEVICES", "")
         return cls(loader_sleep_s=float(env.get("LORAFARM_FAULT_LOADER_SLEEP_S") or 0),
+                   step_s=float(env.get("LORAFARM_FAULT_STEP_S") or 0),
                    slow_step_s=float(env.get("LORAFARM_FAULT_SLOW_STEP_S") or 0) if on_this_card else 0.0,
                    slow_after_step=int(env.get("LORAFARM_FAULT_SLOW_AFTER_STEP") or 0),
                    slow_card=card,
@@ -56,8 +59,9 @@ class Faults:
                 "a micro-batch too large for the job's cap)")
 
     def after_step(self, step: int) -> None:
-        if self.slow_step_s and step > self.slow_after_step:
-            time.sleep(self.slow_step_s)
+        slow = self.slow_step_s if step > self.slow_after_step else 0.0
+        if self.step_s + slow:
+            time.sleep(self.step_s + slow)
 
 
 def _batch_size(batch: Any) -> int:

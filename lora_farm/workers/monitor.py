@@ -55,6 +55,7 @@ class JobMonitor:
         self.watchdog = Watchdog(policy)
         self.watch = WatchdogState()
         self.samples: list[float] = []
+        self.waits: list[float] = []  # data_wait_frac of each report: judged over the attempt
         self.util_pct: float | None = None
         self.data_warning = ""
         self.last_sample = -float("inf")
@@ -76,8 +77,10 @@ class JobMonitor:
             fields["it_s"] = it_s
             self.watch = self.watchdog.observe(float(it_s), self.clock())
         if wait is not None:
-            fields["data_wait_pct"] = round(float(wait) * 100, 1)
-            self.data_warning = data_bound(float(wait), self.util_pct, self.policy) or ""
+            self.waits.append(float(wait))
+            mean_wait = sum(self.waits) / len(self.waits)
+            fields["data_wait_pct"] = round(mean_wait * 100, 1)
+            self.data_warning = data_bound(mean_wait, self.util_pct, self.policy) or ""
         fields["warning"] = self._warning()
         return fields
 

@@ -149,7 +149,8 @@ def test_watchdog_requeues_a_slowed_job_away_from_its_card(farm_env, ledger, cel
     # gpu0 "throttles" after step 5: 12 s more per step, far past the noise of a shared CPU
     # (tiny steps of 0.05-5 s seen here under load), so only the fault trips the watchdog
     farm_env.update({"LORAFARM_FAULT_SLOW_CARD": "gpu0", "LORAFARM_FAULT_SLOW_AFTER_STEP": "5",
-                     "LORAFARM_FAULT_SLOW_STEP_S": "12"})
+                     "LORAFARM_FAULT_SLOW_STEP_S": "12",
+                     "LORAFARM_CANCEL_GRACE_SECONDS": "30"})  # a slow step ends before the SIGKILL
     celery_workers.start("gpu0")
     celery_workers.start("gpu1")
     spec = write_spec(tmp_path, "throttled", tiny_sd, image_dataset, "image", max_steps=10,

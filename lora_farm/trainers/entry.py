@@ -231,6 +231,10 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> 
         print(f"note: {note}", flush=True)
     print(f"job {spec.name} ({spec.task}) on {device_label(device)}, {precision.name}, "
           f"folder {job_dir}", flush=True)
+    if vram_cap:
+        where = "applied" if vram_cap["applied"] else "not applied: no CUDA device"
+        print(f"memory cap: {vram_cap['cap_mb']:.0f} MiB, {vram_cap['fraction']:.1%} of the card "
+              f"({where})", flush=True)
     program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
     assert events.writer is not None
     Runtime(program, events.writer, precision, dist=dist, fence=fence).run()

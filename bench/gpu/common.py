@@ -32,7 +32,7 @@ class Sizes:
 
 
 REAL = Sizes(resolution=512, batch_size=4, lora_rank=16, steps=30, jobs_packed=3)
-DRY = Sizes(resolution=64, batch_size=2, lora_rank=4, steps=4, jobs_packed=2)
+DRY = Sizes(resolution=64, batch_size=2, lora_rank=4, steps=2, jobs_packed=2)
 
 
 @dataclass
@@ -87,6 +87,13 @@ def estimate_mb(spec: dict[str, Any]) -> float:
     from lora_farm.scheduler.estimate import estimate_vram
 
     return estimate_vram(spec_from_dict(spec)).total_mb
+
+
+def shape_label(ctx: Context, how: str) -> str:
+    """``sd15 512px b4 r16 (bf16, farm runtime)``: a job shape in the estimate table."""
+    sizes = ctx.sizes
+    model = "tiny-sd" if ctx.dry_run else "sd15"
+    return f"{model} {sizes.resolution}px b{sizes.batch_size} r{sizes.lora_rank} ({how})"
 
 
 def shape_row(shape: str, estimate: float | None, peak: float | None) -> dict[str, Any]:

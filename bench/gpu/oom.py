@@ -31,7 +31,8 @@ def run(ctx: Context) -> dict[str, Any]:
         record = farm.wait([job_id], timeout=480)[0]
         timeline = farm.ledger.timeline(job_id)
         log = job_log(record)
-    ooms = [e.get("reason", "") for e in timeline if "out of memory" in str(e.get("reason", ""))]
+    ooms = [e.get("reason", "") for e in timeline  # one entry per attempt that ran out of memory
+            if e.get("to") == "retrying" and "out of memory" in str(e.get("reason", ""))]
     return {"state": record.state, "attempts": record.attempt, "oom_ends": len(ooms),
             "first_oom": ooms[0][:300] if ooms else None, "final_plan": record.plan,
             "cap_lines": [line for line in log.splitlines() if "memory cap" in line][:5],

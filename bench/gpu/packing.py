@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from bench.gpu.common import Context, image_spec, part_main, shape_row
+from bench.gpu.common import Context, image_spec, part_main, shape_label, shape_row
 from bench.gpu.farm import Farm
 
 JOB_TIMEOUT = 420
@@ -26,7 +26,8 @@ def run_batch(ctx: Context, name: str, jobs_per_card: int) -> dict[str, Any]:
         records = farm.wait(ids, JOB_TIMEOUT)
         makespan = time.perf_counter() - started
         timelines = [farm.ledger.timeline(job_id) for job_id in ids]
-    ooms = sum("out of memory" in str(entry.get("reason", "")) for tl in timelines for entry in tl)
+    ooms = sum(entry.get("to") in ("retrying", "failed") and "out of memory" in str(entry.get("reason", ""))
+               for tl in timelines for entry in tl)
     return {"makespan_s": round(makespan, 1), "states": [r.state for r in records],
             "attempts": [r.attempt for r in records], "oom_ends": ooms,
             "peaks_mb": [r.peak_vram_mb for r in records],
@@ -41,7 +42,7 @@ def run(ctx: Context) -> dict[str, Any]:
     card_mb = ctx.card.get("total_mb")
     ok = (all(s == "succeeded" for s in packed["states"] + serial["states"])
           and packed["oom_ends"] == serial["oom_ends"] == 0)
-    shape = f"sd15 {ctx.sizes.resolution}px b{ctx.sizes.batch_size} r{ctx.sizes.lora_rank} (farm)"
+    shape = shape_label(ctx, "bf16, via the farm")
     return {"jobs": k, "packed": packed, "serial": serial,
             "serial_over_packed_makespan": round(serial["makespan_s"] / packed["makespan_s"], 3),
             "sum_of_peaks_mb": round(sum(peaks), 1) if peaks else None, "card_mb": card_mb,

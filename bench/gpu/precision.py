@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any
 
-from bench.gpu.common import Context, estimate_mb, image_spec, part_main, shape_row
+from bench.gpu.common import Context, estimate_mb, image_spec, part_main, shape_label, shape_row
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -19,8 +19,7 @@ def run(ctx: Context) -> dict[str, Any]:
         result = bench_one(spec, ctx.work)
         result["loss_finite"] = result["final_loss"] is not None and math.isfinite(result["final_loss"])
         runs[precision] = result
-        shapes.append(shape_row(f"sd15 {ctx.sizes.resolution}px b{ctx.sizes.batch_size} "
-                                f"r{ctx.sizes.lora_rank} {result['precision']}",
+        shapes.append(shape_row(shape_label(ctx, f"{precision} asked, {result['precision']} ran"),
                                 estimate_mb(spec), result["peak_vram_mb"]))
     return {**runs, "ok": all(r["loss_finite"] for r in runs.values()), "shapes": shapes}
 

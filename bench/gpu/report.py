@@ -51,8 +51,12 @@ def _inventory(r: dict[str, Any]) -> list[str]:
 
 def _run_line(label: str, run: dict[str, Any]) -> str:
     return (f"{label:<6} {run.get('precision', '')} {run['it_s']} it/s ({run['s_per_step']} s/step), "
-            f"peak {run['peak_vram_mb']} MiB, trainable {run.get('trainable_params')}, "
+            f"peak {run['peak_vram_mb']} MiB, trainable {_trainable(run)}, "
             f"final loss {run.get('final_loss')}")
+
+
+def _trainable(run: dict[str, Any]) -> Any:
+    return run.get("trainable_params") or run.get("trainable_parameters")
 
 
 def _unet(r: dict[str, Any]) -> list[str]:
@@ -91,10 +95,10 @@ def estimate_table(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = [row for result in results.values() for row in result.get("shapes", [])]
     if not rows:
         return ["(no job shape ran)"]
-    lines = [f"{'shape':<40} {'estimate MiB':>13} {'peak MiB':>10} {'peak/estimate':>14}"]
+    lines = [f"{'shape':<52} {'estimate MiB':>13} {'peak MiB':>10} {'peak/estimate':>14}"]
     for row in rows:
         est, peak = row["estimate_mb"], row["peak_mb"]
         ratio = f"{peak / est:.2f}" if est and peak else "-"
-        lines.append(f"{row['shape']:<40} {est if est is not None else '-':>13} "
+        lines.append(f"{row['shape']:<52} {est if est is not None else '-':>13} "
                      f"{peak if peak is not None else '-':>10} {ratio:>14}")
     return lines

@@ -12,7 +12,15 @@ import sys
 import time
 from typing import Any
 
-from bench.gpu.common import Context, estimate_mb, image_spec, part_main, sd_model, shape_row
+from bench.gpu.common import (
+    Context,
+    estimate_mb,
+    image_spec,
+    part_main,
+    sd_model,
+    shape_label,
+    shape_row,
+)
 
 WARMUP = 3
 
@@ -69,7 +77,7 @@ def plain_step(ctx: Context, steps: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(WARMUP):
+    for _ in range(1 if ctx.dry_run else WARMUP):
         step()
     _sync(device)
     started = time.perf_counter()
@@ -103,7 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
     farm = farm_step(ctx, spec)
     plain = plain_step(ctx, ctx.sizes.steps)
     ratio = round(farm["it_s"] / plain["it_s"], 3) if farm["it_s"] and plain["it_s"] else None
-    shape = f"sd15 {ctx.sizes.resolution}px b{ctx.sizes.batch_size} r{ctx.sizes.lora_rank} bf16"
+    shape = shape_label(ctx, f"{farm['precision']}, farm runtime")
     return {"farm": farm, "plain": plain, "farm_over_plain_it_s": ratio,
             "shapes": [shape_row(shape, estimate_mb(spec), farm["peak_vram_mb"])]}
 

@@ -168,3 +168,57 @@ def test_watchdog_requeues_a_slowed_job_away_from_its_card(farm_env, ledger, cel
     assert float(card["suspect_until"]) > time.time() and "throughput watchdog" in card["suspect_reason"]
     log = (Path(record.job_dir) / "train.log").read_text()
     assert "lorafarm: warning: throughput watchdog" in log
+
+
+def test_cap_env_gives_the_trainer_its_share_and_the_mps_limit(ledger):
+    from lora_farm.ledger.record import JobRecord
+    from lora_farm.workers.monitor import cap_env
+
+    ledger.client.hset(ledger.keys.gpu("gpu0"), mapping={"total_mb": str(CARD_MB), "source": "declared"})
+    record = JobRecord(id="j", name="j", batch="b", task="image", config_hash="h",
+                       gpus=["gpu0"], estimate_mb=6144)
+    assert cap_env(ledger, record, Policy(), environ={}) == {
+        "LORAFARM_VRAM_CAP_FRACTION": "0.25", "LORAFARM_VRAM_CAP_MB": "6144.0",
+        "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=6144MB"}
+    operators = cap_env(ledger, record, Policy(), environ={"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=8G"})
+    assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in operators  # theirs is passed through
+    assert cap_env(ledger, record, Policy(memory_cap_factor=0), environ={}) == {}
+
+
+def test_monitor_records_card_utilisation_with_its_co_tenants_named(ledger, tmp_path):
+    """A card whose driver reports no per-process figures (NVML is absent here: the sampler
+    stands in for it) -> the card's SM-busy, with the other jobs reserved on it named."""
+    from lora_farm.ledger.record import JobRecord
+    from lora_farm.scheduler.gpus import UtilSample
+    from lora_farm.workers.monitor import JobMonitor
+
+    ledger.client.hset(ledger.keys.reservations, mapping={
+        "me": '{"gpus": ["gpu0"], "mb": 4096}', "neighbour": '{"gpus": ["gpu0"], "mb": 4096}',
+        "elsewhere": '{"gpus": ["gpu1"], "mb": 4096}'})
+    record = JobRecord(id="me", name="me", batch="b", task="image", config_hash="h", gpus=["gpu0"])
+    ledger.client.hset(ledger.keys.job("me"), mapping={"id": "me"})
+    readings = iter([UtilSample(80.0, "card"), UtilSample(40.0, "card")])
+    now = iter([0.0, 5.0])
+    monitor = JobMonitor(ledger, record, Policy(), tmp_path / "train.log",
+                         sampler=lambda uuid, pids: next(readings), clock=lambda: next(now))
+    monitor.sample(pid=None)
+    monitor.sample(pid=None)
+    saved = ledger.client.hgetall(ledger.keys.job("me"))
+    assert saved["co_tenants"] == '["neighbour"]' and saved["util_source"] == "card"
+    assert (float(saved["gpu_util"]), float(saved["sm_busy_mean"])) == (40.0, 60.0)
+
+
+def test_per_process_utilisation_sums_the_jobs_own_processes():
+    """``gpus._process_utilisation`` over NVML's samples (a stand-in: no driver here)."""
+    from types import SimpleNamespace
+
+    from lora_farm.scheduler.gpus import _process_utilisation
+
+    def sample(pid, sm, ts):
+        return SimpleNamespace(pid=pid, smUtil=sm, timeStamp=ts)
+
+    samples = [sample(10, 30, 1), sample(10, 50, 2), sample(11, 20, 2), sample(99, 90, 2)]
+    nvml = SimpleNamespace(NVMLError=RuntimeError,
+                           nvmlDeviceGetProcessUtilization=lambda handle, since: samples)
+    assert _process_utilisation(nvml, None, {10, 11}, 5.0) == 70.0  # latest of each, summed
+    assert _process_utilisation(nvml, None, {12}, 5.0) is None  # not reported: the card's figure

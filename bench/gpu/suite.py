@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu.common import DRY_CARD, REPO, Context
-from bench.gpu.report import summary_text
+from bench.gpu.report import status_of, summary_text
 
 # (part, module, seconds at most on a real card); the order matters: models first
 PARTS = (("models", "models", 150), ("inventory", "inventory", 45), ("unet", "unet_step", 120),
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout = DRY_PART_S if ctx.dry_run else min(box, left)
         results[part] = run_part(ctx, part, module, timeout) if timeout > 5 else {
             "error": f"not run: the suite's {BUDGET_S}s budget was spent"}
-        print(f"{part}: {_status(results[part])} ({results[part].get('seconds', 0)}s)", flush=True)
+        print(f"{part}: {status_of(results[part])} ({results[part].get('seconds', 0)}s)", flush=True)
     meta = _meta(ctx, time.monotonic() - started)
     (ctx.out / "results.json").write_text(json.dumps({"meta": meta, "parts": results}, indent=2,
                                                      default=str), encoding="utf-8")
     (ctx.out / "summary.txt").write_text(summary_text(meta, results), encoding="utf-8")
     _archive_logs(ctx)
     print((ctx.out / "summary.txt").read_text(encoding="utf-8"), flush=True)
-    return 0 if all(_status(r) == "ok" for r in results.values()) else 1
+    return 0 if all(status_of(r) in ("ok", "skipped") for r in results.values()) else 1
 
 
 def run_part(ctx: Context, part: str, module: str, timeout: float) -> dict[str, Any]:
@@ -76,14 +76,6 @@ def run_part(ctx: Context, part: str, module: str, timeout: float) -> dict[str, 
     why = f"timed out after {timeout:.0f}s" if code is None else f"exit {code}"
     tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
     return {"error": why, "log_tail": tail, "seconds": seconds}
-
-
-def _status(result: dict[str, Any]) -> str:
-    if "error" in result:
-        return "ERROR"
-    if "skipped" in result:
-        return "skipped"
-    return "ok" if result.get("ok", True) else "CHECK FAILED"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

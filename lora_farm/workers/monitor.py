@@ -13,6 +13,7 @@ Decisions are the pure ones of ``scheduler/guards.py``; this module only gathers
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,17 @@ log = logging.getLogger(__name__)
 Sampler = Callable[[str, set[int]], UtilSample | None]
 
 
-def cap_env(ledger: Ledger, record: JobRecord, policy: Policy) -> dict[str, str]:
-    """``LORAFARM_VRAM_CAP_*`` for the trainer of ``record`` on its (first) card; {} for none."""
+MPS_LIMIT_ENV = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+
+
+def cap_env(ledger: Ledger, record: JobRecord, policy: Policy,
+            environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The cap of the trainer of ``record`` on its card(s); {} for none.
+
+    ``LORAFARM_VRAM_CAP_*`` (the trainer caps PyTorch's allocator), and MPS's per-client hard
+    limit at the same size for each card the trainer sees (ignored where no MPS daemon runs),
+    unless the operator set ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` for the worker."""
+    environ = os.environ if environ is None else environ
     if not record.gpus:
         return {}
     card = ledger.client.hmget(ledger.keys.gpu(record.gpus[0]), "total_mb", "source")
@@ -41,7 +51,10 @@ def cap_env(ledger: Ledger, record: JobRecord, policy: Policy) -> dict[str, str]
     cap = memory_cap(record.estimate_mb, float(total), policy)
     if cap is None:
         return {}
-    return {VRAM_CAP_FRACTION_ENV: str(cap.fraction), VRAM_CAP_MB_ENV: str(cap.cap_mb)}
+    env = {VRAM_CAP_FRACTION_ENV: str(cap.fraction), VRAM_CAP_MB_ENV: str(cap.cap_mb)}
+    if MPS_LIMIT_ENV not in environ:
+        env[MPS_LIMIT_ENV] = ",".join(f"{i}={int(cap.cap_mb)}MB" for i in range(len(record.gpus)))
+    return env
 
 
 class JobMonitor:

@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+# the carried wheels only where this Python lacks the farm's packages (the device image)
+if ! "$PY" -c "import celery, diffusers, pydantic_settings, redis" 2>/dev/null \
+        && ls .whl/*.whl >/dev/null 2>&1; then
     site=/tmp/lorafarm-suite-site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/*.whl || { echo "gpu_suite: installing .whl/ failed" >&2; exit 2; }

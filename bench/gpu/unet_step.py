@@ -10,6 +10,7 @@ import contextlib
 import gc
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.gpu.common import (
@@ -35,15 +36,34 @@ def farm_step(ctx: Context, spec: dict[str, Any]) -> dict[str, Any]:
 def plain_step(ctx: Context, steps: int) -> dict[str, Any]:
     """The same work written as a plain diffusers + peft loop, as a user would."""
     import torch
+
+    device = torch.device("cuda" if ctx.cuda else "cpu")
+    _reset(device)
+    step, params = _plain_loop(ctx, device)
+    for _ in range(1 if ctx.dry_run else WARMUP):
+        step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    peak = round(torch.cuda.max_memory_reserved(device) / 2**20, 1) if ctx.cuda else None
+    return {"s_per_step": round(seconds, 4), "it_s": round(1 / seconds, 2), "peak_vram_mb": peak,
+            "trainable_params": sum(p.numel() for p in params), "final_loss": loss}
+
+
+def _plain_loop(ctx: Context, device: Any) -> tuple[Callable[[], float], list[Any]]:
+    """One optimizer step of the plain loop (VAE and text encoder frozen, LoRA on the UNet's
+    attention projections in fp32, bf16 autocast on the card), and its trainable parameters."""
+    import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from transformers import CLIPTextModel
 
     sizes, path = ctx.sizes, sd_model(ctx)
-    device = torch.device("cuda" if ctx.cuda else "cpu")
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    _reset(device)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device)
     text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device)
@@ -57,19 +77,20 @@ def plain_step(ctx: Context, steps: int) -> dict[str, Any]:
         param.data = param.data.float()  # LoRA weights in fp32, as the farm keeps them
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch, res = sizes.batch_size, sizes.resolution
-    pixels = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    pixels = (torch.rand(batch, 3, res, res, device=device) * 2 - 1).to(dtype)
     ids = torch.randint(0, text.config.vocab_size, (batch, text.config.max_position_embeddings),
                         device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.cuda
-                else contextlib.nullcontext())
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if ctx.cuda else contextlib.nullcontext()
 
     def step() -> float:
-        with torch.no_grad(), autocast:
-            latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+        with torch.no_grad(), autocast():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             states = text(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
-        with autocast:
+        with autocast():
             pred = unet(scheduler.add_noise(latents, noise, t), t, states).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
@@ -77,17 +98,7 @@ def plain_step(ctx: Context, steps: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(1 if ctx.dry_run else WARMUP):
-        step()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    seconds = (time.perf_counter() - started) / steps
-    peak = round(torch.cuda.max_memory_reserved(device) / 2**20, 1) if ctx.cuda else None
-    return {"s_per_step": round(seconds, 4), "it_s": round(1 / seconds, 2), "peak_vram_mb": peak,
-            "trainable_params": sum(p.numel() for p in params), "final_loss": loss}
+    return step, params
 
 
 def _reset(device: Any) -> None:

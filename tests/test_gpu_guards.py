@@ -222,3 +222,19 @@ def test_per_process_utilisation_sums_the_jobs_own_processes():
                            nvmlDeviceGetProcessUtilization=lambda handle, since: samples)
     assert _process_utilisation(nvml, None, {10, 11}, 5.0) == 70.0  # latest of each, summed
     assert _process_utilisation(nvml, None, {12}, 5.0) is None  # not reported: the card's figure
+
+
+def test_lorafarm_gpus_shows_a_suspect_card():
+    from rich.console import Console
+
+    from lora_farm.cli.status_view import gpus_table
+
+    now = 1000.0
+    cards = [{"uuid": "gpu0", "host": "h", "total_mb": CARD_MB, "free_mb": CARD_MB, "heartbeat": now,
+              "suspect_until": now + 600}, {"uuid": "gpu1", "host": "h", "total_mb": CARD_MB,
+                                            "free_mb": CARD_MB, "heartbeat": now}]
+    console = Console(record=True, width=160)
+    console.print(gpus_table(cards, {}, {}, stale_after=10, now=now))
+    lines = console.export_text().splitlines()
+    assert "suspect 10m" in next(line for line in lines if "gpu0" in line)
+    assert "suspect" not in next(line for line in lines if "gpu1" in line)

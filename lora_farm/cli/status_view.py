@@ -351,6 +351,8 @@ def gpus_table(cards: list[dict], reservations: dict[str, dict], names: dict[str
         held = [(job, r["mb"]) for job, r in reservations.items() if card["uuid"] in r["gpus"]]
         age = now - float(card.get("heartbeat", 0))
         online = "[green]online[/]" if age <= stale_after else f"[red]offline {format_duration(age)}[/]"
+        if float(card.get("suspect_until") or 0) > now:  # a throughput watchdog left it lately
+            online += f" [yellow]suspect {format_duration(float(card['suspect_until']) - now)}[/]"
         util = card.get("util_pct") or ""
         table.add_row(card["uuid"], card.get("host", ""), _mb(float(card["total_mb"])),
                       _mb(float(card["free_mb"])), _mb(sum(mb for _, mb in held)),

@@ -238,3 +238,32 @@ def test_lorafarm_gpus_shows_a_suspect_card():
     lines = console.export_text().splitlines()
     assert "suspect 10m" in next(line for line in lines if "gpu0" in line)
     assert "suspect" not in next(line for line in lines if "gpu1" in line)
+
+
+_CAPPED_CHILD = """
+import torch
+from lora_farm.trainers.device import apply_memory_cap, is_out_of_memory
+device = torch.device("cuda", 0)
+cap = apply_memory_cap(device, {"LORAFARM_VRAM_CAP_FRACTION": "0.05", "LORAFARM_VRAM_CAP_MB": "0"})
+assert cap["applied"], cap
+total = torch.cuda.get_device_properties(device).total_memory
+small = torch.empty(int(total * 0.02), dtype=torch.uint8, device=device)  # under the cap: fine
+try:
+    torch.empty(int(total * 0.10), dtype=torch.uint8, device=device)
+except Exception as error:
+    print("capped" if is_out_of_memory(error) else f"other: {error!r}")
+else:
+    print("not capped")
+"""
+
+
+@pytest.mark.gpu
+def test_the_cap_runs_an_allocation_above_it_out_of_memory_on_a_real_card():
+    """On a CUDA card: 10% of the card under a 5% cap is a CUDA OOM (its own process: the
+    fraction is process-wide)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    done = subprocess.run([sys.executable, "-c", _CAPPED_CHILD], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip().splitlines()[-1] == "capped", done.stdout + done.stderr

@@ -161,7 +161,7 @@ def bench_one(data: dict[str, Any], workdir: Path) -> dict[str, Any]:
             "steps": summary["steps"], "s_per_step": round(steady, 4),
             "it_s": round(1 / steady, 2) if steady > 0 else None,
             "phase_seconds": summary["phase_seconds"], "peak_vram_mb": summary["peak_vram_mb"],
-            "trainable_params": summary.get("trainable_params"), "final_loss": summary["final_loss"]}
+            "trainable_params": summary.get("trainable_parameters"), "final_loss": summary["final_loss"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,11 @@ class ExitCode(IntEnum):
 
 ATTEMPT_ENV = "LORAFARM_ATTEMPT"  # the attempt number, also its fencing token
 LIFELINE_ENV = "LORAFARM_LIFELINE"
+# the allocator cap of a job on a shared card (scheduler/guards.memory_cap): the share of the
+# card, and the MiB it means (for the log); a trainer on CUDA passes the first to
+# torch.cuda.set_per_process_memory_fraction
+VRAM_CAP_FRACTION_ENV = "LORAFARM_VRAM_CAP_FRACTION"
+VRAM_CAP_MB_ENV = "LORAFARM_VRAM_CAP_MB"
 
 
 class Fenced(Exception):

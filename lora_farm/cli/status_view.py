@@ -33,10 +33,11 @@ CHROME_LINES = 4  # the command typed, the summary, the header, and the next pro
 RICH_ROWS = 500
 TABLE_FIELDS = ("id", "name", "batch", "task", "config_hash", "state", "attempt", "gpus", "step",
                 "total_steps", "loss", "eta_s", "started", "finished", "peak_vram_mb",
-                "exit_reason", "seq")  # what the table shows (id to config_hash: a record needs them)
+                "exit_reason", "warning", "seq")  # what the table shows (id to config_hash: a record needs them)
 CSV_FIELDS = ("id", "name", "batch", "state", "attempt", "priority", "gpu", "host", "phase",
               "step", "total_steps", "loss", "eta_s", "duration_s", "peak_vram_mb", "estimate_mb",
-              "gpu_util", "submitted", "started", "finished", "exit_reason", "config_hash",
+              "gpu_util", "sm_busy_mean", "util_source", "it_s", "data_wait_pct", "warning",
+              "submitted", "started", "finished", "exit_reason", "config_hash",
               "manifest_uri")
 
 
@@ -96,7 +97,9 @@ def _duration(record: JobRecord, now: float) -> str:
 
 
 def _reason(record: JobRecord, now: float) -> str:
-    return "" if record.state == "succeeded" else one_line(record.exit_reason)
+    """Why it ended (not for a success), else the running attempt's warning (data-bound, watchdog)."""
+    ended = "" if record.state == "succeeded" else record.exit_reason
+    return one_line(ended or (f"warning: {record.warning}" if record.warning else ""))
 
 
 _NAME = Column("name", lambda r, now: r.name, flex=True)
@@ -297,6 +300,9 @@ def print_record(console, record: JobRecord, now: float | None = None) -> None:
               ("peak VRAM", _mb(record.peak_vram_mb)), ("estimate", _mb(record.estimate_mb)),
               ("submitted", stamp(record.submitted)), ("started", stamp(record.started)),
               ("finished", stamp(record.finished)), ("reason", record.exit_reason),
+              ("warning", record.warning), ("GPU busy", _busy(record)),
+              ("data wait", "" if record.data_wait_pct is None else f"{record.data_wait_pct:.0f}%"),
+              ("it/s", "" if record.it_s is None else f"{record.it_s:.3g}"),
               ("manifest", record.manifest_uri)]
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
@@ -305,6 +311,14 @@ def print_record(console, record: JobRecord, now: float | None = None) -> None:
         if value:
             grid.add_row(label, Text(value))
     console.print(grid)
+def _busy(record: JobRecord) -> str:
+    """``73% mean (card; shared with 2 jobs)`` where utilisation was sampled."""
+    if record.sm_busy_mean is None:
+        return ""
+    shared = f"; shared with {len(record.co_tenants)} jobs" if record.co_tenants else ""
+    return f"{record.sm_busy_mean:.0f}% mean ({record.util_source}{shared})"
+
+
 def _flat(record: JobRecord, now: float) -> dict:
     data = record.to_public()
     data["gpu"] = record.gpu
@@ -337,6 +351,8 @@ def gpus_table(cards: list[dict], reservations: dict[str, dict], names: dict[str
         held = [(job, r["mb"]) for job, r in reservations.items() if card["uuid"] in r["gpus"]]
         age = now - float(card.get("heartbeat", 0))
         online = "[green]online[/]" if age <= stale_after else f"[red]offline {format_duration(age)}[/]"
+        if float(card.get("suspect_until") or 0) > now:  # a throughput watchdog left it lately
+            online += f" [yellow]suspect {format_duration(float(card['suspect_until']) - now)}[/]"
         util = card.get("util_pct") or ""
         table.add_row(card["uuid"], card.get("host", ""), _mb(float(card["total_mb"])),
                       _mb(float(card["free_mb"])), _mb(sum(mb for _, mb in held)),

@@ -8,12 +8,13 @@ from typing import Any
 
 from lora_farm.jobs.state import JobState
 
-_JSON_FIELDS = ("artifacts", "plan", "spec", "gpus")
+_JSON_FIELDS = ("artifacts", "plan", "spec", "gpus", "co_tenants", "avoid_gpus")
+_LIST_FIELDS = ("gpus", "co_tenants", "avoid_gpus")
 _INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps", "epoch",
                "epochs", "seq", "gpus_needed", "exit_code", "upload_tries", "shutdowns")
 _FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
                  "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
-                 "next_upload_at", "queued_at", "host_ram_mb")
+                 "next_upload_at", "queued_at", "host_ram_mb", "it_s", "data_wait_pct", "sm_busy_mean")
 
 
 @dataclass
@@ -52,7 +53,15 @@ class JobRecord:
     loss: float | None = None
     eta_s: float | None = None
     peak_vram_mb: float | None = None
-    gpu_util: float | None = None
+    gpu_util: float | None = None  # the card's (or this job's) last SM-busy sample, %
+    # telemetry of the running attempt (workers/monitor.py; cleared when an attempt starts)
+    sm_busy_mean: float | None = None  # mean SM-busy of the attempt's samples, %
+    util_source: str = ""  # process (NVML per process) | card (shared with co_tenants) | none
+    co_tenants: list[str] = field(default_factory=list)  # other jobs on the card while sampled
+    it_s: float | None = None  # optimizer steps per second over the last progress window
+    data_wait_pct: float | None = None  # share of step time spent waiting on the loader (mean)
+    warning: str = ""  # data-bound / throughput watchdog, with the fix
+    avoid_gpus: list[str] = field(default_factory=list)  # cards a watchdog requeued it away from
     exit_code: int | None = None
     exit_reason: str = ""
     token: str = ""  # the dispatch token: a message whose token differs is stale
@@ -101,7 +110,7 @@ class JobRecord:
 
 def decode_field(key: str, raw: str) -> Any:
     if key in _JSON_FIELDS:
-        return json.loads(raw) if raw else ({} if key != "gpus" else [])
+        return json.loads(raw) if raw else ([] if key in _LIST_FIELDS else {})
     if raw == "":
         return None if key in _INT_FIELDS or key in _FLOAT_FIELDS else ""
     if key in _INT_FIELDS:

@@ -27,6 +27,8 @@ from lora_farm.ledger.record import JobRecord, encode_fields
 from lora_farm.ledger.store import Ledger, queue_score
 
 S = JobState
+_TELEMETRY_CLEARED = {"gpu_util": None, "sm_busy_mean": None, "util_source": "", "co_tenants": [],
+                      "it_s": None, "data_wait_pct": None, "warning": ""}
 _RUN_FIELDS_CLEARED = {"host": "", "worker": "", "gpus": [], "pid": None, "token": "",
                        "heartbeat": None, "scheduled_at": None}
 
@@ -155,20 +157,24 @@ def start(ledger: Ledger, job_id: str, token: str, host: str, worker: str = "",
         "host": host, "worker": worker, "started": now, "finished": None, "heartbeat": now,
         "phase": "",
         "step": None, "total_steps": None, "loss": None, "eta_s": None, "exit_code": None,
-        "exit_reason": ""})
+        "exit_reason": "", **_TELEMETRY_CLEARED})
     return apply(ledger, job_id, move, expect=sources(S.RUNNING), token=token, now=now)
 
 
 def requeue(ledger: Ledger, job_id: str, reason: str, *, expect: set[JobState] | None = None,
             plan: dict[str, Any] | None = None, token: str | None = None,
-            exit_code: int | None = None, shutdown: bool = False) -> Result:
+            exit_code: int | None = None, shutdown: bool = False,
+            avoid: list[str] | None = None) -> Result:
     """running/scheduled -> retrying -> queued, next attempt, optionally with a degraded plan.
 
     ``shutdown``: the attempt ended because its worker shut down; it is counted in
-    ``shutdowns`` and so does not use up the job's retry budget."""
+    ``shutdowns`` and so does not use up the job's retry budget. ``avoid``: cards placement
+    keeps it off while they are suspect (the throughput watchdog's requeue)."""
     fields = {**_RUN_FIELDS_CLEARED, "exit_reason": reason, "exit_code": exit_code}
     if plan is not None:
         fields["plan"] = plan
+    if avoid is not None:
+        fields["avoid_gpus"] = avoid
 
     def next_attempt(record: JobRecord) -> dict[str, Any]:
         counted = {"attempt": record.attempt + 1}

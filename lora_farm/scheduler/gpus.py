@@ -10,6 +10,8 @@ Interface::
     pinned_env(["GPU-3f..."])                    # -> {"CUDA_VISIBLE_DEVICES": ..., "CUDA_DEVICE_ORDER": ...}
     to_snapshot(info) -> place.GpuSnapshot       # what the pure placement reads
     host_ram_mb(settings)                        # LORAFARM_HOST_RAM, else the OS's total RAM
+    sample_utilisation(uuid, pids) -> UtilSample | None   # SM-busy of a job's processes, else
+                                                 # of its card; None off NVML (declared cards)
 
 Every card carries its host's RAM (``host_ram_mb``): placement keeps a host's jobs within it.
 
@@ -272,3 +274,57 @@ def _processes(pynvml: Any, handle: Any) -> list[GpuProcess]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---- utilisation of a running job ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UtilSample:
+    pct: float  # SM-busy, %
+    source: Literal["process", "card"]  # the job's own processes, or the whole card (shared)
+
+
+def sample_utilisation(uuid: str, pids: set[int], window_s: float = 5.0) -> UtilSample | None:
+    """SM-busy of ``pids`` on card ``uuid`` over the last ``window_s`` where the driver reports it
+    per process (``nvmlDeviceGetProcessUtilization``), else of the whole card; None when NVML is
+    missing or does not know the card (a declared card). Never raises."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        own = _process_utilisation(pynvml, handle, pids, window_s)
+        if own is not None:
+            return UtilSample(own, "process")
+        return UtilSample(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu), "card")
+    except pynvml.NVMLError as error:
+        log.debug("no utilisation for %s: %s", uuid, error)
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _process_utilisation(pynvml: Any, handle: Any, pids: set[int], window_s: float) -> float | None:
+    """The SM-busy the driver attributes to ``pids`` (summed), None where it does not say (no
+    per-process accounting, e.g. in containers without the host's pid namespace)."""
+    import time
+
+    since = int((time.time() - window_s) * 1_000_000)
+    try:
+        samples = pynvml.nvmlDeviceGetProcessUtilization(handle, since)
+    except pynvml.NVMLError:
+        return None
+    latest: dict[int, Any] = {}
+    for sample in samples:
+        if sample.pid in pids and (sample.pid not in latest
+                                   or sample.timeStamp > latest[sample.pid].timeStamp):
+            latest[sample.pid] = sample
+    return float(sum(s.smUtil for s in latest.values())) if latest else None

@@ -48,6 +48,10 @@ host before it is cast and moved). A host's RAM comes with its cards' snapshots
 on its cards and those placed in this pass use it up, once per job whatever its card count. A
 job whose need exceeds what its host has left waits (another host may take it), and
 ``check_fits_farm`` refuses at submit, with the figures, a job no host could hold even empty.
+
+**Suspect cards.** A card the throughput watchdog requeued a job away from is ``suspect`` for
+``policy.suspect_card_seconds``: every job takes it last (only when no other card fits), and the
+job that left it (``QueuedJob.avoid``) never goes back to it while it is suspect.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class QueuedJob:
     gpus: int = 1
     queued_at: float | None = None  # when it (re-)entered the queue; None: at submitted_at
     host_ram_mb: float = 0.0  # peak host RAM (scheduler.host_ram)
+    avoid: tuple[str, ...] = ()  # cards it never goes to while they are suspect (a watchdog's)
 
     def waited(self, now: float) -> float:
         """How long it has waited since it last entered the queue (a retry starts afresh)."""
@@ -83,6 +88,7 @@ class GpuSnapshot:
     free_mb: float
     cpu: bool = False  # the `cpu` slot of a host without cards: no VRAM limit
     host_ram_mb: float | None = None  # the RAM of the card's host; None: unknown (not limited)
+    suspect: bool = False  # a throughput watchdog left it lately: placed last, avoided by its job
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,12 @@ class _Card:
     """A card's state during one pass (capacity shrinks as jobs are placed on it)."""
 
     __slots__ = ("uuid", "host", "cpu", "usable", "planned", "measured", "jobs", "slots", "held",
-                 "whole", "ram")
+                 "whole", "ram", "suspect")
 
     def __init__(self, snapshot: GpuSnapshot, policy: Policy, ram: "_HostRam"):
         self.uuid, self.host, self.cpu = snapshot.uuid, snapshot.host, snapshot.cpu
         self.ram = ram  # shared by the cards of one host
+        self.suspect = snapshot.suspect
         self.usable = math.inf if self.cpu else snapshot.total_mb * (1 - policy.headroom)
         self.planned = self.usable
         self.measured = math.inf if self.cpu else snapshot.free_mb - snapshot.total_mb * policy.headroom
@@ -211,6 +218,7 @@ def _reserved_on_hosts(reservations: list[Reservation], cards: dict[str, "_Card"
 
 
 def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:
+    cards = [card for card in cards if not (card.suspect and card.uuid in job.avoid)]
     if job.gpus == 1:
         card = _best_single(job.estimate_mb, cards, keep_whole, job.host_ram_mb)
         return [card] if card else []
@@ -222,7 +230,7 @@ def _best_single(mb: float, cards: list[_Card], keep_whole: bool, host_ram_mb: f
     best, best_key = None, None
     for card in cards:
         if card.takes(mb, host_ram_mb):
-            key = (card.idle == keep_whole, card.capacity - mb, card.uuid)
+            key = (card.suspect, card.idle == keep_whole, card.capacity - mb, card.uuid)
             if best_key is None or key < best_key:
                 best, best_key = card, key
     return best
@@ -236,7 +244,7 @@ def _whole_cards(mb: float, count: int, cards: list[_Card], host_ram_mb: float =
     hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
     if not hosts:
         return []
-    found = sorted(by_host[hosts[0][1]], key=lambda card: (card.capacity, card.uuid))
+    found = sorted(by_host[hosts[0][1]], key=lambda card: (card.suspect, card.capacity, card.uuid))
     return found[:count]
 
 

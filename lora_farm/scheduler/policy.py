@@ -1,4 +1,6 @@
-"""The placement policy: headroom, jobs per card, starvation, CPU slot (``scheduler/policy.yaml``).
+"""The placement policy: headroom, jobs per card, starvation, CPU slot, and the guards of a
+shared card: the memory cap, the throughput watchdog, the data-bound diagnosis
+(``scheduler/policy.yaml``).
 
 It is part of the farm's settings (``Settings.placement``, read once per process): the file named
 by ``LORAFARM_POLICY``, else ``scheduler/policy.yaml`` in the current directory, else the one next
@@ -18,6 +20,7 @@ import yaml
 from lora_farm.errors import ConfigError
 from lora_farm.settings import Settings, load_settings
 
+_INT_KNOBS = ("max_jobs_per_gpu", "cpu_slot_jobs", "watchdog_warmup_reports")
 _REPO_POLICY = Path(__file__).resolve().parents[2] / "scheduler" / "policy.yaml"
 
 
@@ -27,12 +30,29 @@ class Policy:
     max_jobs_per_gpu: int = 8  # processes sharing one card (each has its own CUDA context)
     starvation_seconds: float = 600.0  # after this wait, a job that does not fit holds cards
     cpu_slot_jobs: int = 1  # concurrent jobs on the `cpu` slot of a host without cards
+    memory_cap_factor: float = 1.0  # a trainer's allocator cap = reservation x this (0: no cap)
+    watchdog_fraction: float = 0.5  # it/s below this share of the job's own median is slow
+    watchdog_warmup_reports: int = 3  # progress reports before the median counts
+    watchdog_flag_seconds: float = 60.0  # slow this long: flagged (log, ledger, status)
+    watchdog_requeue_seconds: float = 300.0  # slow this long: checkpoint, requeue away (0: never)
+    suspect_card_seconds: float = 3600.0  # a card a watchdog left is placed last this long
+    data_bound_wait_fraction: float = 0.5  # share of step time spent waiting on the loader
+    data_bound_util_pct: float = 50.0  # ... while the card's SM-busy is below this
 
     def __post_init__(self) -> None:
         checks = [("headroom", 0 <= self.headroom < 1, "a fraction in [0, 1), e.g. 0.2"),
                   ("max_jobs_per_gpu", self.max_jobs_per_gpu >= 1, "an integer >= 1"),
                   ("starvation_seconds", self.starvation_seconds >= 0, "seconds >= 0"),
-                  ("cpu_slot_jobs", self.cpu_slot_jobs >= 1, "an integer >= 1")]
+                  ("cpu_slot_jobs", self.cpu_slot_jobs >= 1, "an integer >= 1"),
+                  ("memory_cap_factor", self.memory_cap_factor >= 0, "a factor >= 0, e.g. 1.0"),
+                  ("watchdog_fraction", 0 < self.watchdog_fraction < 1, "a fraction in (0, 1)"),
+                  ("watchdog_warmup_reports", self.watchdog_warmup_reports >= 1, "an integer >= 1"),
+                  ("watchdog_flag_seconds", self.watchdog_flag_seconds >= 0, "seconds >= 0"),
+                  ("watchdog_requeue_seconds", self.watchdog_requeue_seconds >= 0, "seconds >= 0"),
+                  ("suspect_card_seconds", self.suspect_card_seconds >= 0, "seconds >= 0"),
+                  ("data_bound_wait_fraction", 0 < self.data_bound_wait_fraction <= 1,
+                   "a fraction in (0, 1]"),
+                  ("data_bound_util_pct", 0 <= self.data_bound_util_pct <= 100, "a percentage")]
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"policy `{name}` must be {expected}, got {getattr(self, name)!r}. "
@@ -77,7 +97,7 @@ def read_policy(path: Path, headroom: str = "") -> Policy:
 
 
 def _typed(path: Path, name: str, value: Any) -> float | int:
-    kind = int if name in ("max_jobs_per_gpu", "cpu_slot_jobs") else float
+    kind = int if name in _INT_KNOBS else float
     if isinstance(value, bool) or not isinstance(value, (int, float)) or kind(value) != value:
         raise ConfigError(f"{path}: policy `{name}` must be {'an integer' if kind is int else 'a number'}, "
                           f"got {value!r}. Fix: correct it in the policy file.")

@@ -85,3 +85,21 @@ def device_label(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def apply_memory_cap(device: torch.device, environ: dict[str, str]) -> dict[str, object] | None:
+    """Cap this process's CUDA allocator at the share of the card the farm reserved for it
+    (``LORAFARM_VRAM_CAP_FRACTION``), so an under-estimated job runs out of memory itself
+    instead of its neighbours; what was asked and whether it applied, for the start event.
+    On the CPU (a declared card) nothing can be capped: ``applied`` is False."""
+    from lora_farm.protocol import VRAM_CAP_FRACTION_ENV, VRAM_CAP_MB_ENV
+
+    text = environ.get(VRAM_CAP_FRACTION_ENV, "")
+    if not text:
+        return None
+    fraction = float(text)
+    applied = device.type == "cuda"
+    if applied:
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return {"fraction": fraction, "cap_mb": float(environ.get(VRAM_CAP_MB_ENV) or 0),
+            "applied": applied}

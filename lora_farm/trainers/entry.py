@@ -212,7 +212,12 @@ def _output_root() -> Path:
 def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> int:
     from lora_farm.jobs.loader import write_resolved
     from lora_farm.trainers.checkpoint import latest_checkpoint
-    from lora_farm.trainers.device import choose_device, choose_precision, device_label
+    from lora_farm.trainers.device import (
+        apply_memory_cap,
+        choose_device,
+        choose_precision,
+        device_label,
+    )
     from lora_farm.trainers.runtime import Runtime
 
     loaded = _load(args)
@@ -227,15 +232,20 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> 
     device = choose_device(dist.local_rank)
     precision = choose_precision(spec.mixed_precision, device)
     dist.init(device)
+    vram_cap = apply_memory_cap(device, dict(os.environ))
     resume = latest_checkpoint(paths.checkpoints)
     events.emit("start", pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 device=device_label(device), attempt_resume_step=resume.step if resume else 0,
                 job_dir=str(job_dir), name=spec.name, task=spec.task, precision=precision.name,
-                world_size=dist.world)
+                world_size=dist.world, vram_cap=vram_cap)
     for note in loaded.notes:
         print(f"note: {note}", flush=True)
     print(f"job {spec.name} ({spec.task}) on {device_label(device)}, {precision.name}, "
           f"folder {job_dir}", flush=True)
+    if vram_cap:
+        where = "applied" if vram_cap["applied"] else "not applied: no CUDA device"
+        print(f"memory cap: {vram_cap['cap_mb']:.0f} MiB, {vram_cap['fraction']:.1%} of the card "
+              f"({where})", flush=True)
     program = _program_class(spec.task)(spec, job_dir, device, precision.weight_dtype)
     assert events.writer is not None
     Runtime(program, events.writer, precision, dist=dist, fence=fence).run()

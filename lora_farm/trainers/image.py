@@ -28,6 +28,7 @@ from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problem
 from lora_farm.trainers.families import FamilyAdapter, adapter_for
 from lora_farm.trainers.image_model import ImageModel, load_image_model
 from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
+from lora_farm.trainers.telemetry import loader_wait
 
 ADAPTER = "default"
 
@@ -369,7 +370,8 @@ class _EpochLoader:
                                                  num_workers=self.num_workers, collate_fn=collate)
             self._iterator, self.next_position = iter(loader), position
         self.next_position += self.stride
-        return next(self._iterator)
+        with loader_wait():  # the step's time spent waiting on the loader (data-bound warning)
+            return next(self._iterator)
 
 
 def _to_host(encoded: Any) -> Any:

@@ -37,6 +37,7 @@ from lora_farm.trainers.device import (
 from lora_farm.trainers.distributed import DistContext
 from lora_farm.trainers.progress import progress_line
 from lora_farm.trainers.publish import export_fenced
+from lora_farm.trainers.telemetry import StepClock
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -153,6 +154,7 @@ class Runtime:
         self.checkpoint_root = JobDir(Path(program.job_dir)).checkpoints
         self.step_losses: dict[int, float] = {}  # optimizer step (1-based) -> loss, this attempt
         self._cursor = _EpochCursor()
+        self.clock = StepClock()  # loader wait and steps/s per report (trainers/telemetry.py)
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -213,11 +215,13 @@ class Runtime:
             return
         self.program.train_mode(True)
         reporter = _Reporter(self, plan, step)
+        self.clock.window_fields()  # the first window starts with training, not with the load
         self.stop.step, self.stop.deferred = step, True
         try:
             while step < plan.total_steps:
                 loss = self._optimizer_step(plan, step, params, optimizer, scheduler, scaler)
                 step += 1
+                self.clock.step_done(step)
                 self.step_losses[step] = loss
                 reporter.step_done(step, loss, scheduler.get_last_lr()[0])
                 stopping = self.dist.any(self.stop.requested)  # every rank stops at one step
@@ -234,7 +238,8 @@ class Runtime:
                         optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> float:
         epoch = plan.epoch_of(step)
         first = plan.first_micro_of(step)
-        micro = self._cursor.take(self.program, epoch, first, plan.accumulation)
+        with self.clock.fetching() as micro:
+            micro += self._cursor.take(self.program, epoch, first, plan.accumulation)
         if not micro:
             raise DatasetError(f"epoch {epoch + 1} yielded fewer batches than "
                                f"micro_batches_per_epoch()={plan.micro_per_epoch} said")
@@ -377,7 +382,7 @@ class _Reporter:
             "progress", epoch=epoch, epochs=self.plan.epochs, step=step,
             total_steps=self.plan.total_steps, loss=round(loss, 6), it_s=round(it_s, 3),
             eta_s=round(eta, 1) if eta is not None else None,
-            peak_vram_mb=peak_vram_mb(self.runtime.device))
+            peak_vram_mb=peak_vram_mb(self.runtime.device), **self.runtime.clock.window_fields())
         self.runtime._say(progress_line(epoch, self.plan.epochs, step, self.plan.total_steps, loss,
                                         it_s, eta))
         self.board.flush()

@@ -105,13 +105,14 @@ def queued_jobs(ledger: Ledger, limit: int = QUEUE_WINDOW) -> list[QueuedJob]:
     pipe = ledger.client.pipeline(transaction=False)
     for job_id in ids:
         pipe.hmget(ledger.keys.job(job_id), "priority", "submitted", "estimate_mb", "gpus_needed",
-                   "queued_at", "host_ram_mb")
+                   "queued_at", "host_ram_mb", "avoid_gpus")
     jobs = []
-    for job_id, (priority, submitted, estimate, gpus, queued_at, host_ram) in zip(ids, pipe.execute()):
+    for job_id, (priority, submitted, estimate, gpus, queued_at, host_ram, avoid) in zip(ids, pipe.execute()):
         if submitted is None:
             continue  # a record deleted under us
         jobs.append(QueuedJob(job_id, int(priority or 0), float(submitted), float(estimate or 0),
-                              int(gpus or 1), float(queued_at) if queued_at else None, float(host_ram or 0)))
+                              int(gpus or 1), float(queued_at) if queued_at else None, float(host_ram or 0),
+                              tuple(json.loads(avoid)) if avoid else ()))
     return jobs
 
 
@@ -135,7 +136,8 @@ def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapsho
                                          total_mb=float(card["total_mb"]),
                                          free_mb=float(card["free_mb"]),
                                          cpu=card.get("source") == "cpu",
-                                         host_ram_mb=_float_or_none(card.get("host_ram_mb"))))
+                                         host_ram_mb=_float_or_none(card.get("host_ram_mb")),
+                                         suspect=is_suspect(card, now)))
     return snapshots
 
 
@@ -148,6 +150,19 @@ def card_alive(card: dict, settings: Settings, now: float) -> bool:
     beats under load are not a death; ``stale_after_seconds`` is far longer: it waits out a
     runner's Redis outage, not a worker's)."""
     return now - float(card.get("heartbeat") or 0) <= LOST_BEATS * settings.heartbeat_seconds
+
+
+def is_suspect(card: dict, now: float) -> bool:
+    """Whether a throughput watchdog marked the card suspect and the mark still holds."""
+    return float(card.get("suspect_until") or 0) > now
+
+
+def mark_suspect(ledger: Ledger, uuid: str, reason: str, seconds: float, now: float | None = None) -> None:
+    """The watchdog requeued a job away from this card: placement takes it last for ``seconds``
+    (fields the worker's own heartbeat, ``publish_gpu``, leaves alone)."""
+    now = now or time.time()
+    ledger.client.hset(ledger.keys.gpu(uuid), mapping={"suspect_until": str(now + seconds),
+                                                        "suspect_reason": reason})
 
 
 def read_gpu_snapshots(ledger: Ledger) -> list[dict]:

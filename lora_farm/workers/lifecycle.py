@@ -4,6 +4,7 @@ upload step all end jobs through these functions, so every path applies the same
 - a failed attempt (crash, out of memory, a lost runner) -> ``cancelled`` when the user asked for
   it meanwhile, else requeued (an OOM with a degraded plan) while retries last, else ``failed``;
 - a worker shutdown -> requeued without using up the retry budget;
+- the throughput watchdog -> the card marked suspect, the job requeued away from it (a retry);
 - a user's cancel -> ``cancelled`` at once when the job is not running, else the runner is asked
   to stop the trainer (it, or the reaper, then ends the job here);
 - a trained job -> ``uploading``; its upload -> ``succeeded``, or ``failed`` when its weights
@@ -21,6 +22,8 @@ from lora_farm.errors import LoraFarmError
 from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
+from lora_farm.scheduler.policy import Policy
+from lora_farm.workers.dispatch import mark_suspect
 from lora_farm.workers.outcome import degraded_plan, retries_left
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,25 @@ def requeue_after_shutdown(ledger: Ledger, record: JobRecord, reason: str,
     log.info("job %s: %s; requeued (retry budget untouched)", record.id, reason)
     return tr.requeue(ledger, record.id, reason, expect=OWN, token=record.token,
                       exit_code=exit_code, shutdown=True)
+
+
+def requeue_away(ledger: Ledger, record: JobRecord, reason: str, policy: Policy,
+                 exit_code: int | None = None) -> tr.Result:
+    """The throughput watchdog stopped the job at a checkpoint: its card(s) become suspect and
+    the job is requeued (a retry) never to return to them while they are; no retries left ->
+    failed; a pending cancel -> cancelled."""
+    for uuid in record.gpus:
+        mark_suspect(ledger, uuid, f"job {record.id}: {reason}", policy.suspect_card_seconds)
+    if ledger.cancel_requested(record.id):
+        return tr.finish_cancelled(ledger, record.id, expect=OWN, token=record.token)
+    if not retries_left(record):
+        return tr.fail(ledger, record.id, f"{reason}; no retries left ({record.max_retries} allowed)",
+                       expect=OWN, token=record.token, exit_code=exit_code)
+    avoid = sorted(set(record.avoid_gpus) | set(record.gpus))
+    log.info("job %s: %s; requeued for attempt %d away from %s", record.id, reason,
+             record.attempt + 1, ",".join(record.gpus))
+    return tr.requeue(ledger, record.id, reason, expect=OWN, token=record.token,
+                      exit_code=exit_code, avoid=avoid)
 
 
 def fail_attempt(ledger: Ledger, record: JobRecord, reason: str,

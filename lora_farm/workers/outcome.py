@@ -24,6 +24,7 @@ class Outcome(str, Enum):
     INTERRUPTED = "interrupted"  # SIGTERM from outside the farm: retry, counted
     SHUTDOWN = "shutdown"  # our worker shut down and stopped it: requeue, not counted
     LOST = "lost"  # another runner owns the job now: write nothing
+    THROTTLED = "throttled"  # the throughput watchdog stopped it: requeue away from the card
 
 
 @dataclass
@@ -36,6 +37,8 @@ class RunEvidence:
     last_error: dict[str, Any] | None = None  # the trainer's last `error` event
     exported: bool = False  # an `artifact` or `summary` event was seen
     timeout_s: float | None = None
+    throttled: bool = False  # we stopped it because the throughput watchdog said so
+    throttle_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ def _classify(run: RunEvidence) -> Verdict:
     message = (run.last_error or {}).get("message", "")
     if run.shutdown and _stopped_as_asked(code):
         return _shutdown_verdict(code)
+    if run.throttled and _stopped_as_asked(code):
+        return Verdict(Outcome.THROTTLED, f"{run.throttle_reason}; stopped at a checkpoint and "
+                                          "requeued away from the card")
     if code == ExitCode.SUCCESS:
         if run.exported:
             return Verdict(Outcome.SUCCEEDED, "trained")

@@ -32,8 +32,10 @@ from lora_farm.locks import Heartbeat, RedisLock
 from lora_farm.process_group import stop_group
 from lora_farm.protocol import EventTail, ExitCode, Fence, JobDir
 from lora_farm.scheduler.gpus import pinned_env
+from lora_farm.scheduler.policy import placement_of
 from lora_farm.settings import Settings, get_settings, host_name
 from lora_farm.workers import lifecycle
+from lora_farm.workers.monitor import JobMonitor, cap_env
 from lora_farm.workers import trainer_process as tp
 from lora_farm.workers.outcome import Outcome, RunEvidence, Verdict, classify
 from lora_farm.workers.shutdown import claim_stop_signal, is_stopping, sigterm_sets_flag
@@ -95,8 +97,9 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
 class _Watch:
     """State of one trainer run while it is watched."""
 
-    def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path):
+    def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path, monitor: JobMonitor):
         self.ledger, self.record, self.job_dir = ledger, record, job_dir
+        self.monitor = monitor  # telemetry, data-bound warning, throughput watchdog
         self.tail = EventTail(JobDir(job_dir).events)
         self.tail.read_new()  # skip the events of earlier attempts
         self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
@@ -112,6 +115,7 @@ class _Watch:
                 update["phase"] = event.get("phase", "")
             elif kind == "progress":
                 update.update({key: event[src] for src, key in _PROGRESS_KEYS.items() if src in event})
+                update.update(self.monitor.progress(event))
             elif kind == "summary":
                 self.evidence.exported = True
                 update["loss"] = event.get("final_loss", update.get("loss"))
@@ -137,10 +141,12 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
         return classify(RunEvidence(returncode=None, lost=True))
     # the spec was validated at submit; the plan (if any) is the farm's own: written as it is
     resolved = write_resolved(record.effective_spec(), paths.resolved_config)
-    watch = _Watch(ledger, record, job_dir)
+    policy = placement_of(settings)
+    watch = _Watch(ledger, record, job_dir, JobMonitor(ledger, record, policy, paths.log))
     _log_header(paths.log, record)
+    extra_env = {**_trainer_extra_env(record, settings), **cap_env(ledger, record, policy)}
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
-                       tp.trainer_env(pinned_env(record.gpus), _trainer_extra_env(record, settings)),
+                       tp.trainer_env(pinned_env(record.gpus), extra_env),
                        paths.log, cwd=job_dir, wait_seconds=settings.cancel_grace_seconds)
     try:
         ledger.update(record.id, {"pid": process.pid, "job_dir": str(job_dir)})
@@ -170,6 +176,7 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
     while process.poll() is None:
         time.sleep(options.poll_seconds)
         _safely(watch.absorb_events, "reading progress events")
+        _safely(lambda: watch.monitor.sample(process.pid), "sampling utilisation")
         if heartbeat.lost.is_set() and not _reacquire(lock, watch, heartbeat):
             evidence.lost = True
         elif _cancel_requested(watch):
@@ -178,6 +185,8 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
             evidence.shutdown = True  # SIGTERM: the trainer finishes its step and checkpoints
         elif timeout and time.monotonic() - started > timeout:
             evidence.timed_out = True
+        elif watch.monitor.requeue_due:  # SIGTERM: checkpoint, then requeued away from the card
+            evidence.throttled, evidence.throttle_reason = True, watch.monitor.watchdog_reason
         else:
             continue
         # at a shutdown the worker's main process may have sent the SIGTERM already: one only
@@ -224,11 +233,7 @@ def _reacquire(lock: RedisLock, watch: _Watch, heartbeat: Heartbeat) -> bool:
 def _beat(ledger: Ledger, record: JobRecord, lock: RedisLock) -> bool:
     if not lock.refresh():
         return False
-    values: dict[str, Any] = {"heartbeat": time.time()}
-    util = ledger.client.hget(ledger.keys.gpu(record.gpus[0]), "util_pct") if record.gpus else None
-    if util:
-        values["gpu_util"] = float(util)
-    ledger.update(record.id, values)
+    ledger.update(record.id, {"heartbeat": time.time()})  # gpu_util: the JobMonitor samples it
     return True
 
 
@@ -251,6 +256,9 @@ def _conclude(ledger: Ledger, record: JobRecord, verdict: Verdict, options: Runn
         lifecycle.requeue_after_shutdown(ledger, record, reason, exit_code=code)
     elif outcome == Outcome.CANCELLED:
         lifecycle.stopped_on_request(ledger, record)
+    elif outcome == Outcome.THROTTLED:
+        lifecycle.requeue_away(ledger, record, verdict.reason, placement_of(options.settings),
+                               exit_code=code)
     elif outcome in (Outcome.OOM, Outcome.CRASHED, Outcome.INTERRUPTED):
         lifecycle.end_attempt(ledger, record, verdict.reason, exit_code=code,
                               degrade=outcome == Outcome.OOM)

@@ -62,3 +62,6 @@ class Family:
     checkpointing_keeps: float = 0.35  # the share of activations gradient checkpointing keeps
     params: float = 1e9  # parameter count when a model ships no safetensors (.bin only)
     lora_params_per_rank: float = 2e5
+    # samples while training (trainers/sampling.py): the pipeline's usual steps and guidance
+    sample_steps: int = 30
+    sample_guidance: float = 7.5

@@ -24,11 +24,12 @@ from lora_farm.protocol import JobDir
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.distributed import DistContext
-from lora_farm.jobs.datasets import check_examples, find_examples
+from lora_farm.jobs.datasets import check_examples, find_examples, split_held_out
 from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
 from lora_farm.trainers.families import FamilyAdapter, adapter_for
 from lora_farm.trainers.image_model import ImageModel, load_image_model
 from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
+from lora_farm.trainers import image_samples
 
 ADAPTER = "default"
 
@@ -45,6 +46,8 @@ class ImageProgram(TrainingProgram):
         self.adapted: dict[str, torch.nn.Module] = {}  # component name -> module carrying LoRA
         self.trained: list[str] = []  # components whose LoRA the optimizer updates
         self.dataset: ImageDataset | None = None
+        self.held_out: ImageDataset | None = None  # validation_split: the evaluation loss's images
+        self._sample_pipeline: Any = None
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
         self.caption_cache: dict[str, Any] | None = None  # cache_text_encoder_outputs
         self._loader: _EpochLoader | None = None
@@ -189,8 +192,11 @@ class ImageProgram(TrainingProgram):
         """Every image exists and decodes, every caption is non-empty (before the model loads)."""
         spec = self.spec
         examples = find_examples(spec.train_data_dir, spec.metadata_path, spec.caption_extension)
-        check_examples(examples, spec.metadata_path or spec.train_data_dir, decoded_problems)
+        where = spec.metadata_path or spec.train_data_dir
+        check_examples(examples, where, decoded_problems)
+        examples, held = split_held_out(examples, spec.validation_split, spec.seed, where)
         self.dataset = ImageDataset(examples, spec.resolution, spec.center_crop, spec.seed)
+        self.held_out = ImageDataset(held, spec.resolution, True, spec.seed) if held else None
 
     def prepare(self) -> None:
         if self.dataset is None:
@@ -228,7 +234,15 @@ class ImageProgram(TrainingProgram):
                    "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
 
     def loss_weight(self, batch: dict[str, Any]) -> float:
-        return float(len(batch["keys"]))  # the loss is a mean over the micro-batch's images
+        return float(len(batch.get("keys") or batch["caption"]))  # the loss is a mean over its images
+
+    def eval_batches(self) -> list[dict[str, Any]]:
+        """The held-out images, centre-cropped, unflipped, in their order."""
+        held, size = self.held_out, self.spec.batch_size
+        if held is None:
+            return []
+        return [collate([held[(index, False, 0)] for index in range(start, min(start + size, len(held)))])
+                for start in range(0, len(held), size)]
 
     def materialize(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A handle from ``batches()`` -> a batch with pixels (or cached latents) and sizes."""
@@ -280,6 +294,18 @@ class ImageProgram(TrainingProgram):
                 distribution = self.adapter.latent_distribution(vae, batch["pixel_values"].to(self.device, vae.dtype))
             latents = distribution.sample(generator=generator).float()
         return self.adapter.normalise(vae, latents)
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def sample_defaults(self) -> dict[str, Any]:
+        card = self.model.card if self.model else None
+        return {"width": self.spec.resolution, "height": self.spec.resolution,
+                "steps": card.sample_steps if card else None, "guidance": card.sample_guidance if card else None}
+
+    def render_sample(self, prompt: dict[str, Any]) -> Any:
+        if self._sample_pipeline is None:
+            self._sample_pipeline = image_samples.build_pipeline(self)
+        return image_samples.render(self, self._sample_pipeline, prompt)
 
     # -- weights ----------------------------------------------------------------------------
 

@@ -194,20 +194,20 @@ SAMPLING = {"sample_prompts": ["a photo of a red circle"], "sample_every_steps":
 
 @pytest.mark.slow
 def test_training_is_the_same_with_samples_and_evaluations(tmp_path, tiny_sd, image_dataset):
-    plain = run_runtime(tiny_sd, image_dataset, tmp_path / "plain", name="plain", max_steps=4,
+    plain = run_runtime(tiny_sd, image_dataset, tmp_path / "plain", name="plain", max_steps=3,
                         validation_split=0.25, eval_every_steps=100)
-    watched = run_runtime(tiny_sd, image_dataset, tmp_path / "watched", name="watched", max_steps=4, **SAMPLING)
-    assert len(events_of(tmp_path / "watched", "sample")) == 4 and len(events_of(tmp_path / "watched", "eval")) == 4
+    watched = run_runtime(tiny_sd, image_dataset, tmp_path / "watched", name="watched", max_steps=3, **SAMPLING)
+    assert len(events_of(tmp_path / "watched", "sample")) == 3 and len(events_of(tmp_path / "watched", "eval")) == 3
     assert watched.step_losses == plain.step_losses  # exactly: sampling forks every RNG
 
 
 @pytest.mark.slow
 def test_exact_resume_with_samples_on(tmp_path, tiny_sd, image_dataset):
     # evaluations only at the end: the stopping program counts every compute_loss call
-    check_exact_resume(tiny_sd, image_dataset, tmp_path, name="resumed",
+    check_exact_resume(tiny_sd, image_dataset, tmp_path, name="resumed", stop_at=3, max_steps=5,
                        **{**SAMPLING, "sample_every_steps": 2, "eval_every_steps": 100})
     steps = [event["step"] for event in events_of(tmp_path / "interrupted", "sample")]
-    assert steps == [2, 6, 8]  # stopped at 4 (no sample while stopping), resumed: 6, 8
+    assert steps == [2, 4, 5]  # stopped at 3, resumed: 4 and the end
 
 
 # -- Flux: the family's own pipeline, the LoRA active -------------------------------------------

@@ -100,6 +100,19 @@ def test_lorafarm_validate_names_file_line_option_and_value_of_bad_prompt_lines(
     assert "`sample_prompts`" in output and "Fix:" in output
 
 
+def test_new_fields_at_their_defaults_leave_config_hashes_alone(tmp_path):
+    import hashlib
+
+    spec = LlmJobSpec(name="s", base_model=tmp_path, train_data_dir=tmp_path)
+    later = {"sample_prompts", "sample_every_steps", "sample_steps", "validation_split", "eval_every_steps",
+             "sample_max_new_tokens"}
+    payload = spec.model_dump(mode="json", exclude={"batch", "base_model_id"} | later)
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    assert spec.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]  # as before them
+    assert LlmJobSpec(name="s", base_model=tmp_path, train_data_dir=tmp_path,
+                      validation_split=0.1).config_hash() != spec.config_hash()
+
+
 def test_held_out_examples_are_fixed_by_seed_and_apart_from_training():
     examples = list(range(10))
     train, held = split_held_out(examples, 0.2, seed=1, where=Path("data"))
@@ -170,7 +183,7 @@ def test_eval_loss_lr_and_sample_time_are_reported(sd_job):
     assert all(np.isfinite(event["eval_loss"]) and event["eval_loss"] > 0 for event in evals)
     assert all(event["lr"] == pytest.approx(1e-2) for event in events_of(sd_job, "progress"))
     summary = events_of(sd_job, "summary")[-1]
-    assert summary["examples"] == 6  # 2 of 8 images held out
+    assert (summary["examples"], summary["held_out"]) == (6, 2)  # 2 of 8 images held out
     assert {"sample", "eval", "train"} <= set(summary["phase_seconds"])
 
 

@@ -371,6 +371,7 @@ class ImageProgram(TrainingProgram):
         return {"family": model.family if model else None, "kind": model.kind if model else None,
                 "adapted": sorted(self.adapted), "trainable_parameters": trainable,
                 "examples": len(self.dataset) if self.dataset else 0,
+                "held_out": len(self.held_out) if self.held_out else 0,
                 "cached_latents": len(self.latent_cache), "notes": list(self.notes)}
 
 

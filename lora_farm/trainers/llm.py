@@ -175,6 +175,7 @@ class LlmProgram(TrainingProgram):
         config = self.model.peft_config["default"]
         return {"model_type": self.model.config.model_type, "trainable_params": trainable,
                 "total_params": total, "examples": len(self.items), "dropped_examples": self.dropped,
+                "held_out": len(self.held_items),
                 "target_modules": sorted(config.target_modules or [])}
 
 

@@ -12,7 +12,8 @@ line with ``event`` and ``time`` keys:
   "loss": 0.142, "lr": 0.0001, "it_s": 3.1, "eta_s": 1380.0, "peak_vram_mb": 5120.0}``
 - ``{"event": "sample", "step": 10, "files": ["samples/step-000010/00.png", ...], "seconds": 1.2}``:
   the sample prompts (``samples/prompts.json``) rendered with the LoRA of that step (PNGs; LLM
-  jobs: greedy completions, ``.txt``), paths relative to the job folder
+  jobs: greedy completions, ``.txt``), paths relative to the job folder; a round that failed has
+  ``"files": []`` and ``"error": "..."`` (training goes on)
 - ``{"event": "eval", "step": 10, "eval_loss": 0.123}``: the mean loss over the held-out
   examples (``validation_split``), with fixed noise, so evaluations compare
 - ``{"event": "checkpoint", "step": 100, "path": "..."}``

@@ -201,7 +201,7 @@ def test_samples_are_in_the_manifest_and_uploaded(sd_job, s3_env, s3_server, tmp
 
 # -- training does not notice ----------------------------------------------------------------
 
-SAMPLING = {"sample_prompts": ["a photo of a red circle"], "sample_every_steps": 1, "sample_steps": 2,
+SAMPLING = {"sample_prompts": ["a photo of a red circle"], "sample_every_steps": 1, "sample_steps": 1,
             "validation_split": 0.25, "eval_every_steps": 1}
 
 
@@ -280,3 +280,14 @@ def test_llm_completions_are_greedy_with_the_lora_and_evaluated(tmp_path, tiny_l
 def _fresh_settings():
     yield
     reload_settings()
+
+
+@pytest.mark.slow
+def test_a_failed_sample_round_is_reported_and_training_goes_on(tmp_path, image_dataset):
+    base = demo.build_tiny_zimage(tmp_path / "tiny-z-image")
+    # 24 px passes validation (a multiple of 8) but Z-Image's pipeline wants multiples of 16
+    runtime = run_runtime(base, image_dataset, tmp_path / "job", name="odd", max_steps=2,
+                          sample_prompts=[{"prompt": "a red circle", "width": 24, "height": 24}], sample_steps=1)
+    (event,) = events_of(tmp_path / "job", "sample")
+    assert event["step"] == 2 and event["files"] == [] and "divisible by 16" in event["error"]
+    assert sorted(runtime.step_losses) == [1, 2] and events_of(tmp_path / "job", "summary")

@@ -173,6 +173,8 @@ class Runtime:
                     self._say(f"note: {note}")
             with self._phase("prepare"):
                 self.program.prepare()
+                if self.dist.is_main:
+                    self.observers["sample"].prepare()  # a bad prompt file fails now, not mid-run
                 plan = make_plan(self.program.micro_batches_per_epoch(),
                                  self.spec.gradient_accumulation_steps * self.dist.world,
                                  self.spec.epochs, self.spec.max_steps)
@@ -216,7 +218,7 @@ class Runtime:
             peak_vram_mb=peak_vram_mb(self.device), precision=self.precision.name,
             **self.program.describe())
         self.say(f"done: {plan.total_steps} steps, final loss {summary['final_loss']}, "
-                  f"phases {self.phase_seconds}")
+                 f"phases {self.phase_seconds}")
         return summary
 
     # -- training -----------------------------------------------------------------------------

@@ -82,26 +82,42 @@ class Samples:
         return self.wanted and (final or step % self.every == 0)
 
     def run(self, step: int, board: Any) -> list[str]:
-        """Render every prompt at ``step``; returns the files, relative to the job folder."""
+        """Render every prompt at ``step``; returns the files, relative to the job folder.
+
+        A round that fails (a size the pipeline refuses, out of memory) costs the job nothing:
+        the log and the event say why (``error``), and training goes on."""
         started = time.perf_counter()
         prompts = self._resolved()
-        files = []
-        with detached(self.program, self.precision):
-            outputs = [self.program.render_sample(prompt) for prompt in prompts]
+        try:
+            with detached(self.program, self.precision):
+                outputs = [self.program.render_sample(prompt) for prompt in prompts]
+        except Exception as error:  # noqa: BLE001 - samples are a view on training, not part of it
+            message = _one_line(error)
+            print(f"warning: samples at step {step} failed: {message}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.events.emit("sample", step=step, files=[], seconds=round(time.perf_counter() - started, 3),
+                             error=message)
+            return []
         self.fence.check()  # the job folder is still this attempt's
-        for prompt, output in zip(prompts, outputs):
-            files.append(self._write(step, prompt["index"], output, board))
-        seconds = round(time.perf_counter() - started, 3)
-        self.events.emit("sample", step=step, files=files, seconds=seconds)
+        files = [self._write(step, prompt["index"], output, board) for prompt, output in zip(prompts, outputs)]
+        self.events.emit("sample", step=step, files=files, seconds=round(time.perf_counter() - started, 3))
         return files
+
+    def prepare(self) -> None:
+        """Resolve the prompts (a prompt file is read again) and write ``samples/prompts.json``."""
+        if not self.wanted:
+            return
+        self.prompts = resolve_prompts(self.program.spec, self.program.sample_defaults())
+        path = self.folder.sample_prompts
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fence.check()
+        path.write_text(json.dumps(self.prompts, indent=2, ensure_ascii=False), encoding="utf-8")
 
     def _resolved(self) -> list[dict[str, Any]]:
         if self.prompts is None:
-            self.prompts = resolve_prompts(self.program.spec, self.program.sample_defaults())
-            path = self.folder.sample_prompts
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.fence.check()
-            path.write_text(json.dumps(self.prompts, indent=2, ensure_ascii=False), encoding="utf-8")
+            self.prepare()
+        assert self.prompts is not None
         return self.prompts
 
     def _write(self, step: int, index: int, output: Any, board: Any) -> str:
@@ -119,3 +135,8 @@ class Samples:
             output.save(path, format="PNG")
             board.add_image(tag, numpy.asarray(output.convert("RGB")), step, dataformats="HWC")
         return path.relative_to(self.folder.root).as_posix()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__

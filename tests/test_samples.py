@@ -229,9 +229,11 @@ def test_exact_resume_with_samples_on(tmp_path, tiny_sd, image_dataset):
 def test_flux_samples_render_with_the_trained_lora(tmp_path, tiny_flux, image_dataset):
     from lora_farm.trainers.sampling import detached
 
+    # cached captions: the held-out images' are cached too (the evaluation loss reads them)
     runtime = run_runtime(tiny_flux, image_dataset, tmp_path / "flux", name="flux", max_steps=3,
                           sample_prompts=["a photo of a red circle", {"prompt": "a cat", "width": 32, "height": 32}],
-                          sample_steps=2)
+                          sample_steps=2, cache_text_encoder_outputs=True, validation_split=0.25)
+    assert [e["step"] for e in events_of(tmp_path / "flux", "eval")] == [3]
     (event,) = events_of(tmp_path / "flux", "sample")
     assert event["step"] == 3 and [Image.open(tmp_path / "flux" / f).size for f in event["files"]] == [(64, 64), (32, 32)]
     prompts = json.loads((tmp_path / "flux" / "samples" / "prompts.json").read_text())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,8 @@ class ImageProgram(TrainingProgram):
         """Encode every distinct caption once (kept on the host), then move the text encoders
         off the card: training reads the cache (``encoded``)."""
         assert self.dataset is not None and self.model is not None and self.adapter is not None
-        captions = sorted({example.caption for example in self.dataset.examples})
+        held = self.held_out.examples if self.held_out else []  # the evaluation loss reads them too
+        captions = sorted({example.caption for example in [*self.dataset.examples, *held]})
         self.caption_cache = {caption: _to_host(self.adapter.encode(self.model, [caption], self.device))
                               for caption in captions}
         for encoder in self.model.text_encoders:
@@ -301,6 +303,23 @@ class ImageProgram(TrainingProgram):
         card = self.model.card if self.model else None
         return {"width": self.spec.resolution, "height": self.spec.resolution,
                 "steps": card.sample_steps if card else None, "guidance": card.sample_guidance if card else None}
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """With cached captions the text encoders wait off the card: a sample round brings them
+        back for its prompts, and sends them away again."""
+        away = self.caption_cache is not None and self.device.type != "cpu"
+        assert self.model is not None
+        try:
+            if away:
+                for encoder in self.model.text_encoders:
+                    encoder.to(self.device)
+            yield
+        finally:
+            if away:
+                for encoder in self.model.text_encoders:
+                    encoder.to("cpu")
+                torch.cuda.empty_cache()
 
     def render_sample(self, prompt: dict[str, Any]) -> Any:
         if self._sample_pipeline is None:

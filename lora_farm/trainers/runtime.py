@@ -170,7 +170,7 @@ class Runtime:
                 self.program.check_data()  # bad data fails in seconds, not after a model load
                 self.program.load()
                 for note in self.program.describe().get("notes", ()):
-                    self._say(f"note: {note}")
+                    self.say(f"note: {note}")
             with self._phase("prepare"):
                 self.program.prepare()
                 if self.dist.is_main:

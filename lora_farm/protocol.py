@@ -9,11 +9,18 @@ line with ``event`` and ``time`` keys:
 
 - ``{"event": "phase", "phase": "load"|"prepare"|"train"|"export"}``
 - ``{"event": "progress", "epoch": 1, "epochs": 10, "step": 85, "total_steps": 250,
-  "loss": 0.142, "it_s": 3.1, "eta_s": 1380.0, "peak_vram_mb": 5120.0}``
+  "loss": 0.142, "lr": 0.0001, "it_s": 3.1, "eta_s": 1380.0, "peak_vram_mb": 5120.0}``
+- ``{"event": "sample", "step": 10, "files": ["samples/step-000010/00.png", ...], "seconds": 1.2}``:
+  the sample prompts (``samples/prompts.json``) rendered with the LoRA of that step (PNGs; LLM
+  jobs: greedy completions, ``.txt``), paths relative to the job folder; a round that failed has
+  ``"files": []`` and ``"error": "..."`` (training goes on)
+- ``{"event": "eval", "step": 10, "eval_loss": 0.123}``: the mean loss over the held-out
+  examples (``validation_split``), with fixed noise, so evaluations compare
 - ``{"event": "checkpoint", "step": 100, "path": "..."}``
 - ``{"event": "artifact", "path": "...", "kind": "kohya"|"diffusers"|"peft"}``
 - ``{"event": "summary", "final_loss": 0.1, "steps": 250, "phase_seconds": {...},
-  "peak_vram_mb": 5120.0}``
+  "peak_vram_mb": 5120.0}``; ``phase_seconds`` has ``load``, ``prepare``, ``train``, ``export``
+  and, when the job samples or evaluates, ``sample`` and ``eval`` (their sums, left out of ``train``)
 - ``{"event": "artifact", "path": "...", "kind": "published"}`` after the summary: the adapter's
   copy at ``output_dir/<name>`` (``trainers/publish.py``)
 - ``{"event": "error", "kind": "bad_input"|"oom"|"crash"|"interrupted", "message": "..."}``
@@ -137,6 +144,7 @@ class JobDir:
     trainer_lock = _in_job_dir("trainer.lock")  # flock held while a trainer of the job lives
     checkpoints = _in_job_dir("checkpoints")
     tensorboard = _in_job_dir("tensorboard")
+    samples = _in_job_dir("samples")  # prompts.json, step-NNNNNN/II.png (llm: II.txt)
     log_archive = _in_job_dir("logs.tar.gz")
     manifest = _in_job_dir("manifest.json")
     diffusers = _in_job_dir("diffusers")  # image: the diffusers LoRA file
@@ -144,6 +152,14 @@ class JobDir:
 
     def kohya(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"  # image: the single-file LoRA
+
+    @property
+    def sample_prompts(self) -> Path:
+        return self.samples / "prompts.json"  # the prompts as rendered, every default filled in
+
+    def sample_file(self, step: int, index: int, suffix: str) -> Path:
+        """``samples/step-000010/00.png`` (``.txt``: an LLM's completion)."""
+        return self.samples / f"step-{step:06d}" / f"{index:02d}{suffix}"
 
 
 def published_adapter(output_dir: str | os.PathLike[str] | None, output_root: Path, name: str,

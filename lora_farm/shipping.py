@@ -2,7 +2,8 @@
 
 Order matters and is the contract other parts rely on:
 
-1. ``logs.tar.gz`` is (re)written and every file to ship is hashed into ``manifest.json``, with
+1. ``logs.tar.gz`` is (re)written and every file to ship (weights, the resolved config, the log
+   archive, ``samples/``) is hashed into ``manifest.json``, with
    the attempt that owns the job folder (its fence): the only one whose trainer could write it;
 2. the old ``_COMPLETE`` marker of this job (a previous attempt) is withdrawn;
 3. each file is uploaded with its sha256 in the object metadata, then verified (size + sha256);
@@ -55,6 +56,11 @@ def weight_files(job_dir: Path) -> list[Path]:
     return found
 
 
+def sample_files(job_dir: Path) -> list[Path]:
+    """``samples/``: prompts.json and every step's PNGs (llm: .txt completions)."""
+    return sorted(p for p in JobDir(job_dir).samples.rglob("*") if p.is_file())
+
+
 def files_to_ship(job_dir: Path) -> list[Path]:
     weights = weight_files(job_dir)
     if not weights:
@@ -62,7 +68,7 @@ def files_to_ship(job_dir: Path) -> list[Path]:
             f"{job_dir} holds no weights (*.safetensors, diffusers/ or adapter/); the trainer did "
             "not export, so there is nothing to ship: read train.log in that folder")
     extras = [p for p in (JobDir(job_dir).resolved_config, JobDir(job_dir).log_archive) if p.is_file()]
-    return weights + extras
+    return weights + extras + sample_files(job_dir)
 
 
 def build_manifest(job_dir: Path, files: list[Path], job_id: str, batch: str | None, name: str,

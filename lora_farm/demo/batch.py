@@ -37,6 +37,12 @@ COMMON: dict[str, Any] = {
 }
 
 
+# what the demo's image jobs render (the shapes dataset's kind of caption), seeds fixed per prompt;
+# two prompts of 2 steps: a round costs about 2 training steps of the tiny models
+SAMPLE_PROMPTS = ["a photo of a red circle on a white background",
+                  {"prompt": "a photo of a blue square on a black background", "seed": 7}]
+
+
 def _ensure(path: Path, build: Callable[[Path], Path]) -> Path:
     """Build ``path`` unless it exists: rerunning the demo reuses what is there."""
     if not path.exists():
@@ -82,10 +88,13 @@ def _spec(name: str, task: str, base_model: str, train_data_dir: str, **rest: An
 
 def demo_specs(steps_scale: int = 1) -> dict[str, dict[str, Any]]:
     """The demo's job specs as YAML-ready dicts (paths relative to ``root/jobs``)."""
+    # a sample grid (prompt x step) at each checkpoint and the end; few steps: the demo stays fast
     image = {"resolution": IMAGE_SIZE, "learning_rate": 1e-3, "max_steps": 30 * steps_scale,
-             "save_steps": 15 * steps_scale}
+             "save_steps": 15 * steps_scale, "sample_prompts": SAMPLE_PROMPTS, "sample_steps": 2}
     llm = {"max_seq_len": 64, "learning_rate": 2e-3, "lora_rank": 8,
-           "max_steps": 60 * steps_scale, "save_steps": 30 * steps_scale}
+           "max_steps": 60 * steps_scale, "save_steps": 30 * steps_scale,
+           "sample_prompts": ["question: what colour is the sky? answer:"], "sample_max_new_tokens": 12,
+           "validation_split": 0.1}
     specs = [
         _spec("demo-sd-shapes", "image", "../models/tiny-sd", "../data/shapes-metadata",
               metadata_path="../data/shapes-metadata/metadata.csv", **image),

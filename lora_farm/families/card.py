@@ -73,3 +73,6 @@ class Family:
     temporal_compression: int = 1
     # two-expert models (Wan 2.2 A14B): the spec's `expert` -> the denoiser folder it trains
     experts: Mapping[str, str] = field(default_factory=dict)
+    # samples while training (trainers/sampling.py): the pipeline's usual steps and guidance
+    sample_steps: int = 30
+    sample_guidance: float = 7.5

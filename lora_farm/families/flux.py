@@ -39,7 +39,7 @@ def _width(config: dict[str, Any]) -> float | None:
         return None
 
 
-def _card(name: str, title: str, guidance: bool, t5_length: int) -> Family:
+def _card(name: str, title: str, guidance: bool, t5_length: int, sample_steps: int) -> Family:
     return Family(
         name=name, title=title, denoiser="transformer",
         components=("transformer", "vae", "text_encoder", "text_encoder_2"),
@@ -63,10 +63,11 @@ def _card(name: str, title: str, guidance: bool, t5_length: int) -> Family:
         # transformer + activations + LoRA). A derivation, not a measurement: calibration
         # corrects it from real peaks.
         activation_mb_512=8000.0, reference_width=3072.0 * 57, width=_width, checkpointing_keeps=0.12,
-        params=16.9e9, lora_params_per_rank=2.8e6)
+        params=16.9e9, lora_params_per_rank=2.8e6,
+        sample_steps=sample_steps, sample_guidance=3.5 if guidance else 0.0)
 
 
-FLUX_DEV = _card("flux-dev", "Flux.1 dev", guidance=True, t5_length=512)
-FLUX_SCHNELL = _card("flux-schnell", "Flux.1 schnell", guidance=False, t5_length=256)
+FLUX_DEV = _card("flux-dev", "Flux.1 dev", guidance=True, t5_length=512, sample_steps=28)
+FLUX_SCHNELL = _card("flux-schnell", "Flux.1 schnell", guidance=False, t5_length=256, sample_steps=4)
 
 CARDS = (FLUX_DEV, FLUX_SCHNELL)

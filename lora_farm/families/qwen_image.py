@@ -64,6 +64,7 @@ QWEN_IMAGE = Family(
     # 16) and with Edit's doubled image tokens (+2.8 GiB) is ~41 GiB. A derivation, not a
     # measurement: calibration corrects it from real peaks.
     activation_mb_512=6000.0, reference_width=3072.0 * 60, width=_width, checkpointing_keeps=0.12,
-    params=28.8e9, lora_params_per_rank=1.5e6)
+    params=28.8e9, lora_params_per_rank=1.5e6,
+    sample_steps=50, sample_guidance=4.0)  # its pipeline's true_cfg_scale
 
 CARDS = (QWEN_IMAGE,)

@@ -70,7 +70,8 @@ def _card(name: str, title: str, modelspec: str, params: float, lora_per_rank: f
         # and peft (a 4-bit NF4 base), as the bf16 weights alone exceed 24 GB. Medium scales by
         # its width (1536 x 24). A derivation, not a measurement: calibration corrects it.
         activation_mb_512=5000.0, reference_width=2432.0 * 38, width=_width, checkpointing_keeps=0.12,
-        params=params, lora_params_per_rank=lora_per_rank)
+        params=params, lora_params_per_rank=lora_per_rank,
+        sample_steps=28, sample_guidance=4.5)  # SD3.5's model cards
 
 
 # sd-scripts' modelspec names: "stable-diffusion-3" followed by "-m" or "-5-large" / "-5-medium"

@@ -68,6 +68,7 @@ Z_IMAGE = Family(
     # 16 GB RTX 5060 Ti, which only an 8-bit base (~9.6 GiB of weights) allows. A derivation, not
     # a measurement: calibration corrects it from real peaks.
     activation_mb_512=6000.0, reference_width=3840.0 * 34, width=_width, checkpointing_keeps=0.12,
-    params=10.26e9, lora_params_per_rank=2.5e6)
+    params=10.26e9, lora_params_per_rank=2.5e6,
+    sample_steps=9, sample_guidance=0.0)  # Z-Image-Turbo's model card (distilled: no CFG)
 
 CARDS = (Z_IMAGE,)

@@ -18,6 +18,7 @@ from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, Example, cli
                                      find_data_files, find_examples, read_records, to_example)
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model, single_file_config_problem
 from lora_farm.jobs.paths import is_inside, what_is
+from lora_farm.jobs.prompts import PROMPT_FILE_FIX, parse_prompt_file
 from lora_farm.jobs.spec import ImageJobSpec, JobSpec, LlmJobSpec, VideoJobSpec
 from lora_farm.settings import get_settings
 
@@ -67,7 +68,18 @@ def check_spec(label: str, spec: JobSpec, *, check_output: bool = True,
         problems += check_image_dataset(label, spec)
     elif isinstance(spec, LlmJobSpec) and usable("train_data_dir", "text_field"):
         problems += check_text_dataset(label, spec)
+    if usable("sample_prompts"):
+        problems += check_prompt_file(label, spec)
     return problems
+
+
+def check_prompt_file(label: str, spec: JobSpec) -> list[SpecProblem]:
+    """A kohya prompt file named by `sample_prompts`: every bad line, by number and option."""
+    if not isinstance(spec.sample_prompts, Path):
+        return []
+    _, problems = parse_prompt_file(spec.sample_prompts)
+    return [SpecProblem(label, "sample_prompts", f"{problem}.", PROMPT_FILE_FIX)
+            for problem in problems[:MAX_LISTED]]
 
 
 def _check_base_model(label: str, spec: JobSpec) -> list[SpecProblem]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +284,18 @@ def to_example(record: dict[str, Any], where: str, text_field: str = "text") -> 
     raise DatasetError(f"{where}: record has neither a non-empty `{text_field}` field nor "
                        f"`instruction` + `output` strings (keys found: {keys}); fix the record or "
                        "set `text_field` in the spec")
+
+
+def split_held_out(examples: list[Any], share: float, seed: int, where: Path) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)``: ``share`` of the examples held out for the evaluation loss
+    (``validation_split``), at least one; which ones is fixed by ``seed``, their order kept."""
+    if share <= 0:
+        return list(examples), []
+    count = max(1, round(len(examples) * share))
+    if count >= len(examples):
+        raise DatasetError(f"{where}: `validation_split`={share} holds out {count} of "
+                           f"{len(examples)} examples, leaving none to train on. Fix: add examples "
+                           "or lower `validation_split`.")
+    held = set(random.Random(f"validation:{seed}").sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])

@@ -104,7 +104,7 @@ def load_resolved(path: Path) -> LoadedSpec:
     if not problems:  # a whole spec: are its data and model still there?
         problems = [SpecProblem(label, key, f"no longer exists: {str(value)!r}.", "restore it, or "
                                 "submit the job again with the new path.") for key in PATH_FIELDS
-                    if key != "output_dir" and (value := getattr(spec, key, None)) is not None
+                    if key != "output_dir" and isinstance(value := getattr(spec, key, None), Path)
                     and not value.exists()]
     if problems or spec is None:
         raise SpecError(problems)

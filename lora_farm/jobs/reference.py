@@ -46,6 +46,8 @@ def _limits(info: FieldInfo) -> str:
 
 def _type(key: str, info: FieldInfo) -> str:
     annotation = info.annotation
+    if key == "sample_prompts":
+        return "list of prompts, or path"
     if key in PATH_FIELDS:
         return "path"
     if key == "timeout":

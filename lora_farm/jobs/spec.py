@@ -49,6 +49,29 @@ Seconds = Annotated[int, BeforeValidator(parse_duration)]
 SafeName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
+MAX_SAMPLE_PROMPTS = 64  # each is rendered at every sample step: more is a typo, not a plan
+
+
+class SamplePrompt(BaseModel):
+    """One sample prompt; what is left unset takes the job's default (see ``jobs.prompts``):
+    the job's resolution, ``sample_steps`` or the family's steps and guidance, ``seed`` + index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="what to render (llm: complete)")
+    negative_prompt: str | None = Field(None, max_length=4000, description="what to avoid (image)")
+    width: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="pixels (image)")
+    height: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="pixels (image)")
+    steps: int | None = Field(None, ge=1, le=1000, description="inference steps (image)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="guidance (image)")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed (image)")
+
+
+# fields added after specs were first hashed: left at their defaults, they leave hashes alone
+_LATER_FIELDS = {"sample_prompts": None, "sample_every_steps": None, "sample_steps": None,
+                 "validation_split": 0.0, "eval_every_steps": None, "sample_max_new_tokens": 32}
+
+
 class JobSpec(BaseModel):
     """Fields every LoRA job has, image or LLM."""
 
@@ -113,6 +136,20 @@ class JobSpec(BaseModel):
     save_steps: int = Field(500, ge=1, le=10_000_000, description="checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="checkpoints kept (newest)")
 
+    # samples and evaluation while training
+    sample_prompts: list[str | SamplePrompt] | Path | None = Field(
+        None, description="prompts rendered (llm: completed greedily) with the current LoRA: a list, "
+                          "or a prompt file in kohya's format (`prompt --n neg --w 512 --h 512 --s 20 "
+                          "--l 7 --d seed`, one per line)")
+    sample_every_steps: int | None = Field(None, ge=1, le=10_000_000, description="sample every N "
+                                           "steps and at the end (default: at each checkpoint)")
+    sample_steps: int | None = Field(None, ge=1, le=1000, description="inference steps of a sample "
+                                     "(default: the family's)")
+    validation_split: float = Field(0.0, ge=0, lt=1, description="share of the examples held out "
+                                    "for an evaluation loss (by seed); 0 = off")
+    eval_every_steps: int | None = Field(None, ge=1, le=10_000_000, description="evaluate every N "
+                                         "steps and at the end (default: at each checkpoint)")
+
     @field_validator("tags")
     @classmethod
     def _tags_are_short(cls, tags: list[str]) -> list[str]:
@@ -120,6 +157,15 @@ class JobSpec(BaseModel):
             if not tag or len(tag) > 64:
                 raise ValueError(f"each tag must be 1-64 characters, got {tag!r}")
         return tags
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _few_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_SAMPLE_PROMPTS:
+            raise ValueError(f"must hold 1 to {MAX_SAMPLE_PROMPTS} prompts, got {len(value)}")
+        if isinstance(value, list) and any(isinstance(p, str) and not p.strip() for p in value):
+            raise ValueError("holds an empty prompt; write the text to render or remove the entry")
+        return value
 
     @field_validator("base_model_id")
     @classmethod
@@ -148,8 +194,9 @@ class JobSpec(BaseModel):
 
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
-        # an unset base_model_id / host_ram_gb leaves the hashes of specs written before they existed alone
+        # fields unset or at their defaults leave the hashes of specs written before they existed alone
         unset = {name for name in ("base_model_id", "host_ram_gb") if getattr(self, name) is None}
+        unset |= {key for key, default in _LATER_FIELDS.items() if getattr(self, key, default) == default}
         payload = self.model_dump(mode="json", exclude={"batch"} | unset)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -157,6 +204,14 @@ class JobSpec(BaseModel):
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved spec as plain data (absolute paths, every default filled in)."""
         return self.model_dump(mode="json")
+
+    @property
+    def samples_every(self) -> int:
+        return self.sample_every_steps or self.save_steps
+
+    @property
+    def eval_every(self) -> int:
+        return self.eval_every_steps or self.save_steps
 
 
 class ImageJobSpec(JobSpec):
@@ -281,10 +336,12 @@ class LlmJobSpec(JobSpec):
     task: Literal["llm"] = "llm"
     max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example (truncated)")
     text_field: str = Field("text", min_length=1, description="record field with the training text")
+    sample_max_new_tokens: int = Field(32, ge=1, le=4096, description="tokens a sample completion "
+                                       "adds (greedy)")
 
 
 PATH_FIELDS = ("base_model", "train_data_dir", "output_dir", "resume_from", "metadata_path",
-               "base_model_config")
+               "base_model_config", "sample_prompts")
 SPEC_CLASSES: dict[str, type[JobSpec]] = {"image": ImageJobSpec, "video": VideoJobSpec, "llm": LlmJobSpec}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,25 @@ class TrainingProgram(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for the log and the summary (model family, trainable params, examples)."""
         return {}
+
+    def sample_defaults(self) -> dict[str, Any]:
+        """What an unset option of a sample prompt means (image: ``width``, ``height``, ``steps``,
+        ``guidance`` of the family; llm: ``max_new_tokens``), see ``jobs.prompts.resolve_prompts``."""
+        return {}
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Around a round of samples: what rendering needs that training put away (default: nothing)."""
+        yield
+
+    def render_sample(self, prompt: dict[str, Any]) -> Any:
+        """One resolved sample prompt with the current LoRA: a PIL image (image) or the completion
+        (llm). The caller holds no grad, eval mode and a forked RNG (``trainers.sampling``)."""
+        raise NotImplementedError(f"{type(self).__name__} renders no samples")
+
+    def eval_batches(self) -> list[Any]:
+        """The held-out micro-batches (``validation_split``) in a fixed order; [] when none."""
+        return []
 
     def check_data(self) -> None:
         """Cheap checks of the training data, run before ``load()`` so bad data fails in seconds

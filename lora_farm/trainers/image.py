@@ -10,6 +10,7 @@ single file's key layout.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ from lora_farm.protocol import JobDir
 from lora_farm.trainers import export as exporter
 from lora_farm.trainers.base import TrainingProgram
 from lora_farm.trainers.distributed import DistContext
-from lora_farm.jobs.datasets import check_examples, find_examples
+from lora_farm.jobs.datasets import check_examples, find_examples, split_held_out
 from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
 from lora_farm.trainers.families import FamilyAdapter, adapter_for
 from lora_farm.trainers.image_model import ImageModel, load_image_model
 from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
 from lora_farm.trainers.telemetry import loader_wait
+from lora_farm.trainers import image_samples
 
 ADAPTER = "default"
 
@@ -45,6 +47,8 @@ class ImageProgram(TrainingProgram):
         self.adapted: dict[str, torch.nn.Module] = {}  # component name -> module carrying LoRA
         self.trained: list[str] = []  # components whose LoRA the optimizer updates
         self.dataset: ImageDataset | None = None
+        self.held_out: ImageDataset | None = None  # validation_split: the evaluation loss's images
+        self._sample_pipeline: Any = None
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
         self.caption_cache: dict[str, Any] | None = None  # cache_text_encoder_outputs
         self._loader: _EpochLoader | None = None
@@ -114,7 +118,8 @@ class ImageProgram(TrainingProgram):
         """Encode every distinct caption once (kept on the host), then move the text encoders
         off the card: training reads the cache (``encoded``)."""
         assert self.dataset is not None and self.model is not None and self.adapter is not None
-        captions = sorted({example.caption for example in self.dataset.examples})
+        held = self.held_out.examples if self.held_out else []  # the evaluation loss reads them too
+        captions = sorted({example.caption for example in [*self.dataset.examples, *held]})
         self.caption_cache = {caption: _to_host(self.adapter.encode(self.model, [caption], self.device))
                               for caption in captions}
         for encoder in self.model.text_encoders:
@@ -193,8 +198,11 @@ class ImageProgram(TrainingProgram):
         """Every image exists and decodes, every caption is non-empty (before the model loads)."""
         spec = self.spec
         examples = find_examples(spec.train_data_dir, spec.metadata_path, spec.caption_extension)
-        check_examples(examples, spec.metadata_path or spec.train_data_dir, decoded_problems)
+        where = spec.metadata_path or spec.train_data_dir
+        check_examples(examples, where, decoded_problems)
+        examples, held = split_held_out(examples, spec.validation_split, spec.seed, where)
         self.dataset = ImageDataset(examples, spec.resolution, spec.center_crop, spec.seed)
+        self.held_out = ImageDataset(held, spec.resolution, True, spec.seed) if held else None
 
     def prepare(self) -> None:
         if self.dataset is None:
@@ -230,7 +238,15 @@ class ImageProgram(TrainingProgram):
                    "caption": [self.dataset.examples[index].caption for index, _, _ in keys]}
 
     def loss_weight(self, batch: dict[str, Any]) -> float:
-        return float(len(batch["keys"]))  # the loss is a mean over the micro-batch's images
+        return float(len(batch.get("keys") or batch["caption"]))  # the loss is a mean over its images
+
+    def eval_batches(self) -> list[dict[str, Any]]:
+        """The held-out images, centre-cropped, unflipped, in their order."""
+        held, size = self.held_out, self.spec.batch_size
+        if held is None:
+            return []
+        return [collate([held[(index, False, 0)] for index in range(start, min(start + size, len(held)))])
+                for start in range(0, len(held), size)]
 
     def materialize(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A handle from ``batches()`` -> a batch with pixels (or cached latents) and sizes."""
@@ -282,6 +298,35 @@ class ImageProgram(TrainingProgram):
                 distribution = self.adapter.latent_distribution(vae, batch["pixel_values"].to(self.device, vae.dtype))
             latents = distribution.sample(generator=generator).float()
         return self.adapter.normalise(vae, latents)
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def sample_defaults(self) -> dict[str, Any]:
+        card = self.model.card if self.model else None
+        return {"width": self.spec.resolution, "height": self.spec.resolution,
+                "steps": card.sample_steps if card else None, "guidance": card.sample_guidance if card else None}
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """With cached captions the text encoders wait off the card: a sample round brings them
+        back for its prompts, and sends them away again."""
+        away = self.caption_cache is not None and self.device.type != "cpu"
+        assert self.model is not None
+        try:
+            if away:
+                for encoder in self.model.text_encoders:
+                    encoder.to(self.device)
+            yield
+        finally:
+            if away:
+                for encoder in self.model.text_encoders:
+                    encoder.to("cpu")
+                torch.cuda.empty_cache()
+
+    def render_sample(self, prompt: dict[str, Any]) -> Any:
+        if self._sample_pipeline is None:
+            self._sample_pipeline = image_samples.build_pipeline(self)
+        return image_samples.render(self, self._sample_pipeline, prompt)
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -347,6 +392,7 @@ class ImageProgram(TrainingProgram):
         return {"family": model.family if model else None, "kind": model.kind if model else None,
                 "adapted": sorted(self.adapted), "trainable_parameters": trainable,
                 "examples": len(self.dataset) if self.dataset else 0,
+                "held_out": len(self.held_out) if self.held_out else 0,
                 "cached_latents": len(self.latent_cache), "notes": list(self.notes)}
 
 

@@ -15,7 +15,7 @@ import torch
 from lora_farm.errors import DatasetError, ModelLoadError
 from lora_farm.jobs.spec import LlmJobSpec
 from lora_farm.trainers.base import TrainingProgram
-from lora_farm.jobs.datasets import TextExample, load_examples
+from lora_farm.jobs.datasets import TextExample, load_examples, split_held_out
 from lora_farm.trainers.llm_data import IGNORE_INDEX, collate, tokenize_example
 from lora_farm.protocol import JobDir
 from lora_farm.trainers.publish import FILE_MODE, write_model_card
@@ -37,11 +37,15 @@ class LlmProgram(TrainingProgram):
         self.tokenizer: Any = None
         self.examples: list[TextExample] = []
         self.items: list[dict[str, list[int]]] = []
+        self.held_out: list[TextExample] = []  # validation_split: the evaluation loss's examples
+        self.held_items: list[dict[str, list[int]]] = []
         self.dropped = 0
 
     # -- load ---------------------------------------------------------------------------------
     def check_data(self) -> None:
-        self.examples = load_examples(Path(self.spec.train_data_dir), self.spec.text_field)
+        examples = load_examples(Path(self.spec.train_data_dir), self.spec.text_field)
+        self.examples, self.held_out = split_held_out(examples, self.spec.validation_split,
+                                                      self.spec.seed, Path(self.spec.train_data_dir))
 
     def load(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -86,6 +90,8 @@ class LlmProgram(TrainingProgram):
                 self.dropped += 1
             else:
                 self.items.append(item)
+        self.held_items = [item for example in self.held_out
+                           if (item := tokenize_example(example, self.tokenizer, self.spec.max_seq_len))]
         if not self.items:
             raise DatasetError(f"{self.spec.train_data_dir}: every example is empty after "
                                f"truncation to `max_seq_len`={self.spec.max_seq_len} (prompts "
@@ -101,6 +107,23 @@ class LlmProgram(TrainingProgram):
         for start in range(0, len(order), self.spec.batch_size):
             chosen = order[start:start + self.spec.batch_size].tolist()
             yield collate([self.items[index] for index in chosen], pad_id)
+
+    def eval_batches(self) -> list[dict[str, Any]]:
+        size, items = self.spec.batch_size, self.held_items
+        return [collate(items[start:start + size], _pad_id(self.tokenizer))
+                for start in range(0, len(items), size)]
+
+    # -- samples --------------------------------------------------------------------------------
+    def sample_defaults(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.spec.sample_max_new_tokens}
+
+    def render_sample(self, prompt: dict[str, Any]) -> str:
+        """The greedy completion of the prompt (the new tokens only)."""
+        encoded = self.tokenizer(prompt["prompt"], return_tensors="pt")
+        inputs = {key: encoded[key].to(self.device) for key in ("input_ids", "attention_mask")}
+        output = self.model.generate(**inputs, max_new_tokens=prompt["max_new_tokens"], do_sample=False,
+                                     pad_token_id=_pad_id(self.tokenizer))
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     # -- train --------------------------------------------------------------------------------
     def loss_weight(self, batch: dict[str, Any]) -> float:
@@ -152,6 +175,7 @@ class LlmProgram(TrainingProgram):
         config = self.model.peft_config["default"]
         return {"model_type": self.model.config.model_type, "trainable_params": trainable,
                 "total_params": total, "examples": len(self.items), "dropped_examples": self.dropped,
+                "held_out": len(self.held_items),
                 "target_modules": sorted(config.target_modules or [])}
 
 

@@ -35,9 +35,11 @@ from lora_farm.trainers.device import (
     reset_peak_vram,
 )
 from lora_farm.trainers.distributed import DistContext
-from lora_farm.trainers.progress import progress_line
+from lora_farm.trainers.evaluation import Evaluation
+from lora_farm.trainers.progress import Reporter
 from lora_farm.trainers.publish import export_fenced
 from lora_farm.trainers.telemetry import StepClock
+from lora_farm.trainers.sampling import Samples
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -155,6 +157,10 @@ class Runtime:
         self.step_losses: dict[int, float] = {}  # optimizer step (1-based) -> loss, this attempt
         self._cursor = _EpochCursor()
         self.clock = StepClock()  # loader wait and steps/s per report (trainers/telemetry.py)
+        # samples and the evaluation loss (rank 0): timed apart from the train phase
+        self.observers = {"sample": Samples(program, events, self.fence, precision),
+                          "eval": Evaluation(program, events, precision)}
+        self._observed_seconds = 0.0
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -166,9 +172,11 @@ class Runtime:
                 self.program.check_data()  # bad data fails in seconds, not after a model load
                 self.program.load()
                 for note in self.program.describe().get("notes", ()):
-                    self._say(f"note: {note}")
+                    self.say(f"note: {note}")
             with self._phase("prepare"):
                 self.program.prepare()
+                if self.dist.is_main:
+                    self.observers["sample"].prepare()  # a bad prompt file fails now, not mid-run
                 plan = make_plan(self.program.micro_batches_per_epoch(),
                                  self.spec.gradient_accumulation_steps * self.dist.world,
                                  self.spec.epochs, self.spec.max_steps)
@@ -184,12 +192,25 @@ class Runtime:
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         self.events.emit("phase", phase=name)
-        self._say(f"phase {name}")
-        started = time.perf_counter()
+        self.say(f"phase {name}")
+        started, observed = time.perf_counter(), self._observed_seconds
         try:
             yield
         finally:
-            self.phase_seconds[name] = round(time.perf_counter() - started, 3)
+            inside = self._observed_seconds - observed  # samples and evaluations have their own
+            self.phase_seconds[name] = round(time.perf_counter() - started - inside, 3)
+
+    def _observe(self, step: int, final: bool, board: Any) -> None:
+        """Samples and the evaluation loss due at ``step``, each timed under its own name."""
+        if not self.dist.is_main:
+            return
+        for name, observer in self.observers.items():
+            if observer.due(step, final):
+                started = time.perf_counter()
+                observer.run(step, board)
+                spent = time.perf_counter() - started
+                self._observed_seconds += spent
+                self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + spent, 3)
 
     def _summary(self, plan: StepPlan) -> dict[str, Any]:
         last = max(self.step_losses) if self.step_losses else None
@@ -198,8 +219,8 @@ class Runtime:
             epochs=plan.epochs, phase_seconds=self.phase_seconds,
             peak_vram_mb=peak_vram_mb(self.device), precision=self.precision.name,
             **self.program.describe())
-        self._say(f"done: {plan.total_steps} steps, final loss {summary['final_loss']}, "
-                  f"phases {self.phase_seconds}")
+        self.say(f"done: {plan.total_steps} steps, final loss {summary['final_loss']}, "
+                 f"phases {self.phase_seconds}")
         return summary
 
     # -- training -----------------------------------------------------------------------------
@@ -214,7 +235,7 @@ class Runtime:
         if step >= plan.total_steps:
             return
         self.program.train_mode(True)
-        reporter = _Reporter(self, plan, step)
+        reporter = Reporter(self, plan, step)
         self.clock.window_fields()  # the first window starts with training, not with the load
         self.stop.step, self.stop.deferred = step, True
         try:
@@ -228,6 +249,8 @@ class Runtime:
                 if stopping or step % self.spec.save_steps == 0:
                     self._save(plan, step, optimizer, scheduler, scaler, loss)
                     reporter.flush()
+                if not stopping:
+                    self._observe(step, step >= plan.total_steps, reporter.board)
                 if stopping:
                     raise TrainingInterrupted(step, self.stop.signal_name or "signal")
         finally:
@@ -305,10 +328,10 @@ class Runtime:
                 f"checkpoint {found.path} does not fit this job ({error}); delete that folder to "
                 "start over, or restore the spec it was written with") from error
         self.events.emit("resume", step=found.step, path=str(found.path))
-        self._say(f"resumed from {found.path} at step {found.step}")
+        self.say(f"resumed from {found.path} at step {found.step}")
         return found.step
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         if self.dist.is_main:
             print(line, file=self.out, flush=True)
 
@@ -338,66 +361,3 @@ def _make_scheduler(spec: Any, optimizer: torch.optim.Optimizer, total_steps: in
         name = "constant_with_warmup"  # a warmup the user asked for is never silently dropped
     return get_scheduler(name, optimizer, num_warmup_steps=spec.lr_warmup_steps,
                          num_training_steps=total_steps)
-
-
-class _Reporter:
-    """Progress events (at most one per interval, plus the last step), stdout lines, TensorBoard."""
-
-    def __init__(self, runtime: Runtime, plan: StepPlan, start_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.runtime = runtime
-        self.plan = plan
-        self.start_step = start_step
-        self.started = time.perf_counter()
-        self.last_emit = -math.inf
-        self.window: list[float] = []
-        self.pending: tuple[int, float] | None = None
-        # purge_step drops what a crashed attempt logged after the checkpoint we resume from
-        self.board: Any = _NullBoard()  # only rank 0 writes TensorBoard events
-        if runtime.dist.is_main:
-            self.board = SummaryWriter(log_dir=str(JobDir(Path(runtime.program.job_dir)).tensorboard),
-                                       purge_step=start_step + 1 if start_step else None)
-
-    def step_done(self, step: int, loss: float, lr: float) -> None:
-        self.board.add_scalar("train/loss", loss, step)
-        self.board.add_scalar("train/lr", lr, step)
-        self.window.append(loss)
-        self.pending = (step, loss)
-        now = time.perf_counter()
-        if step >= self.plan.total_steps or now - self.last_emit >= self.runtime.progress_interval:
-            self.flush(now)
-
-    def flush(self, now: float | None = None) -> None:
-        if self.pending is None:
-            return
-        now = time.perf_counter() if now is None else now
-        step, _ = self.pending
-        elapsed = max(now - self.started, 1e-9)
-        it_s = (step - self.start_step) / elapsed
-        eta = (self.plan.total_steps - step) / it_s if it_s > 0 else None
-        loss = sum(self.window) / len(self.window)  # mean since the last report: steadier to watch
-        epoch = self.plan.epoch_of(step - 1) + 1
-        self.runtime.events.emit(
-            "progress", epoch=epoch, epochs=self.plan.epochs, step=step,
-            total_steps=self.plan.total_steps, loss=round(loss, 6), it_s=round(it_s, 3),
-            eta_s=round(eta, 1) if eta is not None else None,
-            peak_vram_mb=peak_vram_mb(self.runtime.device), **self.runtime.clock.window_fields())
-        self.runtime._say(progress_line(epoch, self.plan.epochs, step, self.plan.total_steps, loss,
-                                        it_s, eta))
-        self.board.flush()
-        self.window, self.pending, self.last_emit = [], None, now
-
-    def close(self) -> None:
-        self.flush()
-        self.board.close()
-
-
-class _NullBoard:
-    """The TensorBoard writer of ranks other than 0."""
-
-    def add_scalar(self, *_args: Any) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...

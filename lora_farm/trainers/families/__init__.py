@@ -54,6 +54,10 @@ class FamilyAdapter:
         """One ``encode([caption])`` per caption (cached) -> what ``encode(captions)`` gives."""
         return join_encoded(encoded, device)
 
+    def sample_guidance(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline arguments of a sample's guidance and negative prompt (``trainers.image_samples``)."""
+        return {"guidance_scale": prompt["guidance"], "negative_prompt": prompt["negative"]}
+
     def load_lora(self, model: ImageModel, path: Any, adapter_name: str) -> dict[str, Any]:
         """Load an existing LoRA file into the model; ``{component: module}`` it adapted."""
         raise NotImplementedError

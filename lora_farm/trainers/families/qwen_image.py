@@ -45,6 +45,10 @@ class QwenImageAdapter(FluxAdapter):
         return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
                           [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
+    def sample_guidance(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """Qwen-Image guides by true CFG, which its pipeline applies only with a negative prompt."""
+        return {"true_cfg_scale": prompt["guidance"], "negative_prompt": prompt["negative"] or " "}
+
     # -- latents: one frame of a video VAE ------------------------------------------------------
 
     def latent_distribution(self, vae: Any, pixels: torch.Tensor) -> Any:

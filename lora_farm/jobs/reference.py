@@ -78,12 +78,15 @@ def reference_table() -> str:
     common = [key for key in JobSpec.model_fields if key != "task"]
     image_only = [k for k in ImageJobSpec.model_fields if k not in JobSpec.model_fields]
     video_only = [k for k in VideoJobSpec.model_fields if k not in ImageJobSpec.model_fields]
+    # image fields a video spec redefines (another default or fewer choices): a row for each kind
+    redefined = [k for k in image_only if VideoJobSpec.model_fields[k].description != ImageJobSpec.model_fields[k].description]
     llm_only = [k for k in LlmJobSpec.model_fields if k not in JobSpec.model_fields]
     lines = ["| key | jobs | type | default | meaning |", "|---|---|---|---|---|"]
     lines += [f"| `task` | all | `image` \\| `video` \\| `llm` | inferred | {EXTRA_NOTES['task']} |"]
     lines += _rows(JobSpec, common, "all")
-    lines += _rows(ImageJobSpec, image_only, "image, video")
-    lines += _rows(VideoJobSpec, video_only, "video")
+    lines += _rows(ImageJobSpec, [k for k in image_only if k not in redefined], "image, video")
+    lines += _rows(ImageJobSpec, redefined, "image")
+    lines += _rows(VideoJobSpec, redefined + video_only, "video")
     lines += _rows(LlmJobSpec, llm_only, "llm")
     return "\n".join(lines)
 

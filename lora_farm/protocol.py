@@ -144,7 +144,7 @@ class JobDir:
     trainer_lock = _in_job_dir("trainer.lock")  # flock held while a trainer of the job lives
     checkpoints = _in_job_dir("checkpoints")
     tensorboard = _in_job_dir("tensorboard")
-    samples = _in_job_dir("samples")  # prompts.json, step-NNNNNN/II.png (llm: II.txt)
+    samples = _in_job_dir("samples")  # prompts.json, step-NNNNNN/II.png (video: II.webp, llm: II.txt)
     log_archive = _in_job_dir("logs.tar.gz")
     manifest = _in_job_dir("manifest.json")
     diffusers = _in_job_dir("diffusers")  # image: the diffusers LoRA file

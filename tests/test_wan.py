@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import ImageSequence
 
 from lora_farm import demo
 from lora_farm.jobs.clips import ClipError, FrameRule, sample_frames
@@ -162,6 +164,31 @@ def test_normalised_latents_invert_the_pipelines_decoding(tmp_path, tiny_wan, cl
     std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
     decoded = program.adapter.normalise(vae, z) / std + torch.tensor(vae.config.latents_mean).view(shape)
     assert torch.allclose(decoded, z, atol=1e-5)
+
+
+# -- samples: short clips -------------------------------------------------------------------
+
+def test_samples_are_short_animated_clips_rendered_with_the_trained_lora(tmp_path, tiny_wan, clips):
+    from PIL import Image
+
+    from lora_farm.protocol import read_events
+    from lora_farm.trainers.sampling import detached
+    from tests.family_checks import run_runtime
+
+    runtime = run_runtime(tiny_wan, clips, tmp_path / "wan", name="wan", max_steps=2,
+                          program_class=StoppingVideoProgram, num_frames=FRAMES, buckets=[BUCKET],
+                          sample_prompts=["a red ball rolling"], sample_steps=2)
+    (event,) = [e for e in read_events(tmp_path / "wan" / "events.jsonl") if e["event"] == "sample"]
+    assert event["step"] == 2 and event["files"] == ["samples/step-000002/00.webp"]
+    clip = Image.open(tmp_path / "wan" / event["files"][0])
+    assert clip.n_frames == FRAMES and clip.size == (64, 48) and clip.is_animated
+    saved = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(clip)]
+    program, prompt = runtime.program, json.loads((tmp_path / "wan" / "samples" / "prompts.json").read_text())[0]
+    with detached(program, runtime.precision):
+        program.model.denoiser.disable_adapters()
+        without = [np.asarray(frame.convert("RGB")) for frame in program.render_sample(prompt)]
+        program.model.denoiser.enable_adapters()
+    assert any((a != b).any() for a, b in zip(saved, without)), "the clip was rendered without the LoRA"
 
 
 # -- the memory levers ----------------------------------------------------------------------

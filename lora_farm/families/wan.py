@@ -66,7 +66,7 @@ WAN21 = Family(
     adapter="lora_farm.trainers.families.wan:WanAdapter",
     matches_folder=lambda index, config, folders: _is_wan(index, config, folders, experts=False),
     matches_file=_file_is_wan, loads_single_file=False,
-    trains_text_encoders=False, media="video", temporal_compression=4,
+    trains_text_encoders=False, media="video", temporal_compression=4, sample_steps=50, sample_guidance=5.0,
     # one latent frame of 512 x 512 px (32 x 32 = 1,024 tokens) through 40 blocks of width 5120
     # (14B): ~13 tensors of tokens x width per block in bf16 plus the 13,824-wide feed-forward,
     # ~130 KB per token and block (Flux's card: ~90 KB at width 3072 with a 4x MLP): ~5.3 GB.

@@ -55,17 +55,19 @@ def _sampling_scheduler(model: Any) -> Any:
     return type(model.noise_scheduler).from_config(config)
 
 
-def render(program: ImageProgram, pipe: Any, prompt: dict[str, Any]) -> Any:
-    """One PIL image of ``prompt`` (resolved: every option set)."""
+def render(program: ImageProgram, pipe: Any, prompt: dict[str, Any], **extra: Any) -> Any:
+    """One PIL image of ``prompt`` (resolved: every option set); a video pipeline's (``extra``:
+    its ``num_frames``) gives the clip's frames, a list of PIL images."""
     assert program.adapter is not None and program.model is not None
     generator = torch.Generator(program.device).manual_seed(prompt["seed"])
     wanted = {"prompt": prompt["prompt"], "width": prompt["width"], "height": prompt["height"],
               "num_inference_steps": prompt["steps"], "generator": generator, "output_type": "pil",
               "max_sequence_length": _text_length(program.model),
-              **program.adapter.sample_guidance(prompt)}
+              **program.adapter.sample_guidance(prompt), **extra}
     accepted = inspect.signature(pipe.__call__).parameters
     kwargs = {key: value for key, value in wanted.items() if key in accepted and value is not None}
-    return pipe(**kwargs).images[0]
+    output = pipe(**kwargs)
+    return output.frames[0] if hasattr(output, "frames") else output.images[0]
 
 
 def _text_length(model: Any) -> int | None:

@@ -2,7 +2,7 @@
 ``sample_every_steps`` (default: at each checkpoint) and at the end.
 
 Image jobs write ``samples/step-NNNNNN/II.png`` (the family's own pipeline, a generator seeded per
-prompt), LLM jobs ``II.txt`` (a greedy completion); ``samples/prompts.json`` holds the prompts with
+prompt), video jobs ``II.webp`` (a short clip, animated), LLM jobs ``II.txt`` (a greedy completion); ``samples/prompts.json`` holds the prompts with
 every default filled in. Each round is a ``sample`` event and TensorBoard images (or texts).
 
 Training does not notice: a round runs without grad, in eval mode, on a forked RNG (torch CPU and
@@ -127,6 +127,14 @@ class Samples:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(output, encoding="utf-8")
             board.add_text(tag, output, step)
+        elif isinstance(output, list):  # a clip's frames
+            import numpy
+
+            path = self.folder.sample_file(step, index, ".webp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            output[0].save(path, format="WEBP", save_all=True, append_images=output[1:],
+                           duration=CLIP_FRAME_MS, loop=0, lossless=True)
+            board.add_image(tag, numpy.asarray(output[0].convert("RGB")), step, dataformats="HWC")
         else:
             import numpy
 
@@ -135,6 +143,9 @@ class Samples:
             output.save(path, format="PNG")
             board.add_image(tag, numpy.asarray(output.convert("RGB")), step, dataformats="HWC")
         return path.relative_to(self.folder.root).as_posix()
+
+
+CLIP_FRAME_MS = 62  # a sample clip plays at 16 frames a second (Wan's rate)
 
 
 def _one_line(error: BaseException) -> str:

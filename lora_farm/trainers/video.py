@@ -22,6 +22,7 @@ from lora_farm.errors import DatasetError
 from lora_farm.jobs.clips import VIDEO_SUFFIXES, FrameRule
 from lora_farm.jobs.datasets import find_examples
 from lora_farm.jobs.spec import VideoJobSpec
+from lora_farm.trainers import image_samples
 from lora_farm.trainers.image import ImageProgram
 from lora_farm.trainers.video_data import VideoDataset, bucketed_epoch_order, checked_clips
 
@@ -146,6 +147,22 @@ class VideoProgram(ImageProgram):
             apply_group_offloading(block, onload_device=self.device, offload_device=host,
                                    offload_type="leaf_level", use_stream=self.device.type == "cuda")
         self.notes.append(f"blocks_to_swap: the last {len(blocks)} transformer blocks stay on the host")
+
+    # -- samples: short clips ------------------------------------------------------------------
+
+    def sample_frames(self) -> int:
+        """A few frames: at most the VAE's temporal step x 4 + 1 (17 for Wan), never more than trained."""
+        assert self.model is not None
+        return min(self.spec.num_frames, 4 * self.model.card.temporal_compression + 1)
+
+    def sample_defaults(self) -> dict[str, Any]:
+        width, height = self.spec.frame_sizes[0]
+        return {**super().sample_defaults(), "width": width, "height": height}
+
+    def render_sample(self, prompt: dict[str, Any]) -> Any:
+        if self._sample_pipeline is None:
+            self._sample_pipeline = image_samples.build_pipeline(self)
+        return image_samples.render(self, self._sample_pipeline, prompt, num_frames=self.sample_frames())
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cached_captions": len(self.caption_cache or {}),

@@ -15,7 +15,7 @@ from lora_farm.jobs.inspect import inspect_base_model
 from lora_farm.trainers.families.flux2_layout import bfl2_modules
 from tests.family_checks import (CPU, PROMPTS, check_checkpointing_saves_activations, check_diffusers_reload,
                                  check_entry_point, check_exact_resume, check_family_learns, check_fused_deltas,
-                                 check_resume_from_file, check_single_file_reload, estimate_at_1024, exported,
+                                 check_resume_from_file, check_single_file_reload, estimate_at_1024,
                                  load_pipeline, read_safetensors, trained_program)
 from tests.fake_headers import flux2_dev_headers, flux2_klein_headers, write_header_only
 from tests.test_families import validate, write_spec

@@ -10,7 +10,6 @@ single file's key layout.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,14 @@ from lora_farm.jobs.datasets import check_examples, find_examples, split_held_ou
 from lora_farm.trainers.image_data import ImageDataset, collate, decoded_problems, epoch_order
 from lora_farm.trainers.families import FamilyAdapter, adapter_for
 from lora_farm.trainers.image_model import ImageModel, load_image_model
-from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
+from lora_farm.trainers.on_the_card import OnTheCard
 from lora_farm.trainers.telemetry import loader_wait
 from lora_farm.trainers import image_samples
 
 ADAPTER = "default"
 
 
-class ImageProgram(TrainingProgram):
+class ImageProgram(OnTheCard, TrainingProgram):
     """Train a LoRA on an image model's denoiser (and optionally its text encoders)."""
 
     spec: ImageJobSpec
@@ -80,61 +79,6 @@ class ImageProgram(TrainingProgram):
         self._mark_trainable()
         if self.spec.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-
-    def quantization(self) -> str:
-        """``quantize_base`` as it takes effect here: none on the CPU unless forced."""
-        mode = self.spec.quantize_base
-        if mode == "auto":  # `lorafarm train` and the farm's submit choose; a bare trainer cannot
-            self.notes.append("quantize_base auto reached the trainer unchosen: the base stays unquantized")
-            return "none"
-        if mode != "none" and not quantizes_on(self.device):
-            self.notes.append(f"quantize_base {mode}: the CPU trains the base unquantized "
-                              f"({FORCE_ON_CPU_ENV}=1 quantizes it anyway)")
-            return "none"
-        return mode
-
-    def _encoders_to_device(self, mode: str) -> None:
-        """The text encoders and the VAE on the device; with ``mode`` fp8 | nf4 the large text
-        encoders (T5, Qwen) move there quantized, layer by layer (unless their LoRA trains)."""
-        assert self.model is not None
-        model = self.model
-        for name, encoder, about in zip(model.text_encoder_names, model.text_encoders, model.card.text_encoders):
-            if mode != "none" and about.large and not self.spec.train_text_encoder:
-                self.notes.append("quantize_base: " + quantize_linears(encoder, mode, self.device).describe(mode, name))
-            else:
-                encoder.to(self.device)
-        model.vae.to(self.device)
-
-    def _denoiser_to_device(self, mode: str) -> None:
-        assert self.model is not None
-        denoiser, name = self.model.denoiser, self.model.card.denoiser
-        if mode == "none":
-            denoiser.to(self.device)
-        else:
-            self.notes.append("quantize_base: " + quantize_linears(denoiser, mode, self.device).describe(mode, name))
-
-    @torch.no_grad()
-    def _cache_captions(self) -> None:
-        """Encode every distinct caption once (kept on the host), then move the text encoders
-        off the card: training reads the cache (``encoded``)."""
-        assert self.dataset is not None and self.model is not None and self.adapter is not None
-        held = self.held_out.examples if self.held_out else []  # the evaluation loss reads them too
-        captions = sorted({example.caption for example in [*self.dataset.examples, *held]})
-        self.caption_cache = {caption: _to_host(self.adapter.encode(self.model, [caption], self.device))
-                              for caption in captions}
-        for encoder in self.model.text_encoders:
-            encoder.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.notes.append(f"cache_text_encoder_outputs: {len(captions)} captions encoded once; "
-                          "the text encoders left the card")
-
-    def encoded(self, captions: list[str]) -> Any:
-        """The text conditioning of a batch: from the caption cache, else the text encoders."""
-        assert self.adapter is not None and self.model is not None
-        if self.caption_cache is None:
-            return self.adapter.encode(self.model, captions, self.device)
-        return self.adapter.collate([self.caption_cache[caption] for caption in captions], self.device)
 
     def _pick_denoiser(self) -> None:
         """Which of the model's denoisers the LoRA trains (a two-expert video model picks one)."""
@@ -306,23 +250,6 @@ class ImageProgram(TrainingProgram):
         return {"width": self.spec.resolution, "height": self.spec.resolution,
                 "steps": card.sample_steps if card else None, "guidance": card.sample_guidance if card else None}
 
-    @contextmanager
-    def sampling(self) -> Iterator[None]:
-        """With cached captions the text encoders wait off the card: a sample round brings them
-        back for its prompts, and sends them away again."""
-        away = self.caption_cache is not None and self.device.type != "cpu"
-        assert self.model is not None
-        try:
-            if away:
-                for encoder in self.model.text_encoders:
-                    encoder.to(self.device)
-            yield
-        finally:
-            if away:
-                for encoder in self.model.text_encoders:
-                    encoder.to("cpu")
-                torch.cuda.empty_cache()
-
     def render_sample(self, prompt: dict[str, Any]) -> Any:
         if self._sample_pipeline is None:
             self._sample_pipeline = image_samples.build_pipeline(self)
@@ -419,11 +346,3 @@ class _EpochLoader:
         with loader_wait():  # the step's time spent waiting on the loader (data-bound warning)
             return next(self._iterator)
 
-
-def _to_host(encoded: Any) -> Any:
-    """An encoding (tensors, or tuples / lists of them, or None) detached onto the host."""
-    if isinstance(encoded, torch.Tensor):
-        return encoded.detach().to("cpu")
-    if isinstance(encoded, (tuple, list)):
-        return type(encoded)(_to_host(part) for part in encoded)
-    return encoded

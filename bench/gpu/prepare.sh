@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 PYV=${1:-3.12}
 PACKAGES="diffusers peft celery kombu billiard vine amqp click-didyoumean click-repl click-plugins
 prompt-toolkit wcwidth redis pydantic pydantic-core pydantic-settings annotated-types
-typing-inspection python-dotenv boto3 botocore s3transfer jmespath"
+typing-inspection python-dotenv boto3 botocore s3transfer jmespath torchao"
 mkdir -p .whl/redis
 PIP=python3; [ -x .venv/bin/python ] && PIP=.venv/bin/python
 for name in $PACKAGES; do

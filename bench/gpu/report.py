@@ -87,8 +87,13 @@ def _oom(r: dict[str, Any]) -> list[str]:
             f"trainer: {line}" for line in r["cap_lines"]]
 
 
+def _flux(r: dict[str, Any]) -> list[str]:
+    return [_run_line(mode, r[mode]) for mode in ("none", "fp8", "nf4")] + [
+        f"peak saved against none (MiB): {r['saved_mb']}"]
+
+
 _FORMATTERS = {"inventory": _inventory, "unet": _unet, "precision": _precision,
-               "packing": _packing, "oom": _oom}
+               "packing": _packing, "oom": _oom, "flux": _flux}
 
 
 def estimate_table(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -105,7 +105,7 @@ def test_new_fields_at_their_defaults_leave_config_hashes_alone(tmp_path):
 
     spec = LlmJobSpec(name="s", base_model=tmp_path, train_data_dir=tmp_path)
     later = {"sample_prompts", "sample_every_steps", "sample_steps", "validation_split", "eval_every_steps",
-             "sample_max_new_tokens"}
+             "sample_max_new_tokens", "host_ram_gb"}
     payload = spec.model_dump(mode="json", exclude={"batch", "base_model_id"} | later)
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     assert spec.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]  # as before them

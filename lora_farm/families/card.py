@@ -76,3 +76,20 @@ class Family:
     # samples while training (trainers/sampling.py): the pipeline's usual steps and guidance
     sample_steps: int = 30
     sample_guidance: float = 7.5
+
+
+def attention_width(config: dict[str, Any], *block_counts: str) -> float | None:
+    """A transformer's hidden width (heads x head width) x its blocks (the config keys named):
+    what the activations a sample keeps grow with; None when the config lacks one."""
+    try:
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        return float(inner * sum(config[key] for key in block_counts))
+    except (KeyError, TypeError):
+        return None
+
+
+def holds_tensors(header: dict[str, Any], *names: str) -> bool:
+    """Whether a single file holds every one of ``names``, under a ``model.`` or
+    ``diffusion_model.`` prefix or none."""
+    found = {name.removeprefix("model.").removeprefix("diffusion_model.") for name in header}
+    return all(name in found for name in names)

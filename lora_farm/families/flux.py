@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, attention_width
 
 TRANSFORMER = "FluxTransformer2DModel"
 # diffusers' recommended Flux LoRA layers (train_dreambooth_lora_flux.py): attention of both
@@ -31,12 +31,7 @@ def _file_has_guidance(header: dict[str, Any]) -> bool:
 
 
 def _width(config: dict[str, Any]) -> float | None:
-    """Hidden width x blocks: what the activations a sample keeps grow with."""
-    try:
-        inner = config["num_attention_heads"] * config["attention_head_dim"]
-        return float(inner * (config["num_layers"] + config["num_single_layers"]))
-    except (KeyError, TypeError):
-        return None
+    return attention_width(config, "num_layers", "num_single_layers")
 
 
 def _card(name: str, title: str, guidance: bool, t5_length: int, sample_steps: int) -> Family:

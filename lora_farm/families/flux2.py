@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, attention_width
 
 TRANSFORMER = "Flux2Transformer2DModel"
 # attention and feed-forwards of the double blocks, and each single block's fused input projection
@@ -59,12 +59,7 @@ def _file_has_guidance(header: dict[str, Any]) -> bool:
 
 
 def _width(config: dict[str, Any]) -> float | None:
-    """Hidden width x blocks: what the activations a sample keeps grow with."""
-    try:
-        inner = config["num_attention_heads"] * config["attention_head_dim"]
-        return float(inner * (config["num_layers"] + config["num_single_layers"]))
-    except (KeyError, TypeError):
-        return None
+    return attention_width(config, "num_layers", "num_single_layers")
 
 
 def _card(name: str, title: str, guidance: bool, encoder: str, **rest: Any) -> Family:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, attention_width, holds_tensors
 
 TRANSFORMER = "QwenImageTransformer2DModel"
 # diffusers' default for Qwen-Image LoRA (train_dreambooth_lora_qwen_image.py): the image
@@ -28,16 +28,11 @@ def _is_qwen_image(index: dict[str, Any], config: dict[str, Any]) -> bool:
 
 
 def _file_is_qwen_image(header: dict[str, Any]) -> bool:
-    names = [name.removeprefix("model.").removeprefix("diffusion_model.") for name in header]
-    return FILE_BLOCK in names and FILE_MARKER in names
+    return holds_tensors(header, FILE_BLOCK, FILE_MARKER)
 
 
 def _width(config: dict[str, Any]) -> float | None:
-    """Hidden width x blocks: what the activations a sample keeps grow with."""
-    try:
-        return float(config["num_attention_heads"] * config["attention_head_dim"] * config["num_layers"])
-    except (KeyError, TypeError):
-        return None
+    return attention_width(config, "num_layers")
 
 
 QWEN_IMAGE = Family(

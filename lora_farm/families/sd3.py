@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, attention_width
 
 TRANSFORMER = "SD3Transformer2DModel"
 # diffusers' train_dreambooth_lora_sd3.py default --lora_layers: both streams' attention (the
@@ -37,11 +37,7 @@ def _file_variant(header: dict[str, Any]) -> str | None:
 
 
 def _width(config: dict[str, Any]) -> float | None:
-    """Hidden width x blocks: what the activations a sample keeps grow with."""
-    try:
-        return float(config["num_attention_heads"] * config["attention_head_dim"] * config["num_layers"])
-    except (KeyError, TypeError):
-        return None
+    return attention_width(config, "num_layers")
 
 
 def _card(name: str, title: str, modelspec: str, params: float, lora_per_rank: float) -> Family:

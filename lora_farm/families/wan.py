@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, attention_width, holds_tensors
 
 TRANSFORMER = "WanTransformer3DModel"
 # every Linear of each block, as musubi-tuner's Wan LoRA network adapts (WanAttentionBlock):
@@ -43,16 +43,11 @@ def _is_wan(index: dict[str, Any], config: dict[str, Any], folders: frozenset[st
 
 
 def _file_is_wan(header: dict[str, Any]) -> bool:
-    names = [name.removeprefix("model.").removeprefix("diffusion_model.") for name in header]
-    return FILE_BLOCK in names and FILE_MARKER in names
+    return holds_tensors(header, FILE_BLOCK, FILE_MARKER)
 
 
 def _width(config: dict[str, Any]) -> float | None:
-    """Hidden width x blocks: what the activations a token keeps grow with."""
-    try:
-        return float(config["num_attention_heads"] * config["attention_head_dim"] * config["num_layers"])
-    except (KeyError, TypeError):
-        return None
+    return attention_width(config, "num_layers")
 
 
 WAN21 = Family(

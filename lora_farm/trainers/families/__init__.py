@@ -29,8 +29,15 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def load(self, info: Any, config_folder: Any, dtype: Any) -> ImageModel:
-        """Every component, frozen later by the caller."""
-        raise NotImplementedError
+        """Every component, frozen later by the caller: here the whole diffusers pipeline folder
+        (its ``encode_prompt`` is used); single files are refused earlier, at validation."""
+        from lora_farm.trainers.image_model import ImageModel
+
+        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
+        encoders = self.card.text_encoders
+        return ImageModel(info.family, "diffusers", getattr(pipe, self.card.denoiser), pipe.vae, pipe.scheduler,
+                          [getattr(pipe, e.folder) for e in encoders], [getattr(pipe, e.tokenizer) for e in encoders],
+                          pipeline=pipe)
 
     def latent_distribution(self, vae: Any, pixels: Any) -> Any:
         """The VAE's latent distribution of a pixel batch (cached once, or drawn each step)."""

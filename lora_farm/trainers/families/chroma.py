@@ -18,12 +18,10 @@ pruned, so no file names them).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families import join_encoded
 from lora_farm.trainers.families.flux import FluxAdapter
 from lora_farm.trainers.image_model import ImageModel
@@ -39,11 +37,6 @@ class ChromaAdapter(FluxAdapter):
         from diffusers import ChromaPipeline
 
         return ChromaPipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
     def predict(self, program: ImageProgram, latents: torch.Tensor, batch: dict[str, Any],
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families import FamilyAdapter, join_encoded
 from lora_farm.trainers.families.flux_layout import bfl_state_dict
 from lora_farm.trainers.image_model import ImageModel
@@ -25,14 +24,6 @@ class FluxAdapter(FamilyAdapter):
         from diffusers import FluxPipeline
 
         return FluxPipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        """The whole pipeline (its ``encode_prompt`` is used); single files are refused earlier,
-        at validation (``single_file_config_problem``)."""
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2],
-                          pipeline=pipe)
 
     # -- the step -----------------------------------------------------------------------------
 

@@ -14,12 +14,10 @@ the same logit-normal density): x_t = (1 - sigma) x0 + sigma noise, the transfor
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families import join_encoded
 from lora_farm.trainers.families.flux import FluxAdapter
 from lora_farm.trainers.families.flux2_layout import bfl2_state_dict
@@ -35,11 +33,6 @@ class Flux2Adapter(FluxAdapter):
         import diffusers
 
         return getattr(diffusers, "Flux2Pipeline" if self.card.name == "flux2-dev" else "Flux2KleinPipeline")
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
     # -- latents: 32 channels patched 2x2, batch-norm statistics --------------------------------
 

@@ -16,13 +16,11 @@ but diffusers must rebuild the dots from a list of protected words; the dotted n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families.flux import FluxAdapter
 from lora_farm.trainers.image_model import ImageModel
 
@@ -39,11 +37,6 @@ class QwenImageAdapter(FluxAdapter):
         from diffusers import QwenImagePipeline
 
         return QwenImagePipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
     def sample_guidance(self, prompt: dict[str, Any]) -> dict[str, Any]:
         """Qwen-Image guides by true CFG, which its pipeline applies only with a negative prompt."""

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families import FamilyAdapter
 from lora_farm.trainers.families.sd3_layout import sai_state_dict
 from lora_farm.trainers.image_model import ImageModel
@@ -24,14 +23,6 @@ class SD3Adapter(FamilyAdapter):
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        """The whole pipeline (its ``encode_prompt`` is used); single files are refused earlier,
-        at validation (``single_file_config_problem``)."""
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
-                          [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], pipeline=pipe)
 
     def predict(self, program: ImageProgram, latents: torch.Tensor, batch: dict[str, Any],
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families import FamilyAdapter
 from lora_farm.trainers.image_model import ImageModel
 
@@ -71,11 +70,6 @@ class WanAdapter(FamilyAdapter):
         from diffusers import WanPipeline
 
         return WanPipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
     # -- latents --------------------------------------------------------------------------------
 

@@ -15,12 +15,10 @@ resolution-dependent mu where a config turns dynamic shifting on.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_farm.jobs.inspect import BaseModelInfo
 from lora_farm.trainers.families.flux import FluxAdapter
 from lora_farm.trainers.families.zimage_layout import original_state_dict
 from lora_farm.trainers.image_model import ImageModel
@@ -36,11 +34,6 @@ class ZImageAdapter(FluxAdapter):
         from diffusers import ZImagePipeline
 
         return ZImagePipeline
-
-    def load(self, info: BaseModelInfo, config_folder: Path | None, dtype: torch.dtype) -> ImageModel:
-        pipe = self.pipeline_class().from_pretrained(str(info.path), dtype=dtype)
-        return ImageModel(info.family, "diffusers", pipe.transformer, pipe.vae, pipe.scheduler,
-                          [pipe.text_encoder], [pipe.tokenizer], pipeline=pipe)
 
     def predict(self, program: ImageProgram, latents: torch.Tensor, batch: dict[str, Any],
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,8 +106,9 @@ class Fence:
 
     def check(self) -> None:
         if self.overtaken:
-            raise Fenced(f"attempt {self.token} was fenced out of {self.folder.parent} by attempt "
-                         f"{self.current()}; it stops without writing")
+            # the lifeline watcher says the same (trainers/entry.py): whichever notices first
+            raise Fenced(f"attempt {self.token} fenced out by attempt {self.current()} of "
+                         f"{self.folder.parent}; it stops without writing")
 
 
 def _in_job_dir(name: str) -> property:

@@ -185,12 +185,7 @@ def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
                             f"in {str(folder)!r}.", "put the training images and captions there, "
                             "or fix the path.")]
     problems = [problem for example in examples for problem in example_problems(example)]
-    if not problems:
-        return []
-    shown = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
-                                                if len(problems) > MAX_LISTED else "")
-    return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.",
-                        "mend each file named, then validate again.")]
+    return _listed(label, field, problems, "mend each file named, then validate again.")
 
 
 def check_video_dataset(label: str, spec: VideoJobSpec) -> list[SpecProblem]:
@@ -214,12 +209,16 @@ def check_video_dataset(label: str, spec: VideoJobSpec) -> list[SpecProblem]:
     problems = [problem for example in examples for problem in clip_problems(example)]
     if not problems:
         problems = decoding_problems(examples, FrameRule.of_spec(spec))
+    return _listed(label, field, problems, "mend or remove each clip named, then validate again.")
+
+
+def _listed(label: str, field: str, problems: list[str], fix: str) -> list[SpecProblem]:
+    """A dataset's problems as one: the first ``MAX_LISTED`` named, the rest counted."""
     if not problems:
         return []
     shown = "; ".join(problems[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more"
                                                 if len(problems) > MAX_LISTED else "")
-    return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.",
-                        "mend or remove each clip named, then validate again.")]
+    return [SpecProblem(label, field, f"has {len(problems)} problem(s): {shown}.", fix)]
 
 
 def decoding_problems(examples: list[Example], rule: FrameRule) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_farm.trainers.families.fused import fused_state_dict
+from lora_farm.trainers.families.fused import bfl_block_modules, fused_state_dict
 
 # diffusers module (under transformer_blocks.{i}. / single_transformer_blocks.{i}.) -> BFL name
 DOUBLE = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -32,12 +32,7 @@ OUTSIDE = {"img_in": "x_embedder", "txt_in": "context_embedder",
 
 def bfl2_modules(transformer: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """Every BFL module name of a Flux.2 ``transformer`` -> the diffusers modules it fuses, in order."""
-    config = transformer.config
-    found = {f"double_blocks_{i}_{name}": tuple(f"transformer_blocks.{i}.{p}" for p in parts)
-             for i in range(config.num_layers) for name, parts in DOUBLE.items()}
-    found |= {f"single_blocks_{i}_{name}": tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
-              for i in range(config.num_single_layers) for name, parts in SINGLE.items()}
-    return found | {name: (module,) for name, module in OUTSIDE.items()}
+    return bfl_block_modules(transformer, DOUBLE, SINGLE, OUTSIDE)
 
 
 def bfl2_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor],

@@ -17,6 +17,18 @@ import torch
 Part = tuple[torch.Tensor, torch.Tensor, float] | tuple[None, int, int]
 
 
+def bfl_block_modules(transformer: torch.nn.Module, double: dict[str, tuple[str, ...]],
+                      single: dict[str, tuple[str, ...]], outside: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """BFL's names (``double_blocks_N_*``, ``single_blocks_N_*``, the rest) of a Flux-line
+    ``transformer`` -> the diffusers modules each fuses, in order (Flux.1 and Flux.2 alike)."""
+    config = transformer.config
+    found = {f"double_blocks_{i}_{name}": tuple(f"transformer_blocks.{i}.{p}" for p in parts)
+             for i in range(config.num_layers) for name, parts in double.items()}
+    found |= {f"single_blocks_{i}_{name}": tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
+              for i in range(config.num_single_layers) for name, parts in single.items()}
+    return found | {name: (module,) for name, module in outside.items()}
+
+
 def fused_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor],
                      alphas: dict[str, tuple[int, float]], layout: dict[str, tuple[str, ...]],
                      layout_name: str, swapped: Iterable[str] = ()) -> dict[str, torch.Tensor]:

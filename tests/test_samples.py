@@ -227,6 +227,7 @@ def test_exact_resume_with_samples_on(tmp_path, tiny_sd, image_dataset):
 
 @pytest.mark.slow
 def test_flux_samples_render_with_the_trained_lora(tmp_path, tiny_flux, image_dataset):
+    from lora_farm.trainers import image_samples
     from lora_farm.trainers.sampling import detached
 
     # cached captions: the held-out images' are cached too (the evaluation loss reads them)
@@ -240,13 +241,26 @@ def test_flux_samples_render_with_the_trained_lora(tmp_path, tiny_flux, image_da
     assert prompts[0]["guidance"] == 3.5  # Flux.1 dev's default guidance
     program = runtime.program
     saved = np.asarray(Image.open(tmp_path / "flux" / event["files"][0]))
+    encoders = program.model.text_encoders
+    for encoder in encoders:  # the sample prompts were encoded with the captions, before training
+        encoder.forward = _never_called
     with detached(program, runtime.precision):
         again = np.asarray(program.render_sample(prompts[0]))
         program.model.denoiser.disable_adapters()
         without = np.asarray(program.render_sample(prompts[0]))
         program.model.denoiser.enable_adapters()
+        with pytest.raises(LookupError, match="'a dog' was not encoded before the text encoders left"):
+            program.render_sample({**prompts[0], "prompt": "a dog"})
+        for encoder in encoders:
+            del encoder.forward  # the class's forward: a pipeline that encodes the prompt itself
+        live = np.asarray(image_samples.render(program, image_samples.build_pipeline(program), prompts[0]))
     assert (again == saved).all(), "a sample's seed fixes it"
     assert (without != saved).any(), "the sample was rendered without the LoRA"
+    assert (live == saved).all(), "the recorded prompt encoding is the pipeline's own"
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("a text encoder ran although the sample prompts were encoded with the captions")
 
 
 # -- LLM: greedy completions -----------------------------------------------------------------

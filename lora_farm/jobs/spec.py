@@ -242,8 +242,8 @@ class ImageJobSpec(JobSpec):
         "fits the farm's largest card. The CPU trains the base unquantized")
     QUANTIZATIONS: ClassVar[tuple[str, ...]] = ("none", "fp8", "nf4")  # what `auto` tries, in order
     cache_text_encoder_outputs: bool = Field(
-        False, description="encode each caption once before training, then move the text "
-        "encoders off the card (not with train_text_encoder)")
+        False, description="encode each caption and sample prompt once before training, then "
+        "move the text encoders off the card (not with train_text_encoder)")
 
     @model_validator(mode="after")
     def _cached_captions_need_frozen_encoders(self) -> "ImageJobSpec":
@@ -291,7 +291,8 @@ class VideoJobSpec(ImageJobSpec):
         "layerwise casting; musubi-tuner's --fp8_base and --fp8_t5); auto: fp8 where the farm's "
         "largest card needs it. The CPU trains the base unquantized")
     cache_text_encoder_outputs: bool = Field(True, description="video: on by default: encode each "
-                                             "caption once, then move the text encoder off the card")
+                                             "caption and sample prompt once, then move the text "
+                                             "encoder off the card")
     blocks_to_swap: int = Field(0, ge=0, le=200, description="keep this many transformer blocks "
                                 "on the host, brought to the card for their turn (needs "
                                 "gradient_checkpointing)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +79,6 @@ class TrainingProgram(ABC):
         """What an unset option of a sample prompt means (image: ``width``, ``height``, ``steps``,
         ``guidance`` of the family; llm: ``max_new_tokens``), see ``jobs.prompts.resolve_prompts``."""
         return {}
-
-    @contextmanager
-    def sampling(self) -> Iterator[None]:
-        """Around a round of samples: what rendering needs that training put away (default: nothing)."""
-        yield
 
     def render_sample(self, prompt: dict[str, Any]) -> Any:
         """One resolved sample prompt with the current LoRA: a PIL image (image) or the completion

@@ -250,10 +250,14 @@ class ImageProgram(OnTheCard, TrainingProgram):
         return {"width": self.spec.resolution, "height": self.spec.resolution,
                 "steps": card.sample_steps if card else None, "guidance": card.sample_guidance if card else None}
 
-    def render_sample(self, prompt: dict[str, Any]) -> Any:
+    def sample_pipeline(self) -> Any:
+        """The family's pipeline over the components being trained, built once."""
         if self._sample_pipeline is None:
             self._sample_pipeline = image_samples.build_pipeline(self)
-        return image_samples.render(self, self._sample_pipeline, prompt)
+        return self._sample_pipeline
+
+    def render_sample(self, prompt: dict[str, Any]) -> Any:
+        return image_samples.render(self, self.sample_pipeline(), prompt)
 
     # -- weights ----------------------------------------------------------------------------
 

@@ -4,6 +4,9 @@
 The pipeline gets its own scheduler (a copy from the config: training's keeps its state); DDPM
 families sample with Euler (``EulerDiscreteScheduler``, epsilon and v alike), flow families with
 their pipeline's flow-matching scheduler.
+
+With ``cache_text_encoder_outputs`` the text encoders leave the card before training; the sample
+prompts are encoded with the captions (``PromptRecording``), so a sample round needs no text encoder.
 """
 
 from __future__ import annotations
@@ -76,3 +79,76 @@ def _text_length(model: Any) -> int | None:
     if last.kind == "clip":
         return None
     return min(last.max_length, model.tokenizers[-1].model_max_length)
+
+
+class PromptRecording:
+    """A sampling pipeline's ``encode_prompt``, answered from a recording.
+
+    ``record`` renders each prompt only as far as the pipeline's text encoding (while the text
+    encoders are still on the card) and keeps what ``encode_prompt`` returned, on the host, by its
+    plain arguments (prompt, negative prompt, lengths...). From then on the recording answers the
+    pipeline's calls; a call it never saw is an error, never a silent encoding on the host.
+    """
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self.encode = pipe.encode_prompt
+        self.signature = inspect.signature(self.encode)
+        self.answers: dict[tuple[Any, ...], Any] = {}
+
+    def record(self, program: ImageProgram, prompts: list[dict[str, Any]]) -> None:
+        """Encode every prompt (and its negative) as ``program.render_sample`` asks for it, then
+        answer the pipeline's ``encode_prompt`` from the recording."""
+        def remember(*args: Any, **kwargs: Any) -> Any:
+            answer = self.encode(*args, **kwargs)
+            self.answers[self._key(args, kwargs)] = moved(answer, "cpu")
+            return answer
+
+        self.pipe.encode_prompt, self.pipe.prepare_latents = remember, _stop_encoded
+        try:
+            for prompt in prompts:
+                try:
+                    program.render_sample(prompt)
+                except _Encoded:
+                    pass
+        finally:
+            del self.pipe.prepare_latents  # the class's method again
+            self.pipe.encode_prompt = self.answer
+
+    def answer(self, *args: Any, **kwargs: Any) -> Any:
+        key = self._key(args, kwargs)
+        if key not in self.answers:
+            raise LookupError(f"sample prompt {dict(key).get('prompt')!r} was not encoded before the text "
+                              "encoders left the card (cache_text_encoder_outputs)")
+        return moved(self.answers[key], self.signature.bind(*args, **kwargs).arguments.get("device"))
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The call's plain arguments (texts, numbers, flags), whatever the device."""
+        arguments = self.signature.bind(*args, **kwargs).arguments
+        return tuple((name, tuple(value) if isinstance(value, list) else value)
+                     for name, value in sorted(arguments.items())
+                     if name != "device" and _plain(value))
+
+
+class _Encoded(Exception):
+    """A recording render got past the text encoding: nothing more is wanted of it."""
+
+
+def _stop_encoded(*args: Any, **kwargs: Any) -> Any:
+    raise _Encoded
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def moved(encoded: Any, device: Any) -> Any:
+    """An encoding (tensors, or tuples / lists of them, or None) detached onto ``device``
+    (``None``: where it is)."""
+    if isinstance(encoded, torch.Tensor):
+        return encoded.detach().to(device) if device is not None else encoded.detach()
+    if isinstance(encoded, (tuple, list)):
+        return type(encoded)(moved(part, device) for part in encoded)
+    return encoded

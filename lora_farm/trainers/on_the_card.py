@@ -1,18 +1,19 @@
 """What of an image model goes on the card, when, and in which form: ``quantize_base`` (the
 denoiser and the large text encoders quantized as they move there, ``trainers.quantize``) and
-``cache_text_encoder_outputs`` (every caption encoded once before the denoiser arrives, the text
-encoders sent off the card, back only for a sample round). A mixin of ``ImageProgram``; the video
+``cache_text_encoder_outputs`` (every caption and sample prompt encoded once before the denoiser
+arrives, then the text encoders sent off the card for good). A mixin of ``ImageProgram``; the video
 program redefines the placement steps for its own levers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_farm.jobs.prompts import resolve_prompts
+from lora_farm.trainers.image_samples import PromptRecording, moved
 from lora_farm.trainers.quantize import FORCE_ON_CPU_ENV, quantize_linears, quantizes_on
+from lora_farm.trainers.sampling import forked_rng
 
 if TYPE_CHECKING:
     from lora_farm.jobs.spec import ImageJobSpec
@@ -68,13 +69,15 @@ class OnTheCard:
 
     @torch.no_grad()
     def _cache_captions(self) -> None:
-        """Encode every distinct caption once (kept on the host), then move the text encoders
-        off the card: training reads the cache (``encoded``)."""
+        """Encode every distinct caption once (kept on the host) and the sample prompts, then
+        move the text encoders off the card: training reads the cache (``encoded``)."""
         assert self.dataset is not None and self.model is not None and self.adapter is not None
         held = self.held_out.examples if self.held_out else []  # the evaluation loss reads them too
         captions = sorted({example.caption for example in [*self.dataset.examples, *held]})
-        self.caption_cache = {caption: _to_host(self.adapter.encode(self.model, [caption], self.device))
+        self.caption_cache = {caption: moved(self.adapter.encode(self.model, [caption], self.device), "cpu")
                               for caption in captions}
+        if self.spec.sample_prompts is not None:
+            self._record_sample_prompts()
         for encoder in self.model.text_encoders:
             encoder.to("cpu")
         if self.device.type == "cuda":
@@ -82,35 +85,16 @@ class OnTheCard:
         self.notes.append(f"cache_text_encoder_outputs: {len(captions)} captions encoded once; "
                           "the text encoders left the card")
 
+    def _record_sample_prompts(self) -> None:
+        """The sample pipeline's text encoding of each sample prompt, done now
+        (``PromptRecording``): a sample round then needs no text encoder on the card."""
+        prompts = resolve_prompts(self.spec, self.sample_defaults())
+        with forked_rng():
+            PromptRecording(self.sample_pipeline()).record(self, prompts)
+
     def encoded(self, captions: list[str]) -> Any:
         """The text conditioning of a batch: from the caption cache, else the text encoders."""
         assert self.adapter is not None and self.model is not None
         if self.caption_cache is None:
             return self.adapter.encode(self.model, captions, self.device)
         return self.adapter.collate([self.caption_cache[caption] for caption in captions], self.device)
-
-    @contextmanager
-    def sampling(self) -> Iterator[None]:
-        """With cached captions the text encoders wait off the card: a sample round brings them
-        back for its prompts, and sends them away again."""
-        away = self.caption_cache is not None and self.device.type != "cpu"
-        assert self.model is not None
-        try:
-            if away:
-                for encoder in self.model.text_encoders:
-                    encoder.to(self.device)
-            yield
-        finally:
-            if away:
-                for encoder in self.model.text_encoders:
-                    encoder.to("cpu")
-                torch.cuda.empty_cache()
-
-
-def _to_host(encoded: Any) -> Any:
-    """An encoding (tensors, or tuples / lists of them, or None) detached onto the host."""
-    if isinstance(encoded, torch.Tensor):
-        return encoded.detach().to("cpu")
-    if isinstance(encoded, (tuple, list)):
-        return type(encoded)(_to_host(part) for part in encoded)
-    return encoded

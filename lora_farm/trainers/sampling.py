@@ -89,7 +89,7 @@ class Samples:
         started = time.perf_counter()
         prompts = self._resolved()
         try:
-            with detached(self.program, self.precision), self.program.sampling():
+            with detached(self.program, self.precision):
                 outputs = [self.program.render_sample(prompt) for prompt in prompts]
         except Exception as error:  # noqa: BLE001 - samples are a view on training, not part of it
             message = _one_line(error)

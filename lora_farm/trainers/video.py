@@ -160,9 +160,7 @@ class VideoProgram(ImageProgram):
         return {**super().sample_defaults(), "width": width, "height": height}
 
     def render_sample(self, prompt: dict[str, Any]) -> Any:
-        if self._sample_pipeline is None:
-            self._sample_pipeline = image_samples.build_pipeline(self)
-        return image_samples.render(self, self._sample_pipeline, prompt, num_frames=self.sample_frames())
+        return image_samples.render(self, self.sample_pipeline(), prompt, num_frames=self.sample_frames())
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cached_captions": len(self.caption_cache or {}),

@@ -248,6 +248,9 @@ def test_entry_point_trains_and_exports(tmp_path, tiny_sd, image_dataset):
     summary = [e for e in events if e["event"] == "summary"][-1]
     assert summary["family"] == "sd1" and summary["adapted"] == ["text_encoder", "unet"]
     assert (job_dir / "checkpoints").is_dir()
+    printed = result.stdout + result.stderr  # what the runner writes to train.log: no library noise
+    for noise in ("Unable to import `torchao`", "requires torchvision", "Loading pipeline components", "\r"):
+        assert noise not in printed
 
 
 def test_entry_point_bad_data_exits_2_naming_the_file(tmp_path, tiny_sd, image_dataset):

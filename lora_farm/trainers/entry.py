@@ -50,11 +50,16 @@ class _Events:
                 self.writer.emit(event, **fields)
 
 
-def quiet_torchao_import() -> None:
-    """peft imports torchao wherever it is installed; torchao then warns that its optional C
-    kernels (mxfp8, cutlass) were built for another torch, and torch that torchao registers enums
-    the old way. lora-farm uses none of those kernels: noise in train.log."""
-    for name in ("torchao", "torch.utils._pytree"):
+def quiet_library_noise() -> None:
+    """What the libraries print that tells a lora-farm user nothing, kept out of train.log:
+    - torchao's optional C kernels (mxfp8, cutlass), built for another torch, and torch's note
+      that torchao registers enums the old way (peft imports torchao wherever it is installed);
+    - diffusers looking for torchao classes that 0.18 dropped, to unpickle torchao checkpoints;
+    - transformers' image processors falling back to PIL without torchvision;
+    - the download and load progress bars (``\r`` lines in a log file)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                 "transformers.utils.import_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch_ranks(sys.argv[1:] if argv is None else argv, world)
     # a deprecation notice peft triggers inside transformers on every load: noise in train.log
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    quiet_torchao_import()
+    quiet_library_noise()
     from lora_farm.trainers.distributed import DistContext
 
     dist = DistContext.from_env()

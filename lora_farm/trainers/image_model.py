@@ -76,8 +76,11 @@ def describe_base_model(path: Path, field_name: str = "base_model") -> BaseModel
 
 def load_image_model(base_model: Path, base_model_config: Path | None, dtype: torch.dtype) -> ImageModel:
     """Load every component frozen, in ``dtype``, through the family's adapter."""
+    from diffusers.utils import logging as diffusers_logging
+
     from lora_farm.trainers.families import adapter_for
 
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": \r lines in train.log
     info = describe_base_model(base_model)
     try:
         model = adapter_for(families.by_name(info.family)).load(info, base_model_config, dtype)

@@ -241,6 +241,7 @@ def test_flux_samples_render_with_the_trained_lora(tmp_path, tiny_flux, image_da
     assert prompts[0]["guidance"] == 3.5  # Flux.1 dev's default guidance
     program = runtime.program
     saved = np.asarray(Image.open(tmp_path / "flux" / event["files"][0]))
+    assert any("captions and 2 sample prompts encoded once" in note for note in program.notes)
     encoders = program.model.text_encoders
     for encoder in encoders:  # the sample prompts were encoded with the captions, before training
         encoder.forward = _never_called

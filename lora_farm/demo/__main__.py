@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_farm.demo.batch import write_demo_batch
+from lora_farm.trainers.quiet import quiet_library_noise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="folder for models/, data/ and jobs/")
     parser.add_argument("--steps-scale", type=int, default=1, help="multiply every job's steps")
     args = parser.parse_args(argv)
+    quiet_library_noise()  # before the builders import the training stack
+    from lora_farm.demo.batch import write_demo_batch
+
     for path in write_demo_batch(args.root, steps_scale=args.steps_scale):
         print(path)
     return 0

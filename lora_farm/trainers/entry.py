@@ -11,7 +11,6 @@ attempt owns the job folder (``protocol.Fence``).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import select
 import signal
@@ -19,13 +18,13 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from lora_farm.errors import LoraFarmError
 from lora_farm.protocol import LIFELINE_ENV, EventWriter, ExitCode, Fence, Fenced, JobDir
+from lora_farm.trainers.quiet import quiet_library_noise
 
 PROGRAMS = {"llm": ("lora_farm.trainers.llm", "LlmProgram"),
             "image": ("lora_farm.trainers.image", "ImageProgram"),
@@ -50,19 +49,6 @@ class _Events:
                 self.writer.emit(event, **fields)
 
 
-def quiet_library_noise() -> None:
-    """What the libraries print that tells a lora-farm user nothing, kept out of train.log:
-    - torchao's optional C kernels (mxfp8, cutlass), built for another torch, and torch's note
-      that torchao registers enums the old way (peft imports torchao wherever it is installed);
-    - diffusers looking for torchao classes that 0.18 dropped, to unpickle torchao checkpoints;
-    - transformers' image processors falling back to PIL without torchvision;
-    - the download and load progress bars (``\r`` lines in a log file)."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
-                 "transformers.utils.import_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lora_farm.trainers",
                                      description="Run one LoRA training job in this process.")
@@ -83,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         from lora_farm.trainers.distributed import launch_ranks
 
         return launch_ranks(sys.argv[1:] if argv is None else argv, world)
-    # a deprecation notice peft triggers inside transformers on every load: noise in train.log
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     quiet_library_noise()
     from lora_farm.trainers.distributed import DistContext
 

@@ -76,21 +76,22 @@ class OnTheCard:
         captions = sorted({example.caption for example in [*self.dataset.examples, *held]})
         self.caption_cache = {caption: moved(self.adapter.encode(self.model, [caption], self.device), "cpu")
                               for caption in captions}
-        if self.spec.sample_prompts is not None:
-            self._record_sample_prompts()
+        sampled = self._record_sample_prompts() if self.spec.sample_prompts is not None else 0
         for encoder in self.model.text_encoders:
             encoder.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.notes.append(f"cache_text_encoder_outputs: {len(captions)} captions encoded once; "
+        prompts = f" and {sampled} sample prompts" if sampled else ""
+        self.notes.append(f"cache_text_encoder_outputs: {len(captions)} captions{prompts} encoded once; "
                           "the text encoders left the card")
 
-    def _record_sample_prompts(self) -> None:
+    def _record_sample_prompts(self) -> int:
         """The sample pipeline's text encoding of each sample prompt, done now
         (``PromptRecording``): a sample round then needs no text encoder on the card."""
         prompts = resolve_prompts(self.spec, self.sample_defaults())
         with forked_rng():
             PromptRecording(self.sample_pipeline()).record(self, prompts)
+        return len(prompts)
 
     def encoded(self, captions: list[str]) -> Any:
         """The text conditioning of a batch: from the caption cache, else the text encoders."""

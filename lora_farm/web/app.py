@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from lora_farm.cli.status_view import step_progress, summary_line
+from lora_farm.cli.status_view import format_mb, format_stamp, step_progress, summary_line
 from lora_farm.errors import JobNotFound, LoraFarmError
 from lora_farm.ledger import Ledger
 from lora_farm.protocol import format_duration
@@ -42,7 +42,7 @@ class WebConfig:
 
 def create_app(ledger: Ledger, settings: Settings, config: WebConfig) -> Starlette:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.filters.update(mb=_mb, duration=format_duration, stamp=_stamp, ago=_ago,
+    templates.env.filters.update(mb=format_mb, duration=format_duration, stamp=format_stamp, ago=_ago,
                                  progress=step_progress)
     templates.env.globals.update(live_ms=LIVE_MS, actions_on=bool(config.token))
     pages = Pages(ledger, settings, config, templates)
@@ -215,16 +215,6 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value else default
     except ValueError:
         return default
-
-
-def _mb(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value / 1024:.1f} GB" if value >= 1024 else f"{value:.0f} MB"
-
-
-def _stamp(value: float | None) -> str:
-    return "" if value is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
 
 
 def _ago(seconds: float | None) -> str:

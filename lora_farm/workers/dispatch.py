@@ -129,20 +129,16 @@ def reservations(ledger: Ledger) -> list[Reservation]:
 
 def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapshot]:
     """Cards whose worker is alive (``card_alive``)."""
-    snapshots = []
-    for card in read_gpu_snapshots(ledger):
-        if card_alive(card, settings, now):
-            snapshots.append(GpuSnapshot(uuid=card["uuid"], host=card["host"],
-                                         total_mb=float(card["total_mb"]),
-                                         free_mb=float(card["free_mb"]),
-                                         cpu=card.get("source") == "cpu",
-                                         host_ram_mb=_float_or_none(card.get("host_ram_mb")),
-                                         suspect=is_suspect(card, now)))
-    return snapshots
+    return [card_snapshot(card, now) for card in read_gpu_snapshots(ledger)
+            if card_alive(card, settings, now)]
 
 
-def _float_or_none(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float, str)) and value != "" else None
+def card_snapshot(card: dict, now: float) -> GpuSnapshot:
+    """What placement reads of a card as its worker published it (``publish_gpu``)."""
+    ram = card.get("host_ram_mb")
+    return GpuSnapshot(uuid=card["uuid"], host=card["host"], total_mb=float(card["total_mb"]),
+                       free_mb=float(card["free_mb"]), cpu=card.get("source") == "cpu",
+                       host_ram_mb=float(ram) if ram else None, suspect=is_suspect(card, now))
 
 
 def card_alive(card: dict, settings: Settings, now: float) -> bool:

@@ -179,16 +179,14 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
 
 def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
            policy: Policy) -> list[_Card]:
-    gpus = list(gpus)
+    gpus, reservations = list(gpus), list(reservations)
     hosts = {host: _HostRam(_host_ram(gpus, host)) for host in {s.host for s in gpus}}
     cards = {snapshot.uuid: _Card(snapshot, policy, hosts[snapshot.host]) for snapshot in gpus}
-    reservations = list(reservations)
-    for job_id, host_ram_mb, host in _reserved_on_hosts(reservations, cards):
-        hosts[host].left -= host_ram_mb
     cards_of: dict[str, set[str]] = {}
     for reservation in reservations:
         cards_of.setdefault(reservation.job_id, set()).add(reservation.gpu_uuid)
     seen: set[tuple[str, str]] = set()
+    charged: set[str] = set()  # jobs whose host RAM is counted: once a job, whatever its cards
     for reservation in reservations:
         card = cards.get(reservation.gpu_uuid)
         if card is None:
@@ -198,6 +196,9 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
         if (reservation.job_id, reservation.gpu_uuid) not in seen:
             seen.add((reservation.job_id, reservation.gpu_uuid))
             card.jobs += 1
+        if reservation.job_id not in charged:
+            charged.add(reservation.job_id)
+            card.ram.left -= reservation.host_ram_mb
     return list(cards.values())
 
 
@@ -205,16 +206,6 @@ def _host_ram(gpus: list[GpuSnapshot], host: str) -> float | None:
     """The host's RAM as its cards report it (the smallest figure, should two disagree)."""
     figures = [s.host_ram_mb for s in gpus if s.host == host and s.host_ram_mb is not None]
     return min(figures) if figures else None
-
-
-def _reserved_on_hosts(reservations: list[Reservation], cards: dict[str, "_Card"]) -> list[tuple[str, float, str]]:
-    """(job, host RAM, host) once per reserved job whose card is known."""
-    seen: dict[str, tuple[str, float, str]] = {}
-    for reservation in reservations:
-        card = cards.get(reservation.gpu_uuid)
-        if card is not None and reservation.job_id not in seen:
-            seen[reservation.job_id] = (reservation.job_id, reservation.host_ram_mb, card.host)
-    return list(seen.values())
 
 
 def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:

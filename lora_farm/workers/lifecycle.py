@@ -32,9 +32,11 @@ OWN = {S.RUNNING}  # a runner or the reaper ends only the running job it holds (
 
 
 def end_attempt(ledger: Ledger, record: JobRecord, reason: str, *, exit_code: int | None = None,
-                degrade: bool = False, cancel_reason: str | None = None) -> tr.Result:
-    """A running attempt failed: honour a pending cancel, else retry (degraded after an OOM)
-    while the budget lasts, else fail. ``record`` is the job as its attempt started."""
+                degrade: bool = False, cancel_reason: str | None = None,
+                avoid: list[str] | None = None) -> tr.Result:
+    """A running attempt failed: honour a pending cancel, else retry (degraded after an OOM;
+    placed away from the cards ``avoid``) while the budget lasts, else fail. ``record`` is the
+    job as its attempt started."""
     if ledger.cancel_requested(record.id):
         why = cancel_reason or f"cancelled by user (the run had ended: {reason})"
         return tr.finish_cancelled(ledger, record.id, why, expect=OWN, token=record.token)
@@ -42,9 +44,10 @@ def end_attempt(ledger: Ledger, record: JobRecord, reason: str, *, exit_code: in
     if degrade and plan is None:
         reason += "; nothing left to degrade (batch_size 1 with gradient checkpointing)"
     if retries_left(record) and not (degrade and plan is None):
-        log.info("job %s: %s; requeued for attempt %d", record.id, reason, record.attempt + 1)
+        away = f" away from {','.join(record.gpus)}" if avoid else ""
+        log.info("job %s: %s; requeued for attempt %d%s", record.id, reason, record.attempt + 1, away)
         return tr.requeue(ledger, record.id, reason, expect=OWN, plan=plan, token=record.token,
-                          exit_code=exit_code)
+                          exit_code=exit_code, avoid=avoid)
     if not retries_left(record):
         reason += f"; no retries left ({record.max_retries} allowed)"
     return tr.fail(ledger, record.id, reason, expect=OWN, token=record.token, exit_code=exit_code)
@@ -64,16 +67,8 @@ def requeue_away(ledger: Ledger, record: JobRecord, reason: str, policy: Policy,
     failed; a pending cancel -> cancelled."""
     for uuid in record.gpus:
         mark_suspect(ledger, uuid, f"job {record.id}: {reason}", policy.suspect_card_seconds)
-    if ledger.cancel_requested(record.id):
-        return tr.finish_cancelled(ledger, record.id, expect=OWN, token=record.token)
-    if not retries_left(record):
-        return tr.fail(ledger, record.id, f"{reason}; no retries left ({record.max_retries} allowed)",
-                       expect=OWN, token=record.token, exit_code=exit_code)
-    avoid = sorted(set(record.avoid_gpus) | set(record.gpus))
-    log.info("job %s: %s; requeued for attempt %d away from %s", record.id, reason,
-             record.attempt + 1, ",".join(record.gpus))
-    return tr.requeue(ledger, record.id, reason, expect=OWN, token=record.token,
-                      exit_code=exit_code, avoid=avoid)
+    return end_attempt(ledger, record, reason, exit_code=exit_code, cancel_reason="cancelled by user",
+                       avoid=sorted(set(record.avoid_gpus) | set(record.gpus)))
 
 
 def fail_attempt(ledger: Ledger, record: JobRecord, reason: str,
@@ -119,7 +114,6 @@ def cancel(ledger: Ledger, job_id: str) -> str:
         if not isinstance(tr.finish_cancelled(ledger, job_id, expect={state}), tr.Refused):
             return "cancelled"
     return f"not cancelled: it kept changing state (now {ledger.get(job_id).state}); try again"
-
 
 
 def retry(ledger: Ledger, job_id: str) -> JobRecord:

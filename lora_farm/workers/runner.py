@@ -44,9 +44,7 @@ from lora_farm.workers.upload import ship_and_finish
 log = logging.getLogger(__name__)
 S = JobState
 ArgvFactory = Callable[[Path, Path, Path], list[str]]
-_PROGRESS_KEYS = {"step": "step", "total_steps": "total_steps", "epoch": "epoch",
-                  "epochs": "epochs", "loss": "loss", "eta_s": "eta_s",
-                  "peak_vram_mb": "peak_vram_mb"}
+_PROGRESS_KEYS = ("step", "total_steps", "epoch", "epochs", "loss", "eta_s", "peak_vram_mb")
 
 
 @dataclass
@@ -114,7 +112,7 @@ class _Watch:
             if kind == "phase":
                 update["phase"] = event.get("phase", "")
             elif kind == "progress":
-                update.update({key: event[src] for src, key in _PROGRESS_KEYS.items() if src in event})
+                update.update({key: event[key] for key in _PROGRESS_KEYS if key in event})
                 update.update(self.monitor.progress(event))
             elif kind == "summary":
                 self.evidence.exported = True

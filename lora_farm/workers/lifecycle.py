@@ -23,7 +23,7 @@ from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.scheduler.policy import Policy
-from lora_farm.workers.dispatch import mark_suspect
+from lora_farm.workers.dispatch import dispatch_once, mark_suspect
 from lora_farm.workers.outcome import degraded_plan, retries_left
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,14 @@ def cancel(ledger: Ledger, job_id: str) -> str:
     return f"not cancelled: it kept changing state (now {ledger.get(job_id).state}); try again"
 
 
-def retry(ledger: Ledger, job_id: str) -> JobRecord:
-    """A user's retry (`lorafarm retry`, the dashboard): a failed or cancelled job queued again
-    with a fresh retry budget; any other state is refused with what to do instead."""
-    result = tr.retry(ledger, job_id)
+def retry(ledger: Ledger, job: str) -> str:
+    """A user's retry (`lorafarm retry`, the dashboard) of a job id or unique prefix: a failed or
+    cancelled job queued again with a fresh retry budget, then placed; any other state is refused
+    with what to do instead. Returns what happened, as both show it."""
+    record = ledger.find(job)
+    result = tr.retry(ledger, record.id)
     if isinstance(result, tr.Refused):
-        raise LoraFarmError(f"job {job_id} is `{result.state}`; only failed or cancelled jobs can "
+        raise LoraFarmError(f"job {record.id} is `{result.state}`; only failed or cancelled jobs can "
                             "be retried (an uploading one: `lorafarm retry-upload`).")
-    return result
+    dispatch_once(ledger)
+    return f"{record.id} {record.name}: queued again (attempt {result.attempt})"

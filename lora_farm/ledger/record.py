@@ -101,11 +101,7 @@ class JobRecord:
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in data.items():
-            if key in known:
-                values[key] = decode_field(key, raw)
-        return cls(**values)
+        return cls(**{key: decode_field(key, raw) for key, raw in data.items() if key in known})
 
 
 def decode_field(key: str, raw: str) -> Any:

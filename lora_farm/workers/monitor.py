@@ -29,8 +29,6 @@ from lora_farm.scheduler.policy import Policy
 
 log = logging.getLogger(__name__)
 Sampler = Callable[[str, set[int]], UtilSample | None]
-
-
 MPS_LIMIT_ENV = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
 
 
@@ -44,8 +42,7 @@ def cap_env(ledger: Ledger, record: JobRecord, policy: Policy,
     environ = os.environ if environ is None else environ
     if not record.gpus:
         return {}
-    card = ledger.client.hmget(ledger.keys.gpu(record.gpus[0]), "total_mb", "source")
-    total, source = card[0], card[1]
+    total, source = ledger.client.hmget(ledger.keys.gpu(record.gpus[0]), "total_mb", "source")
     if source == "cpu" or not total:
         return {}
     cap = memory_cap(record.estimate_mb, float(total), policy)

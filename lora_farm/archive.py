@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
 def archive_members(job_dir: Path) -> list[Path]:
     """Every top-level ``*.log`` (train.log, the runner's log) plus the fixed list, sorted."""
     folder = JobDir(job_dir)
-    members = sorted(p for p in job_dir.glob("*.log") if p.is_file())
-    members += [p for p in (folder.resolved_config, folder.events, folder.tensorboard) if p.exists()]
-    return members
+    return (sorted(p for p in job_dir.glob("*.log") if p.is_file())
+            + [p for p in (folder.resolved_config, folder.events, folder.tensorboard) if p.exists()])
 
 
 def write_log_archive(job_dir: Path) -> Path:

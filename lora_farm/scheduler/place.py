@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 from lora_farm.errors import NoCapacity
 from lora_farm.scheduler.policy import Policy
@@ -202,6 +202,17 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
     return list(cards.values())
 
 
+Hosted = TypeVar("Hosted", "_Card", GpuSnapshot)
+
+
+def _by_host(items: Iterable[Hosted]) -> dict[str, list[Hosted]]:
+    """Cards (or snapshots) grouped by their host, each group in the order given."""
+    grouped: dict[str, list[Hosted]] = {}
+    for item in items:
+        grouped.setdefault(item.host, []).append(item)
+    return grouped
+
+
 def _host_ram(gpus: list[GpuSnapshot], host: str) -> float | None:
     """The host's RAM as its cards report it (the smallest figure, should two disagree)."""
     figures = [s.host_ram_mb for s in gpus if s.host == host and s.host_ram_mb is not None]
@@ -228,10 +239,7 @@ def _best_single(mb: float, cards: list[_Card], keep_whole: bool, host_ram_mb: f
 
 
 def _whole_cards(mb: float, count: int, cards: list[_Card], host_ram_mb: float = 0.0) -> list[_Card]:
-    by_host: dict[str, list[_Card]] = {}
-    for card in cards:
-        if not card.cpu and card.idle and card.takes(mb, host_ram_mb):
-            by_host.setdefault(card.host, []).append(card)
+    by_host = _by_host(card for card in cards if not card.cpu and card.idle and card.takes(mb, host_ram_mb))
     hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
     if not hosts:
         return []
@@ -252,11 +260,8 @@ def _hold_for(job: QueuedJob, cards: list[_Card]) -> bool:
 
     ever = [c for c in cards if not c.held and c.usable >= job.estimate_mb
             and c.ram.total >= job.host_ram_mb and (job.gpus == 1 or not c.cpu)]
-    by_host: dict[str, list[_Card]] = {}
-    for card in ever:
-        by_host.setdefault(card.host, []).append(card)
     options = []
-    for host, found in by_host.items():
+    for host, found in _by_host(ever).items():
         if len(found) >= job.gpus:
             chosen = sorted(found, key=soonest)[:job.gpus]
             options.append((sum(soonest(c)[0] for c in chosen), host, chosen))
@@ -282,10 +287,7 @@ def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnap
     ``overridden``: the figure is the job's own ``vram_gb``, so the fix offered is to lower it.
     """
     snapshots = list(gpus)
-    by_host: dict[str, list[GpuSnapshot]] = {}
-    for snapshot in snapshots:
-        by_host.setdefault(snapshot.host, []).append(snapshot)
-    roomy = {host: found for host, found in by_host.items()
+    roomy = {host: found for host, found in _by_host(snapshots).items()
              if (_host_ram(snapshots, host) or math.inf) >= host_ram_mb}
     if not roomy:
         raise NoCapacity(_no_host_ram_message(host_ram_mb, snapshots))
@@ -316,8 +318,9 @@ def _no_capacity_message(estimate_mb: float, gpus_needed: int, snapshots: list[G
             f"({largest.host}) has {_gb(largest.total_mb)} of which "
             f"{_gb(largest.total_mb * (1 - policy.headroom))} usable with {pct} headroom")
     if gpus_needed > 1:
-        best = max(_count_by_host(cards, estimate_mb, policy).items(), key=lambda kv: kv[1],
-                   default=("-", 0))
+        fitting = {host: sum(c.total_mb * (1 - policy.headroom) >= estimate_mb for c in found)
+                   for host, found in _by_host(cards).items()}
+        best = max(fitting.items(), key=lambda kv: kv[1], default=("-", 0))
         text += f"; the most cards that fit it on one host is {best[1]} ({best[0]})"
     return f"{text}. {fix}"
 
@@ -329,14 +332,6 @@ def _no_host_ram_message(host_ram_mb: float, snapshots: list[GpuSnapshot]) -> st
             f"cast), but the largest host {host} has {_gb(ram)}. Fix: store the "
             "base in bf16 (not fp32) to halve what is read, run it on a host with more RAM (or add "
             "swap and set LORAFARM_HOST_RAM), or set `host_ram_gb` if the estimate is wrong for this job.")
-
-
-def _count_by_host(cards: list[GpuSnapshot], estimate_mb: float, policy: Policy) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for card in cards:
-        fits = card.total_mb * (1 - policy.headroom) >= estimate_mb
-        counts[card.host] = counts.get(card.host, 0) + int(fits)
-    return counts
 
 
 def _gb(mb: float) -> str:

@@ -20,13 +20,7 @@ from collections.abc import Callable
 from lora_farm.ledger import Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import kept_alive, lease
-from lora_farm.scheduler.place import (
-    GpuSnapshot,
-    Placement,
-    QueuedJob,
-    Reservation,
-    place,
-)
+from lora_farm.scheduler.place import GpuSnapshot, Placement, QueuedJob, Reservation, place
 from lora_farm.scheduler.policy import Policy, placement_of
 from lora_farm.settings import Settings
 

@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 import tarfile
-import uuid
 from pathlib import Path
 
 from lora_farm.protocol import JobDir
+from lora_farm.storage import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,14 @@ def write_log_archive(job_dir: Path) -> Path:
     """(Re)write ``job_dir/logs.tar.gz``; atomic, so a reader never sees half an archive."""
     job_dir = Path(job_dir)
     target = JobDir(job_dir).log_archive
-    tmp = job_dir / f".{target.name}.{uuid.uuid4().hex}.part"
-    try:
+
+    def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
             for member in archive_members(job_dir):
                 tar.add(member, arcname=member.relative_to(job_dir).as_posix(),
                         filter=_regular_files_only)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(target, write)
     return target
 
 

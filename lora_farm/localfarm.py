@@ -31,6 +31,7 @@ from lora_farm.errors import BrokerUnavailable, ConfigError
 from lora_farm.process_group import signal_group, spawn_in_own_group, terminate_then_kill, wait_while
 from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings, get_settings
+from lora_farm.storage import write_atomically
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STOP_ORDER = ("web", "flower", "worker", "redis")  # Redis last: workers write their last state into it
@@ -306,7 +307,4 @@ def save_processes(settings: Settings, processes: list[FarmProcess]) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")  # a reader never sees half a file
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))

@@ -71,11 +71,8 @@ def placement_pass(ledger: Ledger, send: Sender, settings: Settings, policy: Pol
     gpus = live_gpus(ledger, settings, now)
     placements = place(jobs, gpus, reservations(ledger), policy, now)
     estimates = {job.job_id: job.estimate_mb for job in jobs}
-    done = []
-    for placement in placements:
-        if _route(ledger, placement, estimates[placement.job_id], send):
-            done.append(placement)
-    return done
+    return [placement for placement in placements
+            if _route(ledger, placement, estimates[placement.job_id], send)]
 
 
 def _route(ledger: Ledger, placement: Placement, mb: float, send: Sender) -> bool:

@@ -95,13 +95,12 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
 class _Watch:
     """State of one trainer run while it is watched."""
 
-    def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path, monitor: JobMonitor):
-        self.ledger, self.record, self.job_dir = ledger, record, job_dir
+    def __init__(self, ledger: Ledger, record: JobRecord, events: Path, monitor: JobMonitor):
+        self.ledger, self.record = ledger, record
         self.monitor = monitor  # telemetry, data-bound warning, throughput watchdog
-        self.tail = EventTail(JobDir(job_dir).events)
+        self.tail = EventTail(events)
         self.tail.read_new()  # skip the events of earlier attempts
         self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
-        self.artifacts: dict[str, str] = {}
 
     def absorb_events(self) -> None:
         update: dict[str, Any] = {}
@@ -121,7 +120,6 @@ class _Watch:
                     update["peak_vram_mb"] = event["peak_vram_mb"]
             elif kind == "artifact":
                 self.evidence.exported = True
-                self.artifacts[event.get("kind", "file")] = str(event.get("path", ""))
             elif kind == "error":
                 self.evidence.last_error = event
         if update:
@@ -140,7 +138,7 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     # the spec was validated at submit; the plan (if any) is the farm's own: written as it is
     resolved = write_resolved(record.effective_spec(), paths.resolved_config)
     policy = placement_of(settings)
-    watch = _Watch(ledger, record, job_dir, JobMonitor(ledger, record, policy, paths.log))
+    watch = _Watch(ledger, record, paths.events, JobMonitor(ledger, record, policy, paths.log))
     _log_header(paths.log, record)
     extra_env = {**_trainer_extra_env(record, settings), **cap_env(ledger, record, policy)}
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
@@ -156,7 +154,6 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     finally:
         process.stdin.close()  # the lifeline: only once the trainer has exited
     _safely(watch.absorb_events, "reading the last events")
-    watch.record.artifacts = watch.artifacts
     return classify(watch.evidence)
 
 

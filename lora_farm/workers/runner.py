@@ -180,8 +180,8 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
             evidence.shutdown = True  # SIGTERM: the trainer finishes its step and checkpoints
         elif timeout and time.monotonic() - started > timeout:
             evidence.timed_out = True
-        elif watch.monitor.requeue_due:  # SIGTERM: checkpoint, then requeued away from the card
-            evidence.throttled, evidence.throttle_reason = True, watch.monitor.watchdog_reason
+        elif watch.monitor.watchdog_state.requeue:  # SIGTERM: checkpoint, then requeued away from the card
+            evidence.throttled, evidence.throttle_reason = True, watch.monitor.watchdog_state.reason
         else:
             continue
         # at a shutdown the worker's main process may have sent the SIGTERM already: one only

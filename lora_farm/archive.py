@@ -60,15 +60,10 @@ def _regular_files_only(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info if info.isfile() or info.isdir() else None
 
 
-def remove_checkpoints(job_dir: Path) -> list[Path]:
-    """Delete every checkpoint of a finished job; returns what was removed.
+def remove_checkpoints(job_dir: Path) -> None:
+    """Delete every checkpoint of a finished job (none is no error).
 
     Called after a verified upload only: until then a checkpoint is the way back. (The trainer's
     ``checkpoint.prune_checkpoints`` keeps the newest N while it trains.)
     """
-    folder = JobDir(Path(job_dir)).checkpoints
-    if not folder.is_dir():
-        return []
-    doomed = sorted(p for p in folder.iterdir() if p.is_dir())
-    shutil.rmtree(folder, ignore_errors=True)
-    return doomed
+    shutil.rmtree(JobDir(Path(job_dir)).checkpoints, ignore_errors=True)

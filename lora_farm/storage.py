@@ -192,8 +192,7 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{check_key(key)}"
 
     def describe(self) -> str:
-        where = self.endpoint_url or "AWS S3"
-        return f"bucket {self.bucket!r} at {where}"
+        return f"bucket {self.bucket!r} at {self.endpoint_url or 'AWS S3'}"
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
@@ -310,8 +309,7 @@ def storage_from_settings(settings: Settings | None = None) -> Storage:
                          multipart_threshold=settings.s3_multipart_threshold_mb * MB,
                          multipart_chunksize=settings.s3_multipart_chunksize_mb * MB,
                          max_attempts=settings.s3_max_attempts)
-    root = settings.storage_dir or settings.output_root / "_storage"
-    return LocalStorage(root)
+    return LocalStorage(settings.storage_dir or settings.output_root / "_storage")
 
 
 def storage_holding(uri: str, key: str, settings: Settings | None = None) -> Storage:

@@ -86,9 +86,7 @@ class JobRecord:
 
     def to_public(self) -> dict[str, Any]:
         """Everything but the spec, JSON-ready (status --json)."""
-        data = asdict(self)
-        data.pop("spec")
-        return data
+        return {key: value for key, value in asdict(self).items() if key != "spec"}
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":

@@ -82,9 +82,7 @@ class GpuInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (ledger, status --json)."""
-        data = self.__dict__.copy()
-        data["processes"] = [p.__dict__.copy() for p in self.processes]
-        return data
+        return {**self.__dict__, "processes": [p.__dict__.copy() for p in self.processes]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GpuInfo":

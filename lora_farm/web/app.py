@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -58,11 +59,12 @@ def create_app(ledger: Ledger, settings: Settings, config: WebConfig) -> Starlet
         Route("/jobs/{job_id}", pages.job),
         Route("/jobs/{job_id}/live", pages.view("_job_live.html", pages.job_context)),
         Route("/jobs/{job_id}/files/{path:path}", pages.job_file),
-        Route("/jobs/{job_id}/cancel", pages.cancel, methods=["POST"]),
-        Route("/jobs/{job_id}/retry", pages.retry, methods=["POST"]),
+        Route("/jobs/{job_id}/cancel", partial(pages.act, action=actions.cancel), methods=["POST"]),
+        Route("/jobs/{job_id}/retry", partial(pages.act, action=lifecycle.retry), methods=["POST"]),
         Route("/cards", pages.view("cards.html", pages.cards_context)),
         Route("/cards/table", pages.view("_cards_table.html", pages.cards_context)),
-        Route("/submit", pages.submit_form), Route("/submit", pages.submit, methods=["POST"]),
+        Route("/submit", pages.view("submit.html", lambda _: {"result": None, "text": "", "batch": ""})),
+        Route("/submit", pages.submit, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [Middleware(ReadGuard, token=config.token)] if config.guard_reads else []
@@ -131,13 +133,8 @@ class Pages:
         download = request.query_params.get("download")
         return FileResponse(found, filename=found.name if download else None)
 
-    async def cancel(self, request: Request) -> Response:
-        return await self._act(request, actions.cancel)
-
-    async def retry(self, request: Request) -> Response:
-        return await self._act(request, lifecycle.retry)
-
-    async def _act(self, request: Request, action) -> Response:
+    async def act(self, request: Request, action: Callable[[Ledger, str], str]) -> Response:
+        """A job's action (cancel, retry) behind the token; the job page says what happened."""
         job_id = request.path_params["job_id"]
         form = await request.form()
         try:
@@ -158,9 +155,6 @@ class Pages:
                 "workers": reading.worker_rows(self.ledger)}
 
     # ---- submit -------------------------------------------------------------------------
-
-    async def submit_form(self, request: Request) -> Response:
-        return self.render(request, "submit.html", result=None, text="", batch="")
 
     async def submit(self, request: Request) -> Response:
         form = await request.form()

@@ -299,8 +299,8 @@ def _image_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseM
 
 def _batch_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseModelInfo,
                           per_sample: float) -> float:
-    """A batch of samples of ``per_sample`` MiB each at the reference width: scaled by the
-    denoiser's width, kept in part under gradient checkpointing, doubled in fp32."""
+    """A batch of ``per_sample`` MiB samples: scaled by the denoiser's width, kept in part under
+    gradient checkpointing, doubled in fp32."""
     width = card.width(info.details.get(card.denoiser, {}))
     if width:  # a narrower denoiser keeps proportionally smaller activations
         per_sample *= width / card.reference_width

@@ -159,12 +159,11 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
     reserved_jobs = {r.job_id for r in reservations}
     waiting = sorted((j for j in jobs if j.job_id not in reserved_jobs),
                      key=lambda j: (-j.priority, j.submitted_at, j.job_id))
-    starving = [j for j in waiting if j.waited(now) > policy.starvation_seconds]
-    others = [j for j in waiting if j.waited(now) <= policy.starvation_seconds]
+    starving = {j.job_id for j in waiting if j.waited(now) > policy.starvation_seconds}
     placements: list[Placement] = []
     holding = False
     multi_card_waiting = {j.job_id for j in waiting if j.gpus > 1}
-    for job, is_starving in [(j, True) for j in starving] + [(j, False) for j in others]:
+    for job in sorted(waiting, key=lambda j: j.job_id not in starving):  # the starving first
         chosen = _choose(job, cards, keep_whole=bool(multi_card_waiting - {job.job_id}))
         if chosen:
             multi_card_waiting.discard(job.job_id)
@@ -172,7 +171,7 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
                 card.add(job.estimate_mb, whole=job.gpus > 1)
             chosen[0].ram.left -= job.host_ram_mb  # the cards of one job share its host
             placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
-        elif is_starving and not holding:
+        elif job.job_id in starving and not holding:
             holding = _hold_for(job, cards)
     return placements
 

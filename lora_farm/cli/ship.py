@@ -219,7 +219,6 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
          keep_up: bool = typer.Option(False, help="leave the farm running afterwards"),
          steps_scale: int = typer.Option(1, min=1, help="train N times longer")) -> None:
     """Bring the farm up, build the demo batch, submit, watch its jobs, list the artifacts."""
-    from lora_farm.cli.status_view import watch_until_done
     from lora_farm.ledger import Ledger
     from lora_farm.localfarm import farm_up
     from lora_farm.settings import get_settings
@@ -237,9 +236,7 @@ def demo(root: Path = typer.Option(Path("output/demo"), help="where the demo mod
         specs = _build_demo_batch(root, steps_scale)
         batch = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh batch: a rerun trains again
         report = submit_files(specs, ledger, batch=batch, settings=settings)
-        # a live table until every job has ended, or no worker is left to run them
-        records = watch_until_done(console, ledger, [job.record.id for job in report.jobs],
-                                   check=lambda: _require_workers(ledger, settings))
+        records = _watch_demo(ledger, settings, [job.record.id for job in report.jobs])
         _print_artifacts(records)
     finally:
         _leave_farm(state, keep_up, settings)
@@ -271,6 +268,13 @@ def _require_workers(ledger, settings) -> None:
     fail(f"no worker serves this farm ({describe_farm(settings)}): none sent a heartbeat in the "
          f"last {settings.stale_after_seconds:.0f}s, so the demo jobs would wait forever. Fix: "
          f"`lorafarm down` then `lorafarm demo` again; worker logs: {farm_home(settings) / 'logs'}")
+
+
+def _watch_demo(ledger, settings, job_ids: list[str]) -> list:
+    """A live table until every job has ended, or no worker is left to run them."""
+    from lora_farm.cli.status_view import watch_until_done
+
+    return watch_until_done(console, ledger, job_ids, check=lambda: _require_workers(ledger, settings))
 
 
 def _leave_farm(state, keep_up: bool, settings) -> None:

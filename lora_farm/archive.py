@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 import tarfile
-import uuid
 from pathlib import Path
 
 from lora_farm.protocol import JobDir
+from lora_farm.storage import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -23,24 +23,22 @@ log = logging.getLogger(__name__)
 def archive_members(job_dir: Path) -> list[Path]:
     """Every top-level ``*.log`` (train.log, the runner's log) plus the fixed list, sorted."""
     folder = JobDir(job_dir)
-    members = sorted(p for p in job_dir.glob("*.log") if p.is_file())
-    members += [p for p in (folder.resolved_config, folder.events, folder.tensorboard) if p.exists()]
-    return members
+    return (sorted(p for p in job_dir.glob("*.log") if p.is_file())
+            + [p for p in (folder.resolved_config, folder.events, folder.tensorboard) if p.exists()])
 
 
 def write_log_archive(job_dir: Path) -> Path:
     """(Re)write ``job_dir/logs.tar.gz``; atomic, so a reader never sees half an archive."""
     job_dir = Path(job_dir)
     target = JobDir(job_dir).log_archive
-    tmp = job_dir / f".{target.name}.{uuid.uuid4().hex}.part"
-    try:
+
+    def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
             for member in archive_members(job_dir):
                 tar.add(member, arcname=member.relative_to(job_dir).as_posix(),
                         filter=_regular_files_only)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(target, write)
     return target
 
 
@@ -62,15 +60,10 @@ def _regular_files_only(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return info if info.isfile() or info.isdir() else None
 
 
-def remove_checkpoints(job_dir: Path) -> list[Path]:
-    """Delete every checkpoint of a finished job; returns what was removed.
+def remove_checkpoints(job_dir: Path) -> None:
+    """Delete every checkpoint of a finished job (none is no error).
 
     Called after a verified upload only: until then a checkpoint is the way back. (The trainer's
     ``checkpoint.prune_checkpoints`` keeps the newest N while it trains.)
     """
-    folder = JobDir(Path(job_dir)).checkpoints
-    if not folder.is_dir():
-        return []
-    doomed = sorted(p for p in folder.iterdir() if p.is_dir())
-    shutil.rmtree(folder, ignore_errors=True)
-    return doomed
+    shutil.rmtree(JobDir(Path(job_dir)).checkpoints, ignore_errors=True)

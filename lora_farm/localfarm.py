@@ -31,6 +31,7 @@ from lora_farm.errors import BrokerUnavailable, ConfigError
 from lora_farm.process_group import signal_group, spawn_in_own_group, terminate_then_kill, wait_while
 from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings, get_settings
+from lora_farm.storage import write_atomically
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STOP_ORDER = ("web", "flower", "worker", "redis")  # Redis last: workers write their last state into it
@@ -161,27 +162,13 @@ def start_workers(settings: Settings) -> list[FarmProcess]:
     return started
 
 
-def start_flower(settings: Settings, port: int) -> FarmProcess:
-    argv = [sys.executable, "-m", "lora_farm", "flower", "--port", str(port)]
-    return _spawn("flower", argv, farm_home(settings) / "logs" / "flower.log", f"127.0.0.1:{port}")
-
-
-def start_web(settings: Settings, port: int) -> FarmProcess:
-    """The dashboard on 127.0.0.1 (LORAFARM_WEB_TOKEN, when set, reaches it through the env)."""
-    argv = [sys.executable, "-m", "lora_farm", "web", "--port", str(port)]
-    return _spawn("web", argv, farm_home(settings) / "logs" / "web.log", f"127.0.0.1:{port}")
-
-
-def _extras(settings: Settings, have: list[FarmProcess], with_flower: bool, flower_port: int,
-            with_web: bool, web_port: int) -> list[FarmProcess]:
-    """Flower and the dashboard, when asked for and not running yet."""
+def _extras(settings: Settings, have: list[FarmProcess], ports: dict[str, int]) -> list[FarmProcess]:
+    """Flower and the dashboard (role -> port) not running yet, as `lorafarm flower|web --port N`
+    on 127.0.0.1 (LORAFARM_WEB_TOKEN, when set, reaches the dashboard through the env)."""
     roles = {p.role for p in have}
-    started = []
-    if with_flower and "flower" not in roles:
-        started.append(start_flower(settings, flower_port))
-    if with_web and "web" not in roles:
-        started.append(start_web(settings, web_port))
-    return started
+    return [_spawn(role, [sys.executable, "-m", "lora_farm", role, "--port", str(port)],
+                   farm_home(settings) / "logs" / f"{role}.log", f"127.0.0.1:{port}")
+            for role, port in ports.items() if role not in roles]
 
 
 def wait_workers_online(settings: Settings, workers: list[FarmProcess], timeout: float) -> None:
@@ -208,10 +195,13 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
     survivors stopped, a Redis that still answers kept) and started again."""
     settings = settings or get_settings()
     state = FarmState(describe_farm(settings))
+    extras = {"flower": flower_port} if with_flower else {}
+    if with_web:
+        extras["web"] = web_port
     recorded = load_processes(settings)
     if recorded and all(_alive(p) for p in recorded):
         state.running = recorded
-        state.processes = _extras(settings, recorded, with_flower, flower_port, with_web, web_port)
+        state.processes = _extras(settings, recorded, extras)
         if state.processes:
             save_processes(settings, recorded + state.processes)
         return state
@@ -223,7 +213,7 @@ def farm_up(settings: Settings | None = None, *, with_flower: bool = False, flow
             state.processes.append(start_redis(settings))
         workers = start_workers(settings)
         state.processes += workers
-        state.processes += _extras(settings, [], with_flower, flower_port, with_web, web_port)
+        state.processes += _extras(settings, [], extras)
         save_processes(settings, kept + state.processes)
         wait_workers_online(settings, workers, timeout)
     except BaseException:
@@ -247,15 +237,13 @@ def farm_down(settings: Settings | None = None, grace: float | None = None) -> F
 
 
 def _hand_over_redis(settings: Settings, servers: list[FarmProcess]) -> list[tuple[FarmProcess, str]]:
-    handed = []
-    for process in servers:
-        heir = _other_live_farm_on(settings, _server_of(settings.redis_url))
-        if heir is not None:
-            path, data = heir
-            data["processes"].append(asdict(process))
-            _write_json(path, data)
-            handed.append((process, data["identity"]))
-    return handed
+    heir = _other_live_farm_on(settings, _server_of(settings.redis_url)) if servers else None
+    if heir is None:
+        return []
+    path, data = heir
+    data["processes"] += [asdict(process) for process in servers]
+    _write_json(path, data)
+    return [(process, data["identity"]) for process in servers]
 
 
 def _other_live_farm_on(settings: Settings, server: str) -> tuple[Path, dict] | None:
@@ -319,7 +307,4 @@ def save_processes(settings: Settings, processes: list[FarmProcess]) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")  # a reader never sees half a file
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))

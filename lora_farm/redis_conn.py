@@ -21,10 +21,8 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    server = parts.netloc.rpartition("@")[2]  # host:port as written
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{server}"))
 
 
 def make_client(url: str | None = None, settings: Settings | None = None) -> redis.Redis:

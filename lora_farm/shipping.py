@@ -103,11 +103,9 @@ def upload_verified(storage: Storage, path: Path, key: str, size: int, sha256: s
 def _stored_intact(storage: Storage, key: str, size: int, sha256: str) -> bool:
     """Size and recorded sha256 match, and so does the sha256 of the bytes read back (the
     recorded one is only what some writer claimed)."""
-    return _matches(storage.head(key), size, sha256) and storage.content_sha256(key) == sha256
-
-
-def _matches(stored, size: int, sha256: str) -> bool:
-    return stored is not None and stored.size == size and stored.sha256 == sha256
+    stored = storage.head(key)
+    return (stored is not None and stored.size == size and stored.sha256 == sha256
+            and storage.content_sha256(key) == sha256)
 
 
 def ship_job(job_dir: Path, job_id: str, batch: str | None, name: str, *,

@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,17 @@ def sha256_of(path: Path, chunk: int = 4 * MB) -> str:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` beside ``dest``, then rename it over ``dest``: a reader never sees half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_key(key: str) -> str:
@@ -118,22 +129,11 @@ class LocalStorage(Storage):
 
     def put_file(self, path: Path, key: str, sha256: str) -> None:
         with self._errors("storing", key):
-            self._write_atomic(key, lambda tmp: shutil.copyfile(path, tmp))
+            write_atomically(self.path_of(key), lambda tmp: shutil.copyfile(path, tmp))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors("storing", key):
-            self._write_atomic(key, lambda tmp: tmp.write_bytes(data))
-
-    def _write_atomic(self, key: str, write) -> None:
-        # Readers never see half a file: write aside, then rename over the old object.
-        dest = self.path_of(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        try:
-            write(tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+            write_atomically(self.path_of(key), lambda tmp: tmp.write_bytes(data))
 
     def head(self, key: str) -> StoredObject | None:
         path = self.path_of(key)
@@ -192,8 +192,7 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{check_key(key)}"
 
     def describe(self) -> str:
-        where = self.endpoint_url or "AWS S3"
-        return f"bucket {self.bucket!r} at {where}"
+        return f"bucket {self.bucket!r} at {self.endpoint_url or 'AWS S3'}"
 
     @contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
@@ -310,8 +309,7 @@ def storage_from_settings(settings: Settings | None = None) -> Storage:
                          multipart_threshold=settings.s3_multipart_threshold_mb * MB,
                          multipart_chunksize=settings.s3_multipart_chunksize_mb * MB,
                          max_attempts=settings.s3_max_attempts)
-    root = settings.storage_dir or settings.output_root / "_storage"
-    return LocalStorage(root)
+    return LocalStorage(settings.storage_dir or settings.output_root / "_storage")
 
 
 def storage_holding(uri: str, key: str, settings: Settings | None = None) -> Storage:

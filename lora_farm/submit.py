@@ -8,8 +8,8 @@ and ``--batch`` do not change a job's identity: the config hash is the spec's ow
 
 from __future__ import annotations
 
-import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +25,7 @@ from lora_farm.scheduler.host_ram import estimate_host_ram
 from lora_farm.scheduler.place import GpuSnapshot, Placement, check_fits_farm, largest_card_mb
 from lora_farm.scheduler.policy import Policy, placement_of
 from lora_farm.settings import Settings
-from lora_farm.workers.dispatch import (
-    Sender,
-    celery_sender,
-    dispatch_once,
-    read_gpu_snapshots,
-)
-
-log = logging.getLogger(__name__)
+from lora_farm.workers.dispatch import Sender, card_snapshot, celery_sender, dispatch_once, read_gpu_snapshots
 
 
 @dataclass(frozen=True)
@@ -121,8 +114,6 @@ def refuse_what_never_fits(specs: Sequence[JobSpec], estimates: Sequence[float],
 
 def farm_cards(ledger: Ledger, settings: Settings) -> list[GpuSnapshot]:
     """Every card a worker has published (online or not); else this host's own inventory."""
-    published = [GpuSnapshot(uuid=c["uuid"], host=c["host"], total_mb=float(c["total_mb"]),
-                             free_mb=float(c["free_mb"]), cpu=c.get("source") == "cpu",
-                             host_ram_mb=float(c["host_ram_mb"]) if c.get("host_ram_mb") else None)
-                 for c in read_gpu_snapshots(ledger)]
+    now = time.time()
+    published = [card_snapshot(card, now) for card in read_gpu_snapshots(ledger)]
     return published or [to_snapshot(info) for info in read_gpus(settings)]

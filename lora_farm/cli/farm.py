@@ -186,14 +186,9 @@ def cancel(jobs: list[str] = typer.Argument(None, callback=refuse_blank_ids,
 def retry(job: str = typer.Argument(..., callback=refuse_blank_ids,
                                     help="A failed or cancelled job.")) -> None:
     """Queue a failed or cancelled job again (fresh retry budget; resumes from its checkpoint)."""
-    from lora_farm.workers.dispatch import dispatch_once
     from lora_farm.workers.lifecycle import retry as retry_job
 
-    ledger = _ledger()
-    record = ledger.find(job)
-    retry_job(ledger, record.id)
-    console.print(f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})")
-    dispatch_once(ledger)
+    console.print(retry_job(_ledger(), job))
 
 
 @app.command()

@@ -16,10 +16,14 @@ from rich.table import Table
 from lora_farm.cli.app import app, console, fail, refuse_blank_ids
 
 
-def _record(job: str):
+def _shipped_record(job: str):
+    """The job's record, once its files are stored; else fail, saying why there are none."""
     from lora_farm.ledger import Ledger
 
-    return Ledger.from_settings().find(job)
+    record = Ledger.from_settings().find(job)
+    if record.state not in ("succeeded", "uploading"):
+        fail(_no_artifacts(record))
+    return record
 
 
 def _job_storage(record):
@@ -45,9 +49,7 @@ def artifacts(job: str = typer.Argument(..., callback=refuse_blank_ids,
     """List a job's stored files with their sizes, sha256 and URIs."""
     from lora_farm.shipping import read_manifest
 
-    record = _record(job)
-    if record.state not in ("succeeded", "uploading"):
-        fail(_no_artifacts(record))
+    record = _shipped_record(job)
     manifest = read_manifest(_job_storage(record), record.batch, record.id)
     if as_json:
         console.print_json(json.dumps(manifest))
@@ -82,9 +84,7 @@ def fetch(job: str = typer.Argument(..., callback=refuse_blank_ids, help="job id
     """Download a job's stored files into DEST and verify each sha256."""
     from lora_farm.shipping import fetch_job
 
-    record = _record(job)
-    if record.state not in ("succeeded", "uploading"):
-        fail(_no_artifacts(record))
+    record = _shipped_record(job)
     _check_destination(dest)
     files = fetch_job(_job_storage(record), record.batch, record.id, dest)
     for path in files:
@@ -257,19 +257,14 @@ def _build_demo_batch(root: Path, steps_scale: int) -> list[Path]:
     return [Path(line) for line in built.stdout.splitlines() if line.strip()]
 
 
-def _serving_workers(ledger, settings) -> list[dict]:
-    """Workers of this farm whose heartbeat is fresh (a hung or dead one serves no queue)."""
+def _require_workers(ledger, settings) -> None:
+    """Fail unless a worker of this farm beat lately (a hung or dead one serves no queue)."""
+    from lora_farm.localfarm import describe_farm, farm_home
     from lora_farm.workers.presence import read_workers
 
     now = time.time()
-    return [w for w in read_workers(ledger) if now - w["heartbeat"] < settings.stale_after_seconds]
-
-
-def _require_workers(ledger, settings) -> None:
-    if _serving_workers(ledger, settings):
+    if any(now - w["heartbeat"] < settings.stale_after_seconds for w in read_workers(ledger)):
         return
-    from lora_farm.localfarm import describe_farm, farm_home
-
     fail(f"no worker serves this farm ({describe_farm(settings)}): none sent a heartbeat in the "
          f"last {settings.stale_after_seconds:.0f}s, so the demo jobs would wait forever. Fix: "
          f"`lorafarm down` then `lorafarm demo` again; worker logs: {farm_home(settings) / 'logs'}")

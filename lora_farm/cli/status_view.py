@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +75,14 @@ def progress_bar(record: JobRecord, width: int = 10) -> str:
     return "█" * filled + "░" * (width - filled) + " " + step_progress(record)
 
 
-def _mb(value: float | None) -> str:
+def format_mb(value: float | None) -> str:
+    """``812 MB``, ``5.2 GB``; empty for None (also the dashboard's)."""
     return "" if value is None else f"{value / 1024:.1f} GB" if value >= 1024 else f"{value:.0f} MB"
+
+
+def format_stamp(seconds: float | None) -> str:
+    """A local date and time, ``2024-06-01 14:03:22``; empty for None (also the dashboard's)."""
+    return "" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def _state(record: JobRecord, now: float) -> str:
@@ -111,7 +118,7 @@ WIDE = (Column("id", lambda r, now: r.id), _NAME, Column("state", _state),
         Column("GPU", lambda r, now: r.gpu, cap=40),
         Column("progress", lambda r, now: progress_bar(r)), Column("loss", _loss, ">"),
         Column("ETA", _eta, ">"), Column("duration", _duration, ">"),
-        Column("peak VRAM", lambda r, now: _mb(r.peak_vram_mb), ">"),
+        Column("peak VRAM", lambda r, now: format_mb(r.peak_vram_mb), ">"),
         Column("reason", _reason, flex=True))
 SPANNED = ("failed", "cancelled", "queued", "retrying")  # narrow: the reason takes the progress' room
 
@@ -140,11 +147,8 @@ class StatusView:
 def view_of(records: Sequence[JobRecord], rows: int | None) -> StatusView:
     """The view of these records in ``rows`` table lines (None: all of them)."""
     ordered = display_order(records)
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record.state] = counts.get(record.state, 0) + 1
     shown = ordered if rows is None else ordered[:rows]
-    return StatusView(counts, shown, len(ordered) - len(shown))
+    return StatusView(dict(Counter(r.state for r in records)), shown, len(ordered) - len(shown))
 
 
 def read_view(ledger, batch: str | None, rows: int | None) -> StatusView:
@@ -154,10 +158,7 @@ def read_view(ledger, batch: str | None, rows: int | None) -> StatusView:
     if rows is None or len(ids) <= rows:
         return view_of(ledger.records(ids, fields=TABLE_FIELDS), rows)
     brief = ledger.field_values(ids, ("state", "finished"))
-    counts: dict[str, int] = {}
-    for state, _ in brief:
-        if state:  # None: deleted since the id was listed
-            counts[state] = counts.get(state, 0) + 1
+    counts = dict(Counter(state for state, _ in brief if state))  # None: deleted since listed
     order = sorted(range(len(ids)), key=lambda i: _display_key(brief[i][0], float(brief[i][1] or 0), i))
     shown = display_order(ledger.records([ids[i] for i in order[:rows]], fields=TABLE_FIELDS))
     return StatusView(counts, shown, len(ids) - len(shown))
@@ -292,14 +293,14 @@ def watch_until_done(console, ledger, job_ids: list[str], poll: float = 1.0,
 def print_record(console, record: JobRecord, now: float | None = None) -> None:
     """One job in full (`status JOB`): every figure and the whole exit reason."""
     now = now or time.time()
-    stamp = lambda t: "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))  # noqa: E731
     fields = [("id", record.id), ("name", record.name), ("batch", record.batch),
               ("state", _state(record, now)), ("GPU", record.gpu), ("host", record.host),
               ("progress", step_progress(record)), ("loss", _loss(record, now)),
               ("ETA", _eta(record, now)), ("duration", _duration(record, now)),
-              ("peak VRAM", _mb(record.peak_vram_mb)), ("estimate", _mb(record.estimate_mb)),
-              ("submitted", stamp(record.submitted)), ("started", stamp(record.started)),
-              ("finished", stamp(record.finished)), ("reason", record.exit_reason),
+              ("peak VRAM", format_mb(record.peak_vram_mb)), ("estimate", format_mb(record.estimate_mb)),
+              ("submitted", format_stamp(record.submitted)),
+              ("started", format_stamp(record.started)),
+              ("finished", format_stamp(record.finished)), ("reason", record.exit_reason),
               ("warning", record.warning), ("GPU busy", _busy(record)),
               ("data wait", "" if record.data_wait_pct is None else f"{record.data_wait_pct:.0f}%"),
               ("it/s", "" if record.it_s is None else f"{record.it_s:.3g}"),
@@ -354,8 +355,8 @@ def gpus_table(cards: list[dict], reservations: dict[str, dict], names: dict[str
         if float(card.get("suspect_until") or 0) > now:  # a throughput watchdog left it lately
             online += f" [yellow]suspect {format_duration(float(card['suspect_until']) - now)}[/]"
         util = card.get("util_pct") or ""
-        table.add_row(card["uuid"], card.get("host", ""), _mb(float(card["total_mb"])),
-                      _mb(float(card["free_mb"])), _mb(sum(mb for _, mb in held)),
+        table.add_row(card["uuid"], card.get("host", ""), format_mb(float(card["total_mb"])),
+                      format_mb(float(card["free_mb"])), format_mb(sum(mb for _, mb in held)),
                       ", ".join(f"{job} {names.get(job, '')}".strip() for job, _ in held),
                       f"{float(util):.0f}%" if util else "", online)
     return table

@@ -8,14 +8,6 @@ from typing import Any
 
 from lora_farm.jobs.state import JobState
 
-_JSON_FIELDS = ("artifacts", "plan", "spec", "gpus", "co_tenants", "avoid_gpus")
-_LIST_FIELDS = ("gpus", "co_tenants", "avoid_gpus")
-_INT_FIELDS = ("attempt", "priority", "max_retries", "pid", "step", "total_steps", "epoch",
-               "epochs", "seq", "gpus_needed", "exit_code", "upload_tries", "shutdowns")
-_FLOAT_FIELDS = ("submitted", "scheduled_at", "started", "finished", "loss", "eta_s",
-                 "peak_vram_mb", "gpu_util", "estimate_mb", "heartbeat", "timeout", "updated",
-                 "next_upload_at", "queued_at", "host_ram_mb", "it_s", "data_wait_pct", "sm_busy_mean")
-
 
 @dataclass
 class JobRecord:
@@ -94,37 +86,35 @@ class JobRecord:
 
     def to_public(self) -> dict[str, Any]:
         """Everything but the spec, JSON-ready (status --json)."""
-        data = asdict(self)
-        data.pop("spec")
-        return data
+        return {key: value for key, value in asdict(self).items() if key != "spec"}
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "JobRecord":
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in data.items():
-            if key in known:
-                values[key] = decode_field(key, raw)
-        return cls(**values)
+        return cls(**{key: decode_field(key, raw) for key, raw in data.items() if key in known})
+
+
+# how each field is stored, read from its annotation: lists and dicts as JSON, int, float, else text
+_KIND = {f.name: next((kind for kind in ("list", "dict", "int", "float") if f.type.startswith(kind)), "str")
+         for f in fields(JobRecord)}
 
 
 def decode_field(key: str, raw: str) -> Any:
-    if key in _JSON_FIELDS:
-        return json.loads(raw) if raw else ([] if key in _LIST_FIELDS else {})
+    kind = _KIND.get(key, "str")
+    if kind in ("list", "dict"):
+        return json.loads(raw) if raw else ([] if kind == "list" else {})
     if raw == "":
-        return None if key in _INT_FIELDS or key in _FLOAT_FIELDS else ""
-    if key in _INT_FIELDS:
+        return "" if kind == "str" else None
+    if kind == "int":
         return int(float(raw))
-    if key in _FLOAT_FIELDS:
-        return float(raw)
-    return raw
+    return float(raw) if kind == "float" else raw
 
 
 def encode_fields(values: dict[str, Any]) -> dict[str, str]:
     """Python values -> hash strings (None -> "", dict/list -> JSON)."""
     encoded: dict[str, str] = {}
     for key, value in values.items():
-        if key in _JSON_FIELDS:
+        if _KIND.get(key) in ("list", "dict"):
             encoded[key] = json.dumps(value, sort_keys=True, default=str)
         elif value is None:
             encoded[key] = ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from itertools import islice
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -211,17 +212,7 @@ class Ledger:
     def delete_prefix(self) -> int:
         """Remove every key under the prefix (tests; `lorafarm` never calls this)."""
         removed = 0
-        for batch in _chunks(self.client.scan_iter(match=self.keys.pattern, count=1000), 500):
+        keys = self.client.scan_iter(match=self.keys.pattern, count=1000)
+        while batch := list(islice(keys, 500)):
             removed += self.client.delete(*batch)
         return removed
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterable[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -72,11 +72,9 @@ def apply(ledger: Ledger, job_id: str, move: Move, *, expect: set[JobState] | No
         refused = _refusal(record, move, expect, token)
         if refused is not None:
             return refused
-        steps = [move.via, move.to] if move.via else [move.to]
-        current = old
-        for step in steps:
-            check_transition(current, step, job_id)
-            current = step
+        if move.via:
+            check_transition(old, move.via, job_id)
+        check_transition(move.via or old, move.to, job_id)
         stamp = now or time.time()
         released = pipe.hget(keys.reservations, job_id)
         pipe.multi()

@@ -294,7 +294,13 @@ def _image_lora_params(spec: ImageJobSpec, card: families.Family, tensors: list[
 
 
 def _image_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseModelInfo) -> float:
-    per_sample = card.activation_mb_512 * (spec.resolution / 512) ** 2
+    return _batch_activations_mb(spec, card, info, card.activation_mb_512 * (spec.resolution / 512) ** 2)
+
+
+def _batch_activations_mb(spec: ImageJobSpec, card: families.Family, info: BaseModelInfo,
+                          per_sample: float) -> float:
+    """A batch of ``per_sample`` MiB samples: scaled by the denoiser's width, kept in part under
+    gradient checkpointing, doubled in fp32."""
     width = card.width(info.details.get(card.denoiser, {}))
     if width:  # a narrower denoiser keeps proportionally smaller activations
         per_sample *= width / card.reference_width
@@ -347,15 +353,8 @@ def _video_activations_mb(spec: VideoJobSpec, card: families.Family, info: BaseM
     """The card's 512 x 512 px figure per latent frame x latent frames x the largest bucket's
     pixels, scaled and checkpointed as an image's."""
     pixels = max(width * height for width, height in spec.frame_sizes)
-    per_sample = card.activation_mb_512 * pixels / 512**2 * latent_frames(spec, card)
-    width = card.width(info.details.get(card.denoiser, {}))
-    if width:
-        per_sample *= width / card.reference_width
-    if spec.gradient_checkpointing:
-        per_sample *= card.checkpointing_keeps
-    if spec.mixed_precision == "no":
-        per_sample *= 2
-    return spec.batch_size * per_sample
+    return _batch_activations_mb(spec, card, info,
+                                 card.activation_mb_512 * pixels / 512**2 * latent_frames(spec, card))
 
 
 # ---- llm --------------------------------------------------------------------------------------

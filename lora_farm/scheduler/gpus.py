@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,9 +82,7 @@ class GpuInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (ledger, status --json)."""
-        data = self.__dict__.copy()
-        data["processes"] = [p.__dict__.copy() for p in self.processes]
-        return data
+        return {**self.__dict__, "processes": [p.__dict__.copy() for p in self.processes]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GpuInfo":
@@ -126,17 +125,13 @@ def host_ram_mb(settings: Settings) -> float:
 
 def cpu_slot(host: str | None = None) -> GpuInfo:
     """The single slot of a host with neither NVML nor a declared inventory."""
-    return GpuInfo(uuid=CPU_SLOT, name="cpu", index=0, host=host or this_host(), total_mb=0.0,
+    return GpuInfo(uuid=CPU_SLOT, name="cpu", index=0, host=host or host_name(), total_mb=0.0,
                    free_mb=0.0, source="cpu", note=_CPU_NOTE)
-
-
-def this_host() -> str:
-    return host_name()
 
 
 def parse_declared(text: str, host: str | None = None) -> list[GpuInfo]:
     """``"gpu0:24GiB,a100:80GB,gpu2:24576MiB"`` -> cards; raise naming the bad entry and the fix."""
-    host = host or this_host()
+    host = host or host_name()
     cards: list[GpuInfo] = []
     entries = [entry.strip() for entry in text.split(",") if entry.strip()]
     if not entries:
@@ -212,16 +207,14 @@ def read_nvml() -> list[GpuInfo]:
         log.debug("NVML did not initialise (%s); no NVML inventory", error)
         return []
     try:
-        host = this_host()
+        host = host_name()
         return [_read_card(pynvml, index, host) for index in range(pynvml.nvmlDeviceGetCount())]
     except pynvml.NVMLError as error:
         log.warning("NVML could not count the cards: %s", error)
         return []
     finally:
-        try:
+        with suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
 
 def _read_card(pynvml: Any, index: int, host: str) -> GpuInfo:
@@ -306,10 +299,8 @@ def sample_utilisation(uuid: str, pids: set[int], window_s: float = 5.0) -> Util
         log.debug("no utilisation for %s: %s", uuid, error)
         return None
     finally:
-        try:
+        with suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
 
 def _process_utilisation(pynvml: Any, handle: Any, pids: set[int], window_s: float) -> float | None:

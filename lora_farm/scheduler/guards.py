@@ -56,7 +56,6 @@ class WatchdogState:
     slow_for_s: float = 0.0  # how long it/s has stayed below the threshold (0: not slow)
     flagged: bool = False  # slow past watchdog_flag_seconds
     requeue: bool = False  # slow past watchdog_requeue_seconds (when that is not 0)
-    median_it_s: float | None = None
     reason: str = ""
 
 
@@ -79,7 +78,7 @@ class Watchdog:
         else:
             self.healthy.append(it_s)
             self.slow_since = None
-            return WatchdogState(median_it_s=median)
+            return WatchdogState()
         return self._state(it_s, median, now - self.slow_since)
 
     def _state(self, it_s: float, median: float, slow_for: float) -> WatchdogState:
@@ -89,7 +88,7 @@ class Watchdog:
         reason = (f"throughput watchdog: {it_s:.3g} it/s for {slow_for:.0f}s, under "
                   f"{policy.watchdog_fraction:.0%} of this job's median {median:.3g} it/s "
                   "(a throttled or failing card, or memory thrash)")
-        return WatchdogState(slow_for, flagged, requeue, median, reason)
+        return WatchdogState(slow_for, flagged, requeue, reason)
 
 
 def util_summary(samples: list[float]) -> float | None:

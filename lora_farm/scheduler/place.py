@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 from lora_farm.errors import NoCapacity
 from lora_farm.scheduler.policy import Policy
@@ -159,12 +159,11 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
     reserved_jobs = {r.job_id for r in reservations}
     waiting = sorted((j for j in jobs if j.job_id not in reserved_jobs),
                      key=lambda j: (-j.priority, j.submitted_at, j.job_id))
-    starving = [j for j in waiting if j.waited(now) > policy.starvation_seconds]
-    others = [j for j in waiting if j.waited(now) <= policy.starvation_seconds]
+    starving = {j.job_id for j in waiting if j.waited(now) > policy.starvation_seconds}
     placements: list[Placement] = []
     holding = False
     multi_card_waiting = {j.job_id for j in waiting if j.gpus > 1}
-    for job, is_starving in [(j, True) for j in starving] + [(j, False) for j in others]:
+    for job in sorted(waiting, key=lambda j: j.job_id not in starving):  # the starving first
         chosen = _choose(job, cards, keep_whole=bool(multi_card_waiting - {job.job_id}))
         if chosen:
             multi_card_waiting.discard(job.job_id)
@@ -172,23 +171,21 @@ def place(jobs: Iterable[QueuedJob], gpus: Iterable[GpuSnapshot],
                 card.add(job.estimate_mb, whole=job.gpus > 1)
             chosen[0].ram.left -= job.host_ram_mb  # the cards of one job share its host
             placements.append(Placement(job.job_id, [card.uuid for card in chosen]))
-        elif is_starving and not holding:
+        elif job.job_id in starving and not holding:
             holding = _hold_for(job, cards)
     return placements
 
 
 def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
            policy: Policy) -> list[_Card]:
-    gpus = list(gpus)
+    gpus, reservations = list(gpus), list(reservations)
     hosts = {host: _HostRam(_host_ram(gpus, host)) for host in {s.host for s in gpus}}
     cards = {snapshot.uuid: _Card(snapshot, policy, hosts[snapshot.host]) for snapshot in gpus}
-    reservations = list(reservations)
-    for job_id, host_ram_mb, host in _reserved_on_hosts(reservations, cards):
-        hosts[host].left -= host_ram_mb
     cards_of: dict[str, set[str]] = {}
     for reservation in reservations:
         cards_of.setdefault(reservation.job_id, set()).add(reservation.gpu_uuid)
     seen: set[tuple[str, str]] = set()
+    charged: set[str] = set()  # jobs whose host RAM is counted: once a job, whatever its cards
     for reservation in reservations:
         card = cards.get(reservation.gpu_uuid)
         if card is None:
@@ -198,23 +195,27 @@ def _cards(gpus: Iterable[GpuSnapshot], reservations: Iterable[Reservation],
         if (reservation.job_id, reservation.gpu_uuid) not in seen:
             seen.add((reservation.job_id, reservation.gpu_uuid))
             card.jobs += 1
+        if reservation.job_id not in charged:
+            charged.add(reservation.job_id)
+            card.ram.left -= reservation.host_ram_mb
     return list(cards.values())
+
+
+Hosted = TypeVar("Hosted", "_Card", GpuSnapshot)
+
+
+def _by_host(items: Iterable[Hosted]) -> dict[str, list[Hosted]]:
+    """Cards (or snapshots) grouped by their host, each group in the order given."""
+    grouped: dict[str, list[Hosted]] = {}
+    for item in items:
+        grouped.setdefault(item.host, []).append(item)
+    return grouped
 
 
 def _host_ram(gpus: list[GpuSnapshot], host: str) -> float | None:
     """The host's RAM as its cards report it (the smallest figure, should two disagree)."""
     figures = [s.host_ram_mb for s in gpus if s.host == host and s.host_ram_mb is not None]
     return min(figures) if figures else None
-
-
-def _reserved_on_hosts(reservations: list[Reservation], cards: dict[str, "_Card"]) -> list[tuple[str, float, str]]:
-    """(job, host RAM, host) once per reserved job whose card is known."""
-    seen: dict[str, tuple[str, float, str]] = {}
-    for reservation in reservations:
-        card = cards.get(reservation.gpu_uuid)
-        if card is not None and reservation.job_id not in seen:
-            seen[reservation.job_id] = (reservation.job_id, reservation.host_ram_mb, card.host)
-    return list(seen.values())
 
 
 def _choose(job: QueuedJob, cards: list[_Card], keep_whole: bool) -> list[_Card]:
@@ -237,10 +238,7 @@ def _best_single(mb: float, cards: list[_Card], keep_whole: bool, host_ram_mb: f
 
 
 def _whole_cards(mb: float, count: int, cards: list[_Card], host_ram_mb: float = 0.0) -> list[_Card]:
-    by_host: dict[str, list[_Card]] = {}
-    for card in cards:
-        if not card.cpu and card.idle and card.takes(mb, host_ram_mb):
-            by_host.setdefault(card.host, []).append(card)
+    by_host = _by_host(card for card in cards if not card.cpu and card.idle and card.takes(mb, host_ram_mb))
     hosts = sorted((len(found), host) for host, found in by_host.items() if len(found) >= count)
     if not hosts:
         return []
@@ -261,11 +259,8 @@ def _hold_for(job: QueuedJob, cards: list[_Card]) -> bool:
 
     ever = [c for c in cards if not c.held and c.usable >= job.estimate_mb
             and c.ram.total >= job.host_ram_mb and (job.gpus == 1 or not c.cpu)]
-    by_host: dict[str, list[_Card]] = {}
-    for card in ever:
-        by_host.setdefault(card.host, []).append(card)
     options = []
-    for host, found in by_host.items():
+    for host, found in _by_host(ever).items():
         if len(found) >= job.gpus:
             chosen = sorted(found, key=soonest)[:job.gpus]
             options.append((sum(soonest(c)[0] for c in chosen), host, chosen))
@@ -291,10 +286,7 @@ def check_fits_farm(estimate_mb: float, gpus_needed: int, gpus: Iterable[GpuSnap
     ``overridden``: the figure is the job's own ``vram_gb``, so the fix offered is to lower it.
     """
     snapshots = list(gpus)
-    by_host: dict[str, list[GpuSnapshot]] = {}
-    for snapshot in snapshots:
-        by_host.setdefault(snapshot.host, []).append(snapshot)
-    roomy = {host: found for host, found in by_host.items()
+    roomy = {host: found for host, found in _by_host(snapshots).items()
              if (_host_ram(snapshots, host) or math.inf) >= host_ram_mb}
     if not roomy:
         raise NoCapacity(_no_host_ram_message(host_ram_mb, snapshots))
@@ -325,8 +317,9 @@ def _no_capacity_message(estimate_mb: float, gpus_needed: int, snapshots: list[G
             f"({largest.host}) has {_gb(largest.total_mb)} of which "
             f"{_gb(largest.total_mb * (1 - policy.headroom))} usable with {pct} headroom")
     if gpus_needed > 1:
-        best = max(_count_by_host(cards, estimate_mb, policy).items(), key=lambda kv: kv[1],
-                   default=("-", 0))
+        fitting = {host: sum(c.total_mb * (1 - policy.headroom) >= estimate_mb for c in found)
+                   for host, found in _by_host(cards).items()}
+        best = max(fitting.items(), key=lambda kv: kv[1], default=("-", 0))
         text += f"; the most cards that fit it on one host is {best[1]} ({best[0]})"
     return f"{text}. {fix}"
 
@@ -338,14 +331,6 @@ def _no_host_ram_message(host_ram_mb: float, snapshots: list[GpuSnapshot]) -> st
             f"cast), but the largest host {host} has {_gb(ram)}. Fix: store the "
             "base in bf16 (not fp32) to halve what is read, run it on a host with more RAM (or add "
             "swap and set LORAFARM_HOST_RAM), or set `host_ram_gb` if the estimate is wrong for this job.")
-
-
-def _count_by_host(cards: list[GpuSnapshot], estimate_mb: float, policy: Policy) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for card in cards:
-        fits = card.total_mb * (1 - policy.headroom) >= estimate_mb
-        counts[card.host] = counts.get(card.host, 0) + int(fits)
-    return counts
 
 
 def _gb(mb: float) -> str:

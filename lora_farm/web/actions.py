@@ -1,5 +1,5 @@
-"""The dashboard's actions: cancel, retry, submit. Each checks the token, then calls the function
-the CLI calls, so the outcome and every error read the same as on the command line.
+"""The dashboard's actions: cancel, retry (``lifecycle.retry``), submit. Each checks the token,
+then calls the function the CLI calls, so every outcome and error reads as on the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from lora_farm.settings import Settings
 from lora_farm.submit import submit_files
 from lora_farm.workers.dispatch import Sender, celery_sender, dispatch_once
 from lora_farm.workers.lifecycle import cancel as cancel_job
-from lora_farm.workers.lifecycle import retry as retry_job
 
 TOKEN_HEADER = "X-Lorafarm-Token"
 UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -42,14 +41,6 @@ def cancel(ledger: Ledger, job_id: str) -> str:
     outcome = cancel_job(ledger, record.id)
     dispatch_once(ledger)  # a reservation freed by a cancelled scheduled job goes to others
     return f"{record.id} {record.name}: {outcome}"
-
-
-def retry(ledger: Ledger, job_id: str) -> str:
-    """`lorafarm retry JOB`: the same function, the same refusal."""
-    record = ledger.find(job_id)
-    retry_job(ledger, record.id)
-    dispatch_once(ledger)
-    return f"{record.id} {record.name}: queued again (attempt {record.attempt + 1})"
 
 
 @dataclass

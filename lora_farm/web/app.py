@@ -8,7 +8,9 @@ dashboard listens beyond this machine; actions (POST) always need it (``actions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -21,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from lora_farm.cli.status_view import step_progress, summary_line
+from lora_farm.cli.status_view import format_mb, format_stamp, step_progress, summary_line
 from lora_farm.errors import JobNotFound, LoraFarmError
 from lora_farm.ledger import Ledger
 from lora_farm.protocol import format_duration
@@ -29,6 +31,7 @@ from lora_farm.redis_conn import redact_url
 from lora_farm.settings import Settings
 from lora_farm.web import actions, charts, jobdir, reading
 from lora_farm.web.guard import TOKEN_COOKIE, ReadGuard
+from lora_farm.workers import lifecycle
 
 HERE = Path(__file__).parent
 LIVE_MS = 2000
@@ -42,7 +45,7 @@ class WebConfig:
 
 def create_app(ledger: Ledger, settings: Settings, config: WebConfig) -> Starlette:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.filters.update(mb=_mb, duration=format_duration, stamp=_stamp, ago=_ago,
+    templates.env.filters.update(mb=format_mb, duration=format_duration, stamp=format_stamp, ago=_ago,
                                  progress=step_progress)
     templates.env.globals.update(live_ms=LIVE_MS, actions_on=bool(config.token))
     pages = Pages(ledger, settings, config, templates)
@@ -50,14 +53,18 @@ def create_app(ledger: Ledger, settings: Settings, config: WebConfig) -> Starlet
         Route("/", lambda request: RedirectResponse("/jobs", 303)),
         Route("/healthz", pages.health),
         Route("/login", pages.login, methods=["GET", "POST"]),
-        Route("/jobs", pages.jobs), Route("/jobs/table", pages.jobs_table),
-        Route("/batches", pages.batches),
-        Route("/jobs/{job_id}", pages.job), Route("/jobs/{job_id}/live", pages.job_live),
+        Route("/jobs", pages.view("jobs.html", pages.jobs_context)),
+        Route("/jobs/table", pages.view("_jobs_table.html", pages.jobs_context)),
+        Route("/batches", pages.view("batches.html", lambda _: {"rows": reading.batches(ledger)})),
+        Route("/jobs/{job_id}", pages.job),
+        Route("/jobs/{job_id}/live", pages.view("_job_live.html", pages.job_context)),
         Route("/jobs/{job_id}/files/{path:path}", pages.job_file),
-        Route("/jobs/{job_id}/cancel", pages.cancel, methods=["POST"]),
-        Route("/jobs/{job_id}/retry", pages.retry, methods=["POST"]),
-        Route("/cards", pages.cards), Route("/cards/table", pages.cards_table),
-        Route("/submit", pages.submit_form), Route("/submit", pages.submit, methods=["POST"]),
+        Route("/jobs/{job_id}/cancel", partial(pages.act, action=actions.cancel), methods=["POST"]),
+        Route("/jobs/{job_id}/retry", partial(pages.act, action=lifecycle.retry), methods=["POST"]),
+        Route("/cards", pages.view("cards.html", pages.cards_context)),
+        Route("/cards/table", pages.view("_cards_table.html", pages.cards_context)),
+        Route("/submit", pages.view("submit.html", lambda _: {"result": None, "text": "", "batch": ""})),
+        Route("/submit", pages.submit, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [Middleware(ReadGuard, token=config.token)] if config.guard_reads else []
@@ -73,6 +80,12 @@ class Pages:
     def render(self, request: Request, name: str, status: int = 200, **context) -> Response:
         return self.templates.TemplateResponse(request, name, context, status_code=status)
 
+    def view(self, name: str, context: Callable[[Request], dict]) -> Callable:
+        """The endpoint of a page, or of its live part: template ``name`` with ``context(request)``."""
+        async def endpoint(request: Request) -> Response:
+            return self.render(request, name, **context(request))
+        return endpoint
+
     async def health(self, request: Request) -> Response:
         self.ledger.client.ping()
         return PlainTextResponse("ok")
@@ -87,7 +100,7 @@ class Pages:
 
     # ---- jobs ---------------------------------------------------------------------------
 
-    def _jobs_context(self, request: Request) -> dict:
+    def jobs_context(self, request: Request) -> dict:
         query = request.query_params
         batch, state = query.get("batch") or None, query.get("state") or None
         page = reading.jobs_page(self.ledger, _int(query.get("page"), 1), batch=batch, state=state)
@@ -98,19 +111,10 @@ class Pages:
                 "summary": summary_line(page.counts),
                 "table_url": "/jobs/table?" + str(request.query_params)}
 
-    async def jobs(self, request: Request) -> Response:
-        return self.render(request, "jobs.html", **self._jobs_context(request))
-
-    async def jobs_table(self, request: Request) -> Response:
-        return self.render(request, "_jobs_table.html", **self._jobs_context(request))
-
-    async def batches(self, request: Request) -> Response:
-        return self.render(request, "batches.html", rows=reading.batches(self.ledger))
-
     # ---- one job ------------------------------------------------------------------------
 
-    def _job_context(self, job_id: str) -> dict:
-        view = reading.job_view(self.ledger, job_id, self.settings)
+    def job_context(self, request: Request) -> dict:
+        view = reading.job_view(self.ledger, request.path_params["job_id"], self.settings)
         curves = view.curves
         return {"view": view, "r": view.record, "now": time.time(), "is_image": jobdir.is_image,
                 "loss_chart": charts.line_chart({"loss": curves.loss, "eval loss": curves.eval_loss},
@@ -118,12 +122,8 @@ class Pages:
                 "lr_chart": charts.line_chart({"learning rate": curves.lr}, "learning rate")}
 
     async def job(self, request: Request, message: str = "", status: int = 200) -> Response:
-        context = self._job_context(request.path_params["job_id"])
         return self.render(request, "job.html", status, message=message, message_error=status >= 400,
-                           **context)
-
-    async def job_live(self, request: Request) -> Response:
-        return self.render(request, "_job_live.html", **self._job_context(request.path_params["job_id"]))
+                           **self.job_context(request))
 
     async def job_file(self, request: Request) -> Response:
         record = self.ledger.find(request.path_params["job_id"])
@@ -133,13 +133,8 @@ class Pages:
         download = request.query_params.get("download")
         return FileResponse(found, filename=found.name if download else None)
 
-    async def cancel(self, request: Request) -> Response:
-        return await self._act(request, actions.cancel)
-
-    async def retry(self, request: Request) -> Response:
-        return await self._act(request, actions.retry)
-
-    async def _act(self, request: Request, action) -> Response:
+    async def act(self, request: Request, action: Callable[[Ledger, str], str]) -> Response:
+        """A job's action (cancel, retry) behind the token; the job page says what happened."""
         job_id = request.path_params["job_id"]
         form = await request.form()
         try:
@@ -155,20 +150,11 @@ class Pages:
 
     # ---- cards --------------------------------------------------------------------------
 
-    def _cards_context(self) -> dict:
+    def cards_context(self, request: Request) -> dict:
         return {"cards": reading.cards(self.ledger, self.settings),
                 "workers": reading.worker_rows(self.ledger)}
 
-    async def cards(self, request: Request) -> Response:
-        return self.render(request, "cards.html", **self._cards_context())
-
-    async def cards_table(self, request: Request) -> Response:
-        return self.render(request, "_cards_table.html", **self._cards_context())
-
     # ---- submit -------------------------------------------------------------------------
-
-    async def submit_form(self, request: Request) -> Response:
-        return self.render(request, "submit.html", result=None, text="", batch="")
 
     async def submit(self, request: Request) -> Response:
         form = await request.form()
@@ -215,16 +201,6 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value else default
     except ValueError:
         return default
-
-
-def _mb(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value / 1024:.1f} GB" if value >= 1024 else f"{value:.0f} MB"
-
-
-def _stamp(value: float | None) -> str:
-    return "" if value is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
 
 
 def _ago(seconds: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,13 +34,6 @@ class ReadGuard:
         if client in LOOPBACK_CLIENTS or scope["path"].startswith(OPEN_PATHS):
             return True
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        given = headers.get("x-lorafarm-token") or _cookie(headers.get("cookie", ""), TOKEN_COOKIE)
+        given = (headers.get("x-lorafarm-token")
+                 or cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE))
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
-
-
-def _cookie(header: str, name: str) -> str:
-    for part in header.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name:
-            return value
-    return ""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_farm.cli.status_view import ACTIVE, FINISHED, TABLE_FIELDS
+from lora_farm.cli.status_view import TABLE_FIELDS
 from lora_farm.jobs.state import JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.settings import Settings
@@ -24,7 +25,6 @@ from lora_farm.workers.presence import read_workers
 from lora_farm.workers.runner import job_dir_for
 
 PAGE_FIELDS = (*TABLE_FIELDS, "gpus", "phase", "estimate_mb", "submitted", "priority")
-STATES = ACTIVE + FINISHED
 PER_PAGE = 50
 
 
@@ -76,11 +76,12 @@ def state_counts(ledger: Ledger) -> dict[str, int]:
 
 
 def batch_counts(ledger: Ledger, batch: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for state, in ledger.field_values(ledger.job_ids(batch), ("state",)):
-        if state:
-            counts[state] = counts.get(state, 0) + 1
-    return counts
+    return _state_counts_of(ledger, ledger.job_ids(batch))
+
+
+def _state_counts_of(ledger: Ledger, ids: list[str]) -> dict[str, int]:
+    """Jobs per state of these ids (one deleted since they were listed is left out)."""
+    return dict(Counter(state for state, in ledger.field_values(ids, ("state",)) if state))
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,7 @@ def batches(ledger: Ledger) -> list[BatchRow]:
     rows = []
     for name in ledger.client.smembers(ledger.keys.batches):
         ids = ledger.job_ids(name)
-        counts: dict[str, int] = {}
-        values = ledger.field_values(ids, ("state",)) if ids else []
-        for state, in values:
-            if state:
-                counts[state] = counts.get(state, 0) + 1
+        counts = _state_counts_of(ledger, ids)
         newest = ledger.records(ids[-1:], fields=("id", "name", "batch", "task", "config_hash",
                                                   "submitted")) if ids else []
         rows.append(BatchRow(name, counts, sum(counts.values()),
@@ -146,9 +143,7 @@ class CardRow:
     jobs: list[tuple[str, str, float]]  # (job id, name, reserved MB)
     heartbeat_age: float
     online: bool
-    worker: str = ""
-    error: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # the card could not be read (NVML)
 
 
 def cards(ledger: Ledger, settings: Settings, now: float | None = None) -> list[CardRow]:
@@ -166,7 +161,7 @@ def cards(ledger: Ledger, settings: Settings, now: float | None = None) -> list[
                             card.get("source", ""), float(card["total_mb"]), float(card["free_mb"]),
                             sum(mb for _, _, mb in jobs), float(util) if util else None, jobs,
                             now - float(card.get("heartbeat") or 0), card_alive(card, settings, now),
-                            card.get("worker", ""), card.get("error", "")))
+                            card.get("error", "")))
     return rows
 
 

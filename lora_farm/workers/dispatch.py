@@ -20,13 +20,7 @@ from collections.abc import Callable
 from lora_farm.ledger import Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.locks import kept_alive, lease
-from lora_farm.scheduler.place import (
-    GpuSnapshot,
-    Placement,
-    QueuedJob,
-    Reservation,
-    place,
-)
+from lora_farm.scheduler.place import GpuSnapshot, Placement, QueuedJob, Reservation, place
 from lora_farm.scheduler.policy import Policy, placement_of
 from lora_farm.settings import Settings
 
@@ -77,11 +71,8 @@ def placement_pass(ledger: Ledger, send: Sender, settings: Settings, policy: Pol
     gpus = live_gpus(ledger, settings, now)
     placements = place(jobs, gpus, reservations(ledger), policy, now)
     estimates = {job.job_id: job.estimate_mb for job in jobs}
-    done = []
-    for placement in placements:
-        if _route(ledger, placement, estimates[placement.job_id], send):
-            done.append(placement)
-    return done
+    return [placement for placement in placements
+            if _route(ledger, placement, estimates[placement.job_id], send)]
 
 
 def _route(ledger: Ledger, placement: Placement, mb: float, send: Sender) -> bool:
@@ -129,20 +120,16 @@ def reservations(ledger: Ledger) -> list[Reservation]:
 
 def live_gpus(ledger: Ledger, settings: Settings, now: float) -> list[GpuSnapshot]:
     """Cards whose worker is alive (``card_alive``)."""
-    snapshots = []
-    for card in read_gpu_snapshots(ledger):
-        if card_alive(card, settings, now):
-            snapshots.append(GpuSnapshot(uuid=card["uuid"], host=card["host"],
-                                         total_mb=float(card["total_mb"]),
-                                         free_mb=float(card["free_mb"]),
-                                         cpu=card.get("source") == "cpu",
-                                         host_ram_mb=_float_or_none(card.get("host_ram_mb")),
-                                         suspect=is_suspect(card, now)))
-    return snapshots
+    return [card_snapshot(card, now) for card in read_gpu_snapshots(ledger)
+            if card_alive(card, settings, now)]
 
 
-def _float_or_none(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float, str)) and value != "" else None
+def card_snapshot(card: dict, now: float) -> GpuSnapshot:
+    """What placement reads of a card as its worker published it (``publish_gpu``)."""
+    ram = card.get("host_ram_mb")
+    return GpuSnapshot(uuid=card["uuid"], host=card["host"], total_mb=float(card["total_mb"]),
+                       free_mb=float(card["free_mb"]), cpu=card.get("source") == "cpu",
+                       host_ram_mb=float(ram) if ram else None, suspect=is_suspect(card, now))
 
 
 def card_alive(card: dict, settings: Settings, now: float) -> bool:

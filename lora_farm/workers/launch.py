@@ -11,7 +11,6 @@ leaves it to systemd / compose.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -29,7 +28,6 @@ from lora_farm.workers.broker import gpu_queue
 from lora_farm.scheduler.policy import placement_of
 from lora_farm.workers.presence import GPU_ENV, slots_for
 
-log = logging.getLogger(__name__)
 MAX_RESTARTS, RESTART_WINDOW = 5, 300.0  # a crash loop: give up
 RESTART_FIRST, RESTART_MOST = 1.0, 30.0  # backoff before a restart (doubles per recent exit)
 GAVE_UP = 0  # in `stopping`: the supervisor itself stopped the set (no signal asked it)

@@ -23,7 +23,7 @@ from lora_farm.jobs.state import TERMINAL, JobState
 from lora_farm.ledger import JobRecord, Ledger
 from lora_farm.ledger import transitions as tr
 from lora_farm.scheduler.policy import Policy
-from lora_farm.workers.dispatch import mark_suspect
+from lora_farm.workers.dispatch import dispatch_once, mark_suspect
 from lora_farm.workers.outcome import degraded_plan, retries_left
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,11 @@ OWN = {S.RUNNING}  # a runner or the reaper ends only the running job it holds (
 
 
 def end_attempt(ledger: Ledger, record: JobRecord, reason: str, *, exit_code: int | None = None,
-                degrade: bool = False, cancel_reason: str | None = None) -> tr.Result:
-    """A running attempt failed: honour a pending cancel, else retry (degraded after an OOM)
-    while the budget lasts, else fail. ``record`` is the job as its attempt started."""
+                degrade: bool = False, cancel_reason: str | None = None,
+                avoid: list[str] | None = None) -> tr.Result:
+    """A running attempt failed: honour a pending cancel, else retry (degraded after an OOM;
+    placed away from the cards ``avoid``) while the budget lasts, else fail. ``record`` is the
+    job as its attempt started."""
     if ledger.cancel_requested(record.id):
         why = cancel_reason or f"cancelled by user (the run had ended: {reason})"
         return tr.finish_cancelled(ledger, record.id, why, expect=OWN, token=record.token)
@@ -42,9 +44,10 @@ def end_attempt(ledger: Ledger, record: JobRecord, reason: str, *, exit_code: in
     if degrade and plan is None:
         reason += "; nothing left to degrade (batch_size 1 with gradient checkpointing)"
     if retries_left(record) and not (degrade and plan is None):
-        log.info("job %s: %s; requeued for attempt %d", record.id, reason, record.attempt + 1)
+        away = f" away from {','.join(record.gpus)}" if avoid else ""
+        log.info("job %s: %s; requeued for attempt %d%s", record.id, reason, record.attempt + 1, away)
         return tr.requeue(ledger, record.id, reason, expect=OWN, plan=plan, token=record.token,
-                          exit_code=exit_code)
+                          exit_code=exit_code, avoid=avoid)
     if not retries_left(record):
         reason += f"; no retries left ({record.max_retries} allowed)"
     return tr.fail(ledger, record.id, reason, expect=OWN, token=record.token, exit_code=exit_code)
@@ -64,16 +67,8 @@ def requeue_away(ledger: Ledger, record: JobRecord, reason: str, policy: Policy,
     failed; a pending cancel -> cancelled."""
     for uuid in record.gpus:
         mark_suspect(ledger, uuid, f"job {record.id}: {reason}", policy.suspect_card_seconds)
-    if ledger.cancel_requested(record.id):
-        return tr.finish_cancelled(ledger, record.id, expect=OWN, token=record.token)
-    if not retries_left(record):
-        return tr.fail(ledger, record.id, f"{reason}; no retries left ({record.max_retries} allowed)",
-                       expect=OWN, token=record.token, exit_code=exit_code)
-    avoid = sorted(set(record.avoid_gpus) | set(record.gpus))
-    log.info("job %s: %s; requeued for attempt %d away from %s", record.id, reason,
-             record.attempt + 1, ",".join(record.gpus))
-    return tr.requeue(ledger, record.id, reason, expect=OWN, token=record.token,
-                      exit_code=exit_code, avoid=avoid)
+    return end_attempt(ledger, record, reason, exit_code=exit_code, cancel_reason="cancelled by user",
+                       avoid=sorted(set(record.avoid_gpus) | set(record.gpus)))
 
 
 def fail_attempt(ledger: Ledger, record: JobRecord, reason: str,
@@ -121,12 +116,14 @@ def cancel(ledger: Ledger, job_id: str) -> str:
     return f"not cancelled: it kept changing state (now {ledger.get(job_id).state}); try again"
 
 
-
-def retry(ledger: Ledger, job_id: str) -> JobRecord:
-    """A user's retry (`lorafarm retry`, the dashboard): a failed or cancelled job queued again
-    with a fresh retry budget; any other state is refused with what to do instead."""
-    result = tr.retry(ledger, job_id)
+def retry(ledger: Ledger, job: str) -> str:
+    """A user's retry (`lorafarm retry`, the dashboard) of a job id or unique prefix: a failed or
+    cancelled job queued again with a fresh retry budget, then placed; any other state is refused
+    with what to do instead. Returns what happened, as both show it."""
+    record = ledger.find(job)
+    result = tr.retry(ledger, record.id)
     if isinstance(result, tr.Refused):
-        raise LoraFarmError(f"job {job_id} is `{result.state}`; only failed or cancelled jobs can "
+        raise LoraFarmError(f"job {record.id} is `{result.state}`; only failed or cancelled jobs can "
                             "be retried (an uploading one: `lorafarm retry-upload`).")
-    return result
+    dispatch_once(ledger)
+    return f"{record.id} {record.name}: queued again (attempt {result.attempt})"

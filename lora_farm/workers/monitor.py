@@ -29,8 +29,6 @@ from lora_farm.scheduler.policy import Policy
 
 log = logging.getLogger(__name__)
 Sampler = Callable[[str, set[int]], UtilSample | None]
-
-
 MPS_LIMIT_ENV = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
 
 
@@ -44,8 +42,7 @@ def cap_env(ledger: Ledger, record: JobRecord, policy: Policy,
     environ = os.environ if environ is None else environ
     if not record.gpus:
         return {}
-    card = ledger.client.hmget(ledger.keys.gpu(record.gpus[0]), "total_mb", "source")
-    total, source = card[0], card[1]
+    total, source = ledger.client.hmget(ledger.keys.gpu(record.gpus[0]), "total_mb", "source")
     if source == "cpu" or not total:
         return {}
     cap = memory_cap(record.estimate_mb, float(total), policy)
@@ -66,7 +63,7 @@ class JobMonitor:
         self.ledger, self.record, self.policy, self.log_path = ledger, record, policy, log_path
         self.sampler, self.sample_seconds, self.clock = sampler, sample_seconds, clock
         self.watchdog = Watchdog(policy)
-        self.watch = WatchdogState()
+        self.watchdog_state = WatchdogState()  # the watchdog's last word: flagged, requeue, reason
         self.samples: list[float] = []
         self.waits: list[float] = []  # data_wait_frac of each report: judged over the attempt
         self.util_pct: float | None = None
@@ -74,21 +71,13 @@ class JobMonitor:
         self.last_sample = -float("inf")
         self.logged: set[str] = set()  # warning kinds already written to the job log
 
-    @property
-    def requeue_due(self) -> bool:
-        return self.watch.requeue
-
-    @property
-    def watchdog_reason(self) -> str:
-        return self.watch.reason
-
     def progress(self, event: dict[str, Any]) -> dict[str, Any]:
         """Ledger fields from one progress event (the watchdog and the data wait judged)."""
         fields: dict[str, Any] = {}
         it_s, wait = event.get("step_it_s"), event.get("data_wait_frac")
         if it_s is not None:
             fields["it_s"] = it_s
-            self.watch = self.watchdog.observe(float(it_s), self.clock())
+            self.watchdog_state = self.watchdog.observe(float(it_s), self.clock())
         if wait is not None:
             self.waits.append(float(wait))
             mean_wait = sum(self.waits) / len(self.waits)
@@ -124,7 +113,7 @@ class JobMonitor:
 
     def _warning(self) -> str:
         found = {"data-bound": self.data_warning,
-                 "watchdog": self.watch.reason if self.watch.flagged else ""}
+                 "watchdog": self.watchdog_state.reason if self.watchdog_state.flagged else ""}
         for kind, text in found.items():
             if text and kind not in self.logged:
                 self.logged.add(kind)

@@ -44,9 +44,7 @@ from lora_farm.workers.upload import ship_and_finish
 log = logging.getLogger(__name__)
 S = JobState
 ArgvFactory = Callable[[Path, Path, Path], list[str]]
-_PROGRESS_KEYS = {"step": "step", "total_steps": "total_steps", "epoch": "epoch",
-                  "epochs": "epochs", "loss": "loss", "eta_s": "eta_s",
-                  "peak_vram_mb": "peak_vram_mb"}
+_PROGRESS_KEYS = ("step", "total_steps", "epoch", "epochs", "loss", "eta_s", "peak_vram_mb")
 
 
 @dataclass
@@ -97,13 +95,12 @@ def run_job(ledger: Ledger, job_id: str, token: str, options: RunnerOptions | No
 class _Watch:
     """State of one trainer run while it is watched."""
 
-    def __init__(self, ledger: Ledger, record: JobRecord, job_dir: Path, monitor: JobMonitor):
-        self.ledger, self.record, self.job_dir = ledger, record, job_dir
+    def __init__(self, ledger: Ledger, record: JobRecord, events: Path, monitor: JobMonitor):
+        self.ledger, self.record = ledger, record
         self.monitor = monitor  # telemetry, data-bound warning, throughput watchdog
-        self.tail = EventTail(JobDir(job_dir).events)
+        self.tail = EventTail(events)
         self.tail.read_new()  # skip the events of earlier attempts
         self.evidence = RunEvidence(returncode=None, timeout_s=record.timeout)
-        self.artifacts: dict[str, str] = {}
 
     def absorb_events(self) -> None:
         update: dict[str, Any] = {}
@@ -114,7 +111,7 @@ class _Watch:
             if kind == "phase":
                 update["phase"] = event.get("phase", "")
             elif kind == "progress":
-                update.update({key: event[src] for src, key in _PROGRESS_KEYS.items() if src in event})
+                update.update({key: event[key] for key in _PROGRESS_KEYS if key in event})
                 update.update(self.monitor.progress(event))
             elif kind == "summary":
                 self.evidence.exported = True
@@ -123,7 +120,6 @@ class _Watch:
                     update["peak_vram_mb"] = event["peak_vram_mb"]
             elif kind == "artifact":
                 self.evidence.exported = True
-                self.artifacts[event.get("kind", "file")] = str(event.get("path", ""))
             elif kind == "error":
                 self.evidence.last_error = event
         if update:
@@ -142,7 +138,7 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     # the spec was validated at submit; the plan (if any) is the farm's own: written as it is
     resolved = write_resolved(record.effective_spec(), paths.resolved_config)
     policy = placement_of(settings)
-    watch = _Watch(ledger, record, job_dir, JobMonitor(ledger, record, policy, paths.log))
+    watch = _Watch(ledger, record, paths.events, JobMonitor(ledger, record, policy, paths.log))
     _log_header(paths.log, record)
     extra_env = {**_trainer_extra_env(record, settings), **cap_env(ledger, record, policy)}
     process = tp.spawn(options.trainer_argv(resolved, job_dir, paths.events),
@@ -158,7 +154,6 @@ def _supervise(ledger: Ledger, record: JobRecord, lock: RedisLock, heartbeat: He
     finally:
         process.stdin.close()  # the lifeline: only once the trainer has exited
     _safely(watch.absorb_events, "reading the last events")
-    watch.record.artifacts = watch.artifacts
     return classify(watch.evidence)
 
 
@@ -185,8 +180,8 @@ def _watch_until_exit(process: subprocess.Popen, watch: _Watch, heartbeat: Heart
             evidence.shutdown = True  # SIGTERM: the trainer finishes its step and checkpoints
         elif timeout and time.monotonic() - started > timeout:
             evidence.timed_out = True
-        elif watch.monitor.requeue_due:  # SIGTERM: checkpoint, then requeued away from the card
-            evidence.throttled, evidence.throttle_reason = True, watch.monitor.watchdog_reason
+        elif watch.monitor.watchdog_state.requeue:  # SIGTERM: checkpoint, then requeued away from the card
+            evidence.throttled, evidence.throttle_reason = True, watch.monitor.watchdog_state.reason
         else:
             continue
         # at a shutdown the worker's main process may have sent the SIGTERM already: one only

@@ -41,8 +41,8 @@ def begin_shutdown(ledger: Ledger, worker_name: str, gpu_uuid: str | None) -> li
     """Everything the main process does when its worker starts a warm shutdown; returns the
     ids of the jobs whose trainers were told to checkpoint and stop."""
     mark_stopping(ledger, worker_name)
-    if gpu_uuid:
-        withdraw_card(ledger, gpu_uuid)
+    if gpu_uuid:  # its heartbeat aged, so dispatch stops placing on the card (dispatch.live_gpus)
+        ledger.client.hset(ledger.keys.gpu(gpu_uuid), "heartbeat", "0")
     return stop_trainers(ledger, worker_name)
 
 
@@ -65,11 +65,6 @@ def is_stopping(ledger: Ledger, worker_name: str) -> bool:
         return bool(ledger.client.exists(ledger.keys.worker_stopping(worker_name)))
     except redis.RedisError:
         return False  # Redis is away: keep training, ask again next tick
-
-
-def withdraw_card(ledger: Ledger, gpu_uuid: str) -> None:
-    """Age the card's heartbeat so dispatch stops placing on it (dispatch.live_gpus)."""
-    ledger.client.hset(ledger.keys.gpu(gpu_uuid), "heartbeat", "0")
 
 
 def stop_trainers(ledger: Ledger, worker_name: str) -> list[str]:

@@ -43,10 +43,8 @@ def trainer_argv(resolved_spec: Path, job_dir: Path, events: Path) -> list[str]:
 
 def trainer_env(pinned: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in _SECRET_ENV}
-    env.update(pinned)
-    env.update(extra)
-    env["PYTHONUNBUFFERED"] = "1"  # progress lines reach train.log as they happen
-    return env
+    # unbuffered: progress lines reach train.log as they happen
+    return {**env, **pinned, **extra, "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(argv: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path,

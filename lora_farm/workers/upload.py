@@ -31,9 +31,7 @@ def ship_and_finish(ledger: Ledger, job_id: str, job_dir: Path,
     Success -> ``succeeded`` with the artifact URIs. A storage failure keeps it ``uploading``
     with the error and the time of the next try; missing weights (a trainer bug) -> ``failed``.
     """
-    from lora_farm.shipping import (
-        ship_job,  # boto3 is loaded only where something is shipped
-    )
+    from lora_farm.shipping import ship_job  # boto3 is loaded only where something is shipped
 
     settings = settings or ledger.settings
     record = ledger.get(job_id)

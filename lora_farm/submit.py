@@ -35,6 +35,17 @@ class Submitted:
     source: Path | None = None
 
 
+    @property
+    def line(self) -> str:
+        """What ``lorafarm submit`` and the dashboard say of the job."""
+        r = self.record
+        if not self.created:
+            return f"unchanged {r.name}: identical spec already in batch {r.batch} as {r.id} ({r.state}); nothing queued"
+        chosen = f", base {r.plan['quantize_base']} (auto)" if "quantize_base" in r.plan else ""
+        return (f"queued {r.id} {r.name} (batch {r.batch}, priority {r.priority}, estimate "
+                f"{r.estimate_mb / 1024:.1f} GB{chosen}, host RAM {r.host_ram_mb / 1024:.1f} GB)")
+
+
 @dataclass(frozen=True)
 class SubmitReport:
     jobs: list[Submitted]

@@ -40,14 +40,8 @@ def submit(
         err_console.print(f"{len(error.problems)} problem(s); nothing was queued.", highlight=False)
         raise typer.Exit(1) from None
     for job in report.jobs:
-        r = job.record
-        if job.created:
-            console.print(f"[green]queued[/] {r.id} {r.name} (batch {r.batch}, priority {r.priority}, "
-                          f"estimate {r.estimate_mb / 1024:.1f} GB{_chosen(r.plan)}, "
-                          f"host RAM {r.host_ram_mb / 1024:.1f} GB)", highlight=False)
-        else:
-            console.print(f"[yellow]unchanged[/] {r.name}: identical spec already in batch {r.batch} "
-                          f"as {r.id} ({r.state}); nothing queued", highlight=False)
+        word, rest = job.line.split(" ", 1)
+        console.print(f"[{'green' if job.created else 'yellow'}]{word}[/] {escape(rest)}", highlight=False)
     if report.placed:
         console.print(f"{len(report.placed)} job(s) placed on cards now.")
     if wait:
@@ -234,8 +228,3 @@ def worker(
 
     selected = [g.strip() for g in gpus_option.split(",") if g.strip()] if gpus_option else None
     raise typer.Exit(run_workers(selected, pool=pool, loglevel=loglevel))
-
-
-def _chosen(plan: dict) -> str:
-    """What submit chose for the job (``quantize_base: auto``)."""
-    return f", base {plan['quantize_base']} (auto)" if "quantize_base" in plan else ""

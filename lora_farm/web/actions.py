@@ -66,7 +66,7 @@ def submit_text(ledger: Ledger, settings: Settings, text: str, filename: str = "
         return SubmitResult(problems=[str(p).replace(str(path), name) for p in error.problems])
     except LoraFarmError as error:
         return SubmitResult(error=str(error).replace(str(path), name))
-    return SubmitResult(lines=[_line(job) for job in report.jobs],
+    return SubmitResult(lines=[job.line for job in report.jobs],
                         job_ids=[job.record.id for job in report.jobs])
 
 
@@ -77,11 +77,3 @@ def spec_path(settings: Settings, text: str, name: str) -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def _line(job) -> str:
-    r = job.record
-    if job.created:
-        return (f"queued {r.id} {r.name} (batch {r.batch}, priority {r.priority}, "
-                f"estimate {r.estimate_mb / 1024:.1f} GB)")
-    return f"unchanged {r.name}: identical spec already in batch {r.batch} as {r.id} ({r.state}); nothing queued"

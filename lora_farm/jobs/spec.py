@@ -33,9 +33,7 @@ _DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*
 
 def parse_duration(value: Any) -> Any:
     """``3600``, ``"90m"``, ``"6h"``, ``"1h30m"``, ``"2d"`` -> seconds; other input passes on."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return value
-    if isinstance(value, (int, float)):
+    if not isinstance(value, str):
         return value
     match = _DURATION.match(value)
     if not value.strip() or not match or not any(match.groups()):

@@ -83,8 +83,7 @@ def make_plan(micro_per_epoch: int, accumulation: int, epochs: int, max_steps: i
     if micro_per_epoch < 1:
         raise DatasetError("the training data yields no batch at all; add examples or lower "
                            "`batch_size`")
-    steps_per_epoch = math.ceil(micro_per_epoch / accumulation)
-    return StepPlan(micro_per_epoch, accumulation, max_steps or epochs * steps_per_epoch)
+    return StepPlan(micro_per_epoch, accumulation, max_steps or epochs * math.ceil(micro_per_epoch / accumulation))
 
 
 def micro_seed(seed: int, global_micro: int, stream: int) -> int:

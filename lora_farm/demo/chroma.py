@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import DEV_SCHEDULER, T5_HIDDEN, _t5, flux_vae, t5_tokenizer
+from lora_farm.demo.flux import DEV_SCHEDULER, T5_HIDDEN, flux_vae, t5_encoder, t5_tokenizer
+from lora_farm.demo.vocab import save_pipeline
 
 
 def _transformer():
@@ -27,11 +28,9 @@ def build_tiny_chroma(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **DEV_SCHEDULER),
-                          vae=flux_vae(), text_encoder=_t5(tokenizer), tokenizer=tokenizer,
+                          vae=flux_vae(), text_encoder=t5_encoder(tokenizer), tokenizer=tokenizer,
                           transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lora_farm.demo.sd import IMAGE_SIZE, TEXT_HIDDEN, _text_config
-from lora_farm.demo.vocab import CORPUS, clip_tokenizer, write_clip_vocab_files
+from lora_farm.demo.vocab import CORPUS, clip_tokenizer, save_pipeline
 
 T5_HIDDEN = 32
 T5_TOKENS = 32
@@ -43,11 +43,13 @@ def t5_tokenizer(vocab_size: int = 400):
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_TOKENS)
 
 
-def _t5(tokenizer):
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(tokenizer, hidden: int = T5_HIDDEN, umt5: bool = False):
+    """A tiny T5 encoder (``umt5``: Wan's UMT5) of width ``hidden``: 2 layers of 4 heads of 8."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=T5_HIDDEN, d_kv=8, d_ff=2 * T5_HIDDEN, num_layers=2,
+    model, config = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
+    return model(config(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2,
         num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
 
@@ -78,14 +80,11 @@ def build_tiny_flux(path: Path, seed: int = 0, schnell: bool = False) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHNELL_SCHEDULER if schnell else DEV_SCHEDULER))
     pipe = FluxPipeline(scheduler=scheduler, vae=flux_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
-                        tokenizer=tokenizer, text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok,
+                        tokenizer=tokenizer, text_encoder_2=t5_encoder(t5_tok), tokenizer_2=t5_tok,
                         transformer=_transformer(guidance=not schnell))
-    pipe.save_pretrained(path)
-    write_clip_vocab_files(path / "tokenizer")
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer",))

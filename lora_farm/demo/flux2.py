@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lora_farm.demo.flux import DEV_SCHEDULER
 from lora_farm.demo.sd import IMAGE_SIZE
+from lora_farm.demo.vocab import save_pipeline
 from lora_farm.demo.zimage import QWEN_TOKENS, qwen_tokenizer
 
 QWEN_HIDDEN = 16
@@ -61,11 +62,9 @@ def build_tiny_flux2_klein(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **DEV_SCHEDULER),
         vae=flux2_vae(), text_encoder=_qwen3(tokenizer), tokenizer=tokenizer, transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.vocab import CLIP_BOS, CLIP_EOS, clip_tokenizer, write_clip_vocab_files
+from lora_farm.demo.vocab import CLIP_BOS, CLIP_EOS, clip_tokenizer, save_pipeline
 
 LATENT_SIZE = 8
 IMAGE_SIZE = 64
@@ -89,16 +89,13 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     pipe = StableDiffusionPipeline(
         vae=_vae(0.18215), text_encoder=CLIPTextModel(_text_config(tokenizer)),
         tokenizer=tokenizer, unet=_sd_unet(), scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    write_clip_vocab_files(path / "tokenizer")
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer",))
 
 
 def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
@@ -107,7 +104,6 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
@@ -115,7 +111,4 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TEXT_HIDDEN_2)),
         tokenizer=tokenizer, tokenizer_2=clip_tokenizer(), unet=_sdxl_unet(),
         scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
-    pipe.save_pretrained(path)
-    for folder in ("tokenizer", "tokenizer_2"):
-        write_clip_vocab_files(path / folder)
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer", "tokenizer_2"))

@@ -84,6 +84,16 @@ def write_clip_vocab_files(folder: Path, merges: list[tuple[str, str]] | None = 
     return write_vocab_files(folder, learn_clip_merges() if merges is None else merges)
 
 
+def save_pipeline(pipe, path: Path, clip_tokenizers: tuple[str, ...] = ()) -> Path:
+    """``pipe.save_pretrained(path)``, plus the classic CLIP tokenizer files in each folder of
+    ``clip_tokenizers``; returns ``path``."""
+    path = Path(path)
+    pipe.save_pretrained(path)
+    for folder in clip_tokenizers:
+        write_clip_vocab_files(path / folder)
+    return path
+
+
 # the LLM vocabulary also learns the Alpaca prompt template (what the trainer wraps instruction
 # records in), so an instruction example stays a few dozen tokens long
 LLM_CORPUS = CORPUS + """\

@@ -125,9 +125,8 @@ class StopFlag:
     def installed(self, after: Any = None) -> Iterator[None]:
         """Handle SIGTERM/SIGINT inside the block; on leaving, put back the previous handlers, or
         ``after`` (e.g. ``signal.SIG_IGN`` once the process only has to finish up)."""
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        for sig in previous:
-            signal.signal(sig, lambda number, _frame: self.request(signal.Signals(number).name))
+        previous = {sig: signal.signal(sig, lambda number, _frame: self.request(signal.Signals(number).name))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:

@@ -15,6 +15,7 @@ how Qwen's own vocabulary splits it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lora_farm.demo.vocab import CORPUS, save_pipeline
@@ -45,17 +46,10 @@ def qwen_tokenizer(template: str, vocab_size: int = 600):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     lines = CORPUS.splitlines() + [template.format("")] * 8
     backend.train_from_iterator(lines, trainer=trainer)
-    tokenizer = Qwen2Tokenizer(vocab=backend.get_vocab(), merges=_merges(backend.model), model_max_length=2048)
+    merges = [tuple(pair) for pair in json.loads(backend.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=backend.get_vocab(), merges=merges, model_max_length=2048)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
     return tokenizer
-
-
-def _merges(model) -> list[tuple[str, str]]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        merges = Path(model.save(folder)[-1]).read_text(encoding="utf-8").splitlines()
-    return [tuple(line.split(" ")) for line in merges if line and not line.startswith("#")]
 
 
 def _text_encoder(tokenizer):

@@ -157,16 +157,14 @@ def example_problems(example: Example) -> list[str]:
 
 
 def _caption_problems(example: Example) -> list[str]:
-    problems = []
-    if not example.caption:
-        if example.caption_source.suffix == ".csv":
-            problems.append(f"{example.image}: empty caption in {example.caption_source}; write one")
-        elif example.caption_source.is_file():
-            problems.append(f"{example.caption_source}: caption file is empty; write a caption")
-        else:
-            problems.append(f"{example.caption_source}: caption file not found for {example.image.name}; "
-                            "add it, or a metadata.csv with file_name,text")
-    return problems
+    if example.caption:
+        return []
+    if example.caption_source.suffix == ".csv":
+        return [f"{example.image}: empty caption in {example.caption_source}; write one"]
+    if example.caption_source.is_file():
+        return [f"{example.caption_source}: caption file is empty; write a caption"]
+    return [f"{example.caption_source}: caption file not found for {example.image.name}; "
+            "add it, or a metadata.csv with file_name,text"]
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")

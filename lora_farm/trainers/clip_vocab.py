@@ -34,10 +34,7 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(pair) for pair in merges]
     tokens += [CLIP_BOS, CLIP_EOS]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}  # a repeat keeps its first id
 
 
 def write_vocab_files(folder: Path, merges: list[tuple[str, str]]) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_farm.demo.sd import IMAGE_SIZE, TEXT_HIDDEN, _text_config
+from lora_farm.demo.sd import TEXT_HIDDEN, VAE_LAYOUT, _text_config
 from lora_farm.demo.vocab import CORPUS, clip_tokenizer, save_pipeline
 
 T5_HIDDEN = 32
@@ -58,11 +58,8 @@ def flux_vae():
     """A 16-channel AutoencoderKL that downsamples by 8 with Flux's factors (SD3.5 and Z-Image reuse it)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE, scaling_factor=VAE_SCALING,
-        shift_factor=VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False)
+    return AutoencoderKL(latent_channels=16, scaling_factor=VAE_SCALING, shift_factor=VAE_SHIFT,
+                         use_quant_conv=False, use_post_quant_conv=False, **VAE_LAYOUT)
 
 
 def _transformer(guidance: bool):

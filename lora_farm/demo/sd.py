@@ -20,6 +20,10 @@ TEXT_HIDDEN = 32
 # loaders tell the two apart by that width, so the tiny one keeps them different too.
 TEXT_HIDDEN_2 = 48
 SDXL_TIME_EMBED_DIM = 8
+# every tiny AutoencoderKL (SD's, Flux's, Flux.2's): four levels, three 2x downsamplers = 8x
+VAE_LAYOUT = {"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "norm_num_groups": 8,
+              "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+              "block_out_channels": (8, 16, 32, 32), "sample_size": IMAGE_SIZE}
 
 
 def _scheduler():
@@ -34,10 +38,7 @@ def _scheduler():
 def _vae(scaling_factor: float):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE, scaling_factor=scaling_factor)
+    return AutoencoderKL(latent_channels=4, scaling_factor=scaling_factor, **VAE_LAYOUT)
 
 
 def _text_config(tokenizer, hidden: int = TEXT_HIDDEN):

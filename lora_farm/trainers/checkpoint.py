@@ -61,11 +61,8 @@ def list_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and _is_complete(child):
-            found.append(Checkpoint(child, int(match.group(1))))
+    found = [Checkpoint(child, int(match.group(1))) for child in root.iterdir()
+             if (match := _STEP_DIR.match(child.name)) and child.is_dir() and _is_complete(child)]
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 

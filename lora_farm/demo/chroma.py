@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import DEV_SCHEDULER, T5_HIDDEN, flux_vae, t5_encoder, t5_tokenizer
+from lora_farm.demo.flux import DEV_SCHEDULER, FLUX_BLOCKS, flux_vae, t5_encoder, t5_tokenizer
 from lora_farm.demo.vocab import save_pipeline
 
 
 def _transformer():
     from diffusers import ChromaTransformer2DModel
 
-    return ChromaTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, axes_dims_rope=(4, 6, 6),
-        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
+    return ChromaTransformer2DModel(approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2,
+                                    **FLUX_BLOCKS)
 
 
 def build_tiny_chroma(path: Path, seed: int = 0) -> Path:

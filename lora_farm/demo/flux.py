@@ -23,6 +23,10 @@ VAE_SCALING, VAE_SHIFT = 0.3611, 0.1159
 DEV_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}
+# 2 double- and 2 single-stream blocks of 2 heads x 16 over 64 packed channels (Chroma's too)
+FLUX_BLOCKS = {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2,
+               "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": T5_HIDDEN,
+               "axes_dims_rope": (4, 6, 6)}
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 
 
@@ -65,10 +69,7 @@ def flux_vae():
 def _transformer(guidance: bool):
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
-        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    return FluxTransformer2DModel(pooled_projection_dim=TEXT_HIDDEN, guidance_embeds=guidance, **FLUX_BLOCKS)
 
 
 def build_tiny_flux(path: Path, seed: int = 0, schnell: bool = False) -> Path:

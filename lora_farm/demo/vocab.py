@@ -79,9 +79,9 @@ def clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=clip_vocab(merges), merges=merges, model_max_length=max_length)
 
 
-def write_clip_vocab_files(folder: Path, merges: list[tuple[str, str]] | None = None) -> Path:
-    """The CLIP tokenizer files of the offline merges (or of ``merges``) in ``folder``."""
-    return write_vocab_files(folder, learn_clip_merges() if merges is None else merges)
+def write_clip_vocab_files(folder: Path) -> Path:
+    """The CLIP tokenizer files (vocab.json + merges.txt) of the offline merges in ``folder``."""
+    return write_vocab_files(folder, learn_clip_merges())
 
 
 def save_pipeline(pipe, path: Path, clip_tokenizers: tuple[str, ...] = ()) -> Path:

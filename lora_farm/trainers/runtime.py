@@ -211,10 +211,9 @@ class Runtime:
                 self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + spent, 3)
 
     def _summary(self, plan: StepPlan) -> dict[str, Any]:
-        last = max(self.step_losses) if self.step_losses else None
         summary = self.events.emit(
-            "summary", final_loss=self.step_losses.get(last) if last else None, steps=plan.total_steps,
-            epochs=plan.epochs, phase_seconds=self.phase_seconds,
+            "summary", final_loss=self.step_losses[max(self.step_losses)] if self.step_losses else None,
+            steps=plan.total_steps, epochs=plan.epochs, phase_seconds=self.phase_seconds,
             peak_vram_mb=peak_vram_mb(self.device), precision=self.precision.name,
             **self.program.describe())
         self.say(f"done: {plan.total_steps} steps, final loss {summary['final_loss']}, "

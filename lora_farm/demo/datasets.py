@@ -78,14 +78,14 @@ def write_image_dataset(folder: Path, n: int = 8, size: int = 64,
 
 def write_captions(folder: Path, rows: list[tuple[str, str]], captions: Literal["metadata", "sidecar"]) -> Path:
     """``(file name, caption)`` rows as ``folder/metadata.csv`` or as ``.txt`` sidecars; returns ``folder``."""
-    if captions == "sidecar":
-        for name, caption in rows:
-            (folder / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+    if captions == "metadata":
+        with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["file_name", "text"])
+            writer.writerows(rows)
         return folder
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["file_name", "text"])
-        writer.writerows(rows)
+    for name, caption in rows:
+        (folder / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import DEV_SCHEDULER, T5_HIDDEN, _t5, flux_vae, t5_tokenizer
+from lora_farm.demo.flux import DEV_SCHEDULER, FLUX_BLOCKS, flux_vae, t5_encoder, t5_tokenizer
+from lora_farm.demo.vocab import save_pipeline
 
 
 def _transformer():
     from diffusers import ChromaTransformer2DModel
 
-    return ChromaTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, axes_dims_rope=(4, 6, 6),
-        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
+    return ChromaTransformer2DModel(approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2,
+                                    **FLUX_BLOCKS)
 
 
 def build_tiny_chroma(path: Path, seed: int = 0) -> Path:
@@ -27,11 +26,9 @@ def build_tiny_chroma(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **DEV_SCHEDULER),
-                          vae=flux_vae(), text_encoder=_t5(tokenizer), tokenizer=tokenizer,
+                          vae=flux_vae(), text_encoder=t5_encoder(tokenizer), tokenizer=tokenizer,
                           transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)

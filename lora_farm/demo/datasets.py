@@ -73,13 +73,19 @@ def write_image_dataset(folder: Path, n: int = 8, size: int = 64,
         file_name = f"{index:04d}_{colour}_{shape}.png"
         image.save(folder / file_name, format="PNG")
         rows.append((file_name, caption))
-        if captions == "sidecar":
-            (folder / file_name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+    return write_captions(folder, rows, captions)
+
+
+def write_captions(folder: Path, rows: list[tuple[str, str]], captions: Literal["metadata", "sidecar"]) -> Path:
+    """``(file name, caption)`` rows as ``folder/metadata.csv`` or as ``.txt`` sidecars; returns ``folder``."""
     if captions == "metadata":
         with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(["file_name", "text"])
             writer.writerows(rows)
+        return folder
+    for name, caption in rows:
+        (folder / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
     return folder
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_farm.demo.sd import IMAGE_SIZE, TEXT_HIDDEN, _text_config
-from lora_farm.demo.vocab import CORPUS, clip_tokenizer, write_clip_vocab_files
+from lora_farm.demo.sd import TEXT_HIDDEN, VAE_LAYOUT, _text_config
+from lora_farm.demo.vocab import CORPUS, clip_tokenizer, save_pipeline
 
 T5_HIDDEN = 32
 T5_TOKENS = 32
@@ -23,6 +23,10 @@ VAE_SCALING, VAE_SHIFT = 0.3611, 0.1159
 DEV_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}
+# 2 double- and 2 single-stream blocks of 2 heads x 16 over 64 packed channels (Chroma's too)
+FLUX_BLOCKS = {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 2,
+               "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": T5_HIDDEN,
+               "axes_dims_rope": (4, 6, 6)}
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 
 
@@ -43,11 +47,13 @@ def t5_tokenizer(vocab_size: int = 400):
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_TOKENS)
 
 
-def _t5(tokenizer):
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(tokenizer, hidden: int = T5_HIDDEN, umt5: bool = False):
+    """A tiny T5 encoder (``umt5``: Wan's UMT5) of width ``hidden``: 2 layers of 4 heads of 8."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=T5_HIDDEN, d_kv=8, d_ff=2 * T5_HIDDEN, num_layers=2,
+    model, config = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
+    return model(config(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2,
         num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
 
@@ -56,20 +62,14 @@ def flux_vae():
     """A 16-channel AutoencoderKL that downsamples by 8 with Flux's factors (SD3.5 and Z-Image reuse it)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE, scaling_factor=VAE_SCALING,
-        shift_factor=VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False)
+    return AutoencoderKL(latent_channels=16, scaling_factor=VAE_SCALING, shift_factor=VAE_SHIFT,
+                         use_quant_conv=False, use_post_quant_conv=False, **VAE_LAYOUT)
 
 
 def _transformer(guidance: bool):
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
-        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    return FluxTransformer2DModel(pooled_projection_dim=TEXT_HIDDEN, guidance_embeds=guidance, **FLUX_BLOCKS)
 
 
 def build_tiny_flux(path: Path, seed: int = 0, schnell: bool = False) -> Path:
@@ -78,14 +78,11 @@ def build_tiny_flux(path: Path, seed: int = 0, schnell: bool = False) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, **(SCHNELL_SCHEDULER if schnell else DEV_SCHEDULER))
     pipe = FluxPipeline(scheduler=scheduler, vae=flux_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
-                        tokenizer=tokenizer, text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok,
+                        tokenizer=tokenizer, text_encoder_2=t5_encoder(t5_tok), tokenizer_2=t5_tok,
                         transformer=_transformer(guidance=not schnell))
-    pipe.save_pretrained(path)
-    write_clip_vocab_files(path / "tokenizer")
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer",))

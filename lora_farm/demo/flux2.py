@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_farm.demo.flux import DEV_SCHEDULER
-from lora_farm.demo.sd import IMAGE_SIZE
+from lora_farm.demo.sd import VAE_LAYOUT
+from lora_farm.demo.vocab import save_pipeline
 from lora_farm.demo.zimage import QWEN_TOKENS, qwen_tokenizer
 
 QWEN_HIDDEN = 16
@@ -37,10 +38,7 @@ def flux2_vae():
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, latent_channels=32, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE)
+    vae = AutoencoderKLFlux2(latent_channels=32, **VAE_LAYOUT)
     with torch.no_grad():
         vae.bn.running_mean.normal_(0.0, 0.2)
         vae.bn.running_var.uniform_(0.5, 2.0)
@@ -61,11 +59,9 @@ def build_tiny_flux2_klein(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **DEV_SCHEDULER),
         vae=flux2_vae(), text_encoder=_qwen3(tokenizer), tokenizer=tokenizer, transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)

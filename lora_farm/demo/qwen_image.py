@@ -15,9 +15,11 @@ how Qwen's own vocabulary splits it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from lora_farm.demo.vocab import CORPUS
+from lora_farm.demo.vocab import CORPUS, save_pipeline
+from lora_farm.demo.wan import WAN_VAE_LAYOUT
 
 TEXT_HIDDEN = 32
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -44,17 +46,10 @@ def qwen_tokenizer(template: str, vocab_size: int = 600):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     lines = CORPUS.splitlines() + [template.format("")] * 8
     backend.train_from_iterator(lines, trainer=trainer)
-    tokenizer = Qwen2Tokenizer(vocab=backend.get_vocab(), merges=_merges(backend.model), model_max_length=2048)
+    merges = [tuple(pair) for pair in json.loads(backend.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=backend.get_vocab(), merges=merges, model_max_length=2048)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
     return tokenizer
-
-
-def _merges(model) -> list[tuple[str, str]]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        merges = Path(model.save(folder)[-1]).read_text(encoding="utf-8").splitlines()
-    return [tuple(line.split(" ")) for line in merges if line and not line.startswith("#")]
 
 
 def _text_encoder(tokenizer):
@@ -75,9 +70,7 @@ def _text_encoder(tokenizer):
 def _vae():
     from diffusers import AutoencoderKLQwenImage
 
-    # base_dim 8 (real: 96), dim_mult and temporal flags as the real one: 8x spatial
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                  temperal_downsample=[False, True, True])
+    return AutoencoderKLQwenImage(**WAN_VAE_LAYOUT)  # the real dim_mult and temporal flags: 8x spatial
 
 
 def _transformer():
@@ -93,7 +86,6 @@ def build_tiny_qwen_image(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    path = Path(path)
     torch.manual_seed(seed)
     # the pipeline's own prompt template (set in its __init__; an empty pipeline has it)
     template = QwenImagePipeline(None, None, None, None, None).prompt_template_encode
@@ -103,6 +95,5 @@ def build_tiny_qwen_image(path: Path, seed: int = 0) -> Path:
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **SCHEDULER),
                              vae=_vae(), text_encoder=_text_encoder(tokenizer), tokenizer=tokenizer,
                              transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.vocab import CLIP_BOS, CLIP_EOS, clip_tokenizer, write_clip_vocab_files
+from lora_farm.demo.vocab import CLIP_BOS, CLIP_EOS, clip_tokenizer, save_pipeline
 
 LATENT_SIZE = 8
 IMAGE_SIZE = 64
@@ -20,6 +20,10 @@ TEXT_HIDDEN = 32
 # loaders tell the two apart by that width, so the tiny one keeps them different too.
 TEXT_HIDDEN_2 = 48
 SDXL_TIME_EMBED_DIM = 8
+# every tiny AutoencoderKL (SD's, Flux's, Flux.2's): four levels, three 2x downsamplers = 8x
+VAE_LAYOUT = {"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "norm_num_groups": 8,
+              "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+              "block_out_channels": (8, 16, 32, 32), "sample_size": IMAGE_SIZE}
 
 
 def _scheduler():
@@ -34,10 +38,7 @@ def _scheduler():
 def _vae(scaling_factor: float):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE, scaling_factor=scaling_factor)
+    return AutoencoderKL(latent_channels=4, scaling_factor=scaling_factor, **VAE_LAYOUT)
 
 
 def _text_config(tokenizer, hidden: int = TEXT_HIDDEN):
@@ -89,16 +90,13 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     pipe = StableDiffusionPipeline(
         vae=_vae(0.18215), text_encoder=CLIPTextModel(_text_config(tokenizer)),
         tokenizer=tokenizer, unet=_sd_unet(), scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    write_clip_vocab_files(path / "tokenizer")
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer",))
 
 
 def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
@@ -107,7 +105,6 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     pipe = StableDiffusionXLPipeline(
@@ -115,7 +112,4 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TEXT_HIDDEN_2)),
         tokenizer=tokenizer, tokenizer_2=clip_tokenizer(), unet=_sdxl_unet(),
         scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
-    pipe.save_pretrained(path)
-    for folder in ("tokenizer", "tokenizer_2"):
-        write_clip_vocab_files(path / folder)
-    return path
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer", "tokenizer_2"))

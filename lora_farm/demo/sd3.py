@@ -13,22 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_farm.demo.flux import flux_vae, t5_tokenizer
+from lora_farm.demo.flux import flux_vae, t5_encoder, t5_tokenizer
 from lora_farm.demo.sd import LATENT_SIZE, TEXT_HIDDEN, TEXT_HIDDEN_2, _text_config
-from lora_farm.demo.vocab import clip_tokenizer, write_clip_vocab_files
+from lora_farm.demo.vocab import clip_tokenizer, save_pipeline
 
 T5_HIDDEN = 96  # > TEXT_HIDDEN + TEXT_HIDDEN_2: the CLIP tokens are zero-padded to it
 # stabilityai/stable-diffusion-3.5-large's vae/config.json factors and scheduler shift
 VAE_SCALING, VAE_SHIFT, SHIFT = 1.5305, 0.0609, 3.0
-
-
-def _t5(tokenizer):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=T5_HIDDEN, d_kv=8, d_ff=2 * T5_HIDDEN, num_layers=2,
-        num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0))
 
 
 def _transformer(medium: bool):
@@ -48,7 +39,6 @@ def build_tiny_sd3(path: Path, seed: int = 0, medium: bool = True) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer, tokenizer_2, t5_tok = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     vae = flux_vae()
@@ -58,8 +48,5 @@ def build_tiny_sd3(path: Path, seed: int = 0, medium: bool = True) -> Path:
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT),
         text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer)), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, TEXT_HIDDEN_2)),
-        tokenizer_2=tokenizer_2, text_encoder_3=_t5(t5_tok), tokenizer_3=t5_tok)
-    pipe.save_pretrained(path)
-    for folder in ("tokenizer", "tokenizer_2"):
-        write_clip_vocab_files(path / folder)
-    return path
+        tokenizer_2=tokenizer_2, text_encoder_3=t5_encoder(t5_tok, T5_HIDDEN), tokenizer_3=t5_tok)
+    return save_pipeline(pipe, path, clip_tokenizers=("tokenizer", "tokenizer_2"))

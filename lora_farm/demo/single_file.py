@@ -42,9 +42,7 @@ def _load_component(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not files:
         raise ModelLoadError(
             f"{folder} holds no .safetensors weights; save the pipeline with safe_serialization")
-    state: dict[str, Any] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    state = {key: tensor for file in files for key, tensor in load_file(str(file)).items()}
     return json.loads((folder / "config.json").read_text(encoding="utf-8")), state
 
 

@@ -79,9 +79,19 @@ def clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=clip_vocab(merges), merges=merges, model_max_length=max_length)
 
 
-def write_clip_vocab_files(folder: Path, merges: list[tuple[str, str]] | None = None) -> Path:
-    """The CLIP tokenizer files of the offline merges (or of ``merges``) in ``folder``."""
-    return write_vocab_files(folder, learn_clip_merges() if merges is None else merges)
+def write_clip_vocab_files(folder: Path) -> Path:
+    """The CLIP tokenizer files (vocab.json + merges.txt) of the offline merges in ``folder``."""
+    return write_vocab_files(folder, learn_clip_merges())
+
+
+def save_pipeline(pipe, path: Path, clip_tokenizers: tuple[str, ...] = ()) -> Path:
+    """``pipe.save_pretrained(path)``, plus the classic CLIP tokenizer files in each folder of
+    ``clip_tokenizers``; returns ``path``."""
+    path = Path(path)
+    pipe.save_pretrained(path)
+    for folder in clip_tokenizers:
+        write_clip_vocab_files(path / folder)
+    return path
 
 
 # the LLM vocabulary also learns the Alpaca prompt template (what the trainer wraps instruction

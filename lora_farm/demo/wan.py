@@ -14,13 +14,13 @@ sidecar ``.txt`` files; ``frame_folder=True`` writes one clip as a folder of PNG
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 from typing import Literal
 
-from lora_farm.demo.datasets import BACKGROUNDS, COLOURS, SHAPES, _draw_shape
-from lora_farm.demo.flux import t5_tokenizer
+from lora_farm.demo.datasets import BACKGROUNDS, COLOURS, SHAPES, _draw_shape, write_captions
+from lora_farm.demo.flux import t5_encoder, t5_tokenizer
+from lora_farm.demo.vocab import save_pipeline
 
 TEXT_HIDDEN = 32
 SCHEDULER = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "num_train_timesteps": 1000,
@@ -28,23 +28,15 @@ SCHEDULER = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "num
 DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
 CLIP_FPS = 8
 CLIP_CODEC = "mpeg4"
-
-
-def _umt5(tokenizer):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    return UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=2 * TEXT_HIDDEN, num_layers=2,
-        num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0))
+# base_dim 8 (real: 96); the real dim_mult and temporal flags (Qwen-Image's VAE is Wan's too)
+WAN_VAE_LAYOUT = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+                  "temperal_downsample": [False, True, True]}
 
 
 def _vae():
     from diffusers import AutoencoderKLWan
 
-    # base_dim 8 (real: 96); the real dim_mult, temporal flags and latent statistics (defaults)
-    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                            temperal_downsample=[False, True, True])
+    return AutoencoderKLWan(**WAN_VAE_LAYOUT)  # Wan 2.1's latent statistics (the defaults)
 
 
 def _transformer():
@@ -61,15 +53,13 @@ def build_tiny_wan(path: Path, seed: int = 0, experts: bool = False) -> Path:
     import torch
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=_umt5(tokenizer), vae=_vae(),
-                       scheduler=UniPCMultistepScheduler(**SCHEDULER), transformer=_transformer(),
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=t5_encoder(tokenizer, TEXT_HIDDEN, umt5=True),
+                       vae=_vae(), scheduler=UniPCMultistepScheduler(**SCHEDULER), transformer=_transformer(),
                        transformer_2=_transformer() if experts else None,
                        boundary_ratio=0.875 if experts else None)
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)
 
 
 # -- clips --------------------------------------------------------------------------------------
@@ -135,12 +125,4 @@ def write_clip_dataset(folder: Path, n: int = 4, frames: int = 12, size: tuple[i
             name = f"clip_{index:02d}.mp4"
             write_clip(folder / name, images)
         rows.append((name, caption))
-    if captions == "metadata":
-        with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["file_name", "text"])
-            writer.writerows(rows)
-    else:
-        for name, caption in rows:
-            (folder / f"{name.removesuffix('.mp4')}.txt").write_text(caption + "\n", encoding="utf-8")
-    return folder
+    return write_captions(folder, rows, captions)

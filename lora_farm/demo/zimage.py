@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_farm.demo.flux import flux_vae
-from lora_farm.demo.vocab import CORPUS
+from lora_farm.demo.vocab import CORPUS, save_pipeline
 
 QWEN_HIDDEN = 32
 QWEN_TOKENS = 64  # the card's 512 padded positions all pass through the encoder: short on a CPU
@@ -69,10 +69,8 @@ def build_tiny_zimage(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-    path = Path(path)
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=flux_vae(),
                           text_encoder=_qwen3(tokenizer), tokenizer=tokenizer, transformer=_transformer())
-    pipe.save_pretrained(path)
-    return path
+    return save_pipeline(pipe, path)

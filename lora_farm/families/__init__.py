@@ -25,10 +25,7 @@ MODULES = ("wan", "zimage", "chroma", "flux2", "flux", "sd3", "qwen_image", "sd"
 
 @cache
 def all_families() -> tuple[Family, ...]:
-    cards: list[Family] = []
-    for module in MODULES:
-        cards += importlib.import_module(f"lora_farm.families.{module}").CARDS
-    return tuple(cards)
+    return tuple(card for module in MODULES for card in importlib.import_module(f"lora_farm.families.{module}").CARDS)
 
 
 def by_name(name: str) -> Family:
@@ -47,18 +44,14 @@ def recognise_folder(index: dict[str, Any], configs: dict[str, dict[str, Any]],
                      folders: frozenset[str]) -> Family | None:
     """The family of a diffusers folder: its model_index.json, the config.json of each denoiser
     folder it has (``unet``, ``transformer``) and its subfolder names; None when no card matches."""
-    for card in all_families():
-        if card.matches_folder(index, configs.get(card.denoiser, {}), folders):
-            return card
-    return None
+    return next((card for card in all_families()
+                 if card.matches_folder(index, configs.get(card.denoiser, {}), folders)), None)
 
 
 def recognise_file(header: dict[str, Any]) -> Family | None:
     """The family of a single-file checkpoint from its tensor names and shapes (never its name)."""
-    for card in all_families():
-        if card.matches_file is not None and card.matches_file(header):
-            return card
-    return None
+    return next((card for card in all_families() if card.matches_file is not None and card.matches_file(header)),
+                None)
 
 
 def denoiser_folders() -> tuple[str, ...]:

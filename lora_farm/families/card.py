@@ -78,14 +78,17 @@ class Family:
     sample_guidance: float = 7.5
 
 
-def attention_width(config: dict[str, Any], *block_counts: str) -> float | None:
-    """A transformer's hidden width (heads x head width) x its blocks (the config keys named):
-    what the activations a sample keeps grow with; None when the config lacks one."""
-    try:
-        inner = config["num_attention_heads"] * config["attention_head_dim"]
-        return float(inner * sum(config[key] for key in block_counts))
-    except (KeyError, TypeError):
-        return None
+def attention_width(*block_counts: str) -> Callable[[dict[str, Any]], float | None]:
+    """A card's ``width`` rule: a transformer's hidden width (heads x head width) x its blocks
+    (the config keys named), what the activations a sample keeps grow with; None when the
+    config lacks one."""
+    def width(config: dict[str, Any]) -> float | None:
+        try:
+            inner = config["num_attention_heads"] * config["attention_head_dim"]
+            return float(inner * sum(config[key] for key in block_counts))
+        except (KeyError, TypeError):
+            return None
+    return width
 
 
 def holds_tensors(header: dict[str, Any], *names: str) -> bool:
@@ -93,3 +96,13 @@ def holds_tensors(header: dict[str, Any], *names: str) -> bool:
     ``diffusion_model.`` prefix or none."""
     found = {name.removeprefix("model.").removeprefix("diffusion_model.") for name in header}
     return all(name in found for name in names)
+
+
+def names_tensor(header: dict[str, Any], tensor: str) -> bool:
+    """Whether a single file holds ``tensor`` under any prefix (or none)."""
+    return any(name == tensor or name.endswith("." + tensor) for name in header)
+
+
+def file_has_guidance(header: dict[str, Any]) -> bool:
+    """A guidance-distilled model's single file (Flux.1 dev, Flux.2 dev): a ``guidance_in`` layer."""
+    return any("guidance_in." in name for name in header)

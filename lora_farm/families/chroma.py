@@ -6,19 +6,13 @@ first pad token) in the transformer's attention. Flux's 16-channel VAE, 2x2-pack
 
 from __future__ import annotations
 
-from typing import Any
-
-from lora_farm.families.card import Family, TextEncoder
-from lora_farm.families.flux import LORA_TARGETS, _width
+from lora_farm.families.card import Family, TextEncoder, names_tensor
+from lora_farm.families.flux import LORA_TARGETS, WIDTH
 
 TRANSFORMER = "ChromaTransformer2DModel"
 # the approximator is Chroma's own (BFL's names: ``distilled_guidance_layer.in_proj``); a single
 # file with it is Chroma, not the Flux.1-schnell it shares every block tensor with
 FILE_APPROXIMATOR = "distilled_guidance_layer.in_proj.weight"
-
-
-def _file_is_chroma(header: dict[str, Any]) -> bool:
-    return any(name == FILE_APPROXIMATOR or name.endswith("." + FILE_APPROXIMATOR) for name in header)
 
 
 CHROMA = Family(
@@ -32,7 +26,7 @@ CHROMA = Family(
     modelspec_architecture="chroma/lora",
     adapter="lora_farm.trainers.families.chroma:ChromaAdapter",
     matches_folder=lambda index, config, folders: config.get("_class_name") == TRANSFORMER,
-    matches_file=_file_is_chroma,
+    matches_file=lambda header: names_tensor(header, FILE_APPROXIMATOR),
     loads_single_file=False,
     trains_text_encoders=False,
     # Flux.1's activations per sample (the same 57 blocks of width 3072 and token counts; no CLIP,
@@ -41,7 +35,7 @@ CHROMA = Family(
     # GiB) a 1024 px bf16 rank-16 job estimates ~30 GiB: out of a 24 GB card in bf16, in line
     # with the published practice (ai-toolkit's Chroma example and guides train it on 24 GB
     # cards with the transformer in 8-bit, qfloat8). A derivation, not a measurement.
-    activation_mb_512=8000.0, reference_width=3072.0 * 57, width=_width, checkpointing_keeps=0.12,
+    activation_mb_512=8000.0, reference_width=3072.0 * 57, width=WIDTH, checkpointing_keeps=0.12,
     params=13.7e9, lora_params_per_rank=2.8e6)
 
 CARDS = (CHROMA,)

@@ -5,9 +5,7 @@ schnell is timestep-distilled (no guidance, static shift, shorter T5 prompts).""
 
 from __future__ import annotations
 
-from typing import Any
-
-from lora_farm.families.card import Family, TextEncoder, attention_width
+from lora_farm.families.card import Family, TextEncoder, attention_width, file_has_guidance, names_tensor
 
 TRANSFORMER = "FluxTransformer2DModel"
 # diffusers' recommended Flux LoRA layers (train_dreambooth_lora_flux.py): attention of both
@@ -16,22 +14,7 @@ LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                 "ff_context.net.0.proj", "ff_context.net.2")
 FILE_BLOCK = "double_blocks.0.img_attn.qkv.weight"  # BFL's (and ComfyUI's, prefixed) layout
-
-
-def _is_flux(config: dict[str, Any]) -> bool:
-    return config.get("_class_name") == TRANSFORMER
-
-
-def _file_is_flux(header: dict[str, Any]) -> bool:
-    return any(name == FILE_BLOCK or name.endswith("." + FILE_BLOCK) for name in header)
-
-
-def _file_has_guidance(header: dict[str, Any]) -> bool:
-    return any("guidance_in." in name for name in header)
-
-
-def _width(config: dict[str, Any]) -> float | None:
-    return attention_width(config, "num_layers", "num_single_layers")
+WIDTH = attention_width("num_layers", "num_single_layers")  # double + single blocks
 
 
 def _card(name: str, title: str, guidance: bool, t5_length: int, sample_steps: int) -> Family:
@@ -44,9 +27,9 @@ def _card(name: str, title: str, guidance: bool, t5_length: int, sample_steps: i
         kohya_metadata={"ss_base_model_version": "flux1", "ss_v2": "False"},
         modelspec_architecture=f"{name.replace('flux', 'flux-1')}/lora",
         adapter="lora_farm.trainers.families.flux:FluxAdapter",
-        matches_folder=lambda index, config, folders: (_is_flux(config)
+        matches_folder=lambda index, config, folders: (config.get("_class_name") == TRANSFORMER
                                                        and bool(config.get("guidance_embeds")) == guidance),
-        matches_file=lambda header: _file_is_flux(header) and _file_has_guidance(header) == guidance,
+        matches_file=lambda header: names_tensor(header, FILE_BLOCK) and file_has_guidance(header) == guidance,
         loads_single_file=False,
         trains_text_encoders=False,
         # one 512 px sample (1024 latent tokens + 512 text tokens) through 57 blocks of width
@@ -57,7 +40,7 @@ def _card(name: str, title: str, guidance: bool, t5_length: int, sample_steps: i
         # at 1024 px fits a 24 GB card only with an 8-bit base (ai-toolkit's qfloat8: 12 GB of
         # transformer + activations + LoRA). A derivation, not a measurement: calibration
         # corrects it from real peaks.
-        activation_mb_512=8000.0, reference_width=3072.0 * 57, width=_width, checkpointing_keeps=0.12,
+        activation_mb_512=8000.0, reference_width=3072.0 * 57, width=WIDTH, checkpointing_keeps=0.12,
         params=16.9e9, lora_params_per_rank=2.8e6,
         sample_steps=sample_steps, sample_guidance=3.5 if guidance else 0.0)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder, attention_width
+from lora_farm.families.card import Family, TextEncoder, attention_width, file_has_guidance, names_tensor
 
 TRANSFORMER = "Flux2Transformer2DModel"
 # attention and feed-forwards of the double blocks, and each single block's fused input projection
@@ -35,10 +35,7 @@ LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                 "ff_context.linear_out", "attn.to_qkv_mlp_proj")
 FILE_MODULATION = "single_stream_modulation.lin.weight"  # BFL's (and ComfyUI's, prefixed) Flux.2 layout
-
-
-def _is_flux2(config: dict[str, Any]) -> bool:
-    return config.get("_class_name") == TRANSFORMER
+WIDTH = attention_width("num_layers", "num_single_layers")  # double + single blocks
 
 
 def _is_dev(index: dict[str, Any], config: dict[str, Any]) -> bool:
@@ -50,18 +47,6 @@ def _is_dev(index: dict[str, Any], config: dict[str, Any]) -> bool:
     return bool(config.get("guidance_embeds"))
 
 
-def _file_is_flux2(header: dict[str, Any]) -> bool:
-    return any(name == FILE_MODULATION or name.endswith("." + FILE_MODULATION) for name in header)
-
-
-def _file_has_guidance(header: dict[str, Any]) -> bool:
-    return any("guidance_in." in name for name in header)
-
-
-def _width(config: dict[str, Any]) -> float | None:
-    return attention_width(config, "num_layers", "num_single_layers")
-
-
 def _card(name: str, title: str, guidance: bool, encoder: str, **rest: Any) -> Family:
     return Family(
         name=name, title=title, denoiser="transformer", components=("transformer", "vae", "text_encoder"),
@@ -70,8 +55,9 @@ def _card(name: str, title: str, guidance: bool, encoder: str, **rest: Any) -> F
         kohya_metadata={"ss_base_model_version": "flux2", "ss_v2": "False"},
         modelspec_architecture=f"{name}/lora",
         adapter="lora_farm.trainers.families.flux2:Flux2Adapter",
-        matches_folder=lambda index, config, folders: _is_flux2(config) and _is_dev(index, config) == guidance,
-        matches_file=lambda header: _file_is_flux2(header) and _file_has_guidance(header) == guidance,
+        matches_folder=lambda index, config, folders: (config.get("_class_name") == TRANSFORMER
+                                                       and _is_dev(index, config) == guidance),
+        matches_file=lambda header: names_tensor(header, FILE_MODULATION) and file_has_guidance(header) == guidance,
         loads_single_file=False, trains_text_encoders=False, **rest)
 
 
@@ -86,13 +72,13 @@ def _card(name: str, title: str, guidance: bool, encoder: str, **rest: Any) -> F
 # transformer, text encoder unloaded after caching) up to H100/H200. Derivations, not measurements:
 # calibration corrects them from real peaks.
 FLUX2_KLEIN = _card("flux2-klein", "Flux.2 klein", guidance=False, encoder="qwen",
-                    activation_mb_512=3500.0, reference_width=3072.0 * 25, width=_width,
+                    activation_mb_512=3500.0, reference_width=3072.0 * 25, width=WIDTH,
                     checkpointing_keeps=0.12, params=7.9e9, lora_params_per_rank=1.2e6)
 NOT_TRAINED_DEV = ("its Mistral3 text encoder's PixtralProcessor needs torchvision, which lora-farm does not "
                    "install, and no tiny offline Flux.2 dev exists to test its training on")
 FLUX2_DEV = _card("flux2-dev", "Flux.2 dev", guidance=True, encoder="mistral",
                   not_trained=NOT_TRAINED_DEV,
-                  activation_mb_512=15700.0, reference_width=6144.0 * 56, width=_width,
+                  activation_mb_512=15700.0, reference_width=6144.0 * 56, width=WIDTH,
                   checkpointing_keeps=0.12, params=56e9, lora_params_per_rank=5.5e6)
 
 CARDS = (FLUX2_KLEIN, FLUX2_DEV)

@@ -27,14 +27,6 @@ def _is_qwen_image(index: dict[str, Any], config: dict[str, Any]) -> bool:
     return config.get("_class_name") == TRANSFORMER and pipeline == "QwenImagePipeline"
 
 
-def _file_is_qwen_image(header: dict[str, Any]) -> bool:
-    return holds_tensors(header, FILE_BLOCK, FILE_MARKER)
-
-
-def _width(config: dict[str, Any]) -> float | None:
-    return attention_width(config, "num_layers")
-
-
 QWEN_IMAGE = Family(
     name="qwen-image", title="Qwen-Image", denoiser="transformer",
     components=("transformer", "vae", "text_encoder"),
@@ -45,7 +37,7 @@ QWEN_IMAGE = Family(
     modelspec_architecture="Qwen-Image/lora",  # musubi-tuner's modelspec name
     adapter="lora_farm.trainers.families.qwen_image:QwenImageAdapter",
     matches_folder=lambda index, config, folders: _is_qwen_image(index, config),
-    matches_file=_file_is_qwen_image,
+    matches_file=lambda header: holds_tensors(header, FILE_BLOCK, FILE_MARKER),
     loads_single_file=False,
     trains_text_encoders=False,
     # one 512 px sample (1024 latent tokens + ~100 caption tokens) through 60 blocks of width
@@ -58,7 +50,7 @@ QWEN_IMAGE = Family(
     # batch 1 with an 8-bit base. Our figure less 19 GiB (the transformer in 8 bits instead of
     # 16) and with Edit's doubled image tokens (+2.8 GiB) is ~41 GiB. A derivation, not a
     # measurement: calibration corrects it from real peaks.
-    activation_mb_512=6000.0, reference_width=3072.0 * 60, width=_width, checkpointing_keeps=0.12,
+    activation_mb_512=6000.0, reference_width=3072.0 * 60, width=attention_width("num_layers"), checkpointing_keeps=0.12,
     params=28.8e9, lora_params_per_rank=1.5e6,
     sample_steps=50, sample_guidance=4.0)  # its pipeline's true_cfg_scale
 

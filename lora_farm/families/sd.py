@@ -58,26 +58,20 @@ def single_file_unet_shape(header: dict[str, Any]) -> dict[str, Any]:
     Every level but the last ends in a downsampler (``input_blocks.N.0.op``) as wide as the level;
     the last level is as wide as the middle block. Empty where the file lacks those tensors.
     """
-    prefix = FILE_UNET
-
     def dim(entry: dict[str, Any] | None, index: int) -> int | None:  # a forged header: any rank
         shape = (entry or {}).get("shape", [])
         return shape[index] if len(shape) > index else None
 
     downsamplers = sorted((int(name.split(".")[3]), dim(entry, 0)) for name, entry in header.items()
-                          if re.fullmatch(re.escape(prefix) + r"input_blocks\.\d+\.0\.op\.weight", name))
-    middle = dim(header.get(prefix + "middle_block.0.in_layers.2.weight"), 0)
+                          if re.fullmatch(re.escape(FILE_UNET) + r"input_blocks\.\d+\.0\.op\.weight", name))
+    middle = dim(header.get(FILE_UNET + "middle_block.0.in_layers.2.weight"), 0)
     cross = next((dim(entry, 1) for name, entry in header.items()
-                  if name.startswith(prefix) and name.endswith("attn2.to_k.weight")), None)
-    in_channels = dim(header.get(prefix + "input_blocks.0.0.weight"), 1)
-    shape: dict[str, Any] = {}
-    if in_channels:  # 4 latent channels; 9 for inpainting models
-        shape["in_channels"] = in_channels
-    if middle:
-        shape["block_out_channels"] = [width for _, width in downsamplers] + [middle]
-    if cross:
-        shape["cross_attention_dim"] = cross
-    return shape
+                  if name.startswith(FILE_UNET) and name.endswith("attn2.to_k.weight")), None)
+    in_channels = dim(header.get(FILE_UNET + "input_blocks.0.0.weight"), 1)
+    shape = {"in_channels": in_channels,  # 4 latent channels; 9 for inpainting models
+             "block_out_channels": [width for _, width in downsamplers] + [middle] if middle else None,
+             "cross_attention_dim": cross}
+    return {key: value for key, value in shape.items() if value}
 
 
 def _file_details(parts: tuple[tuple[str, str], ...]) -> Any:

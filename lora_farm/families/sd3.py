@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder, attention_width
+from lora_farm.families.card import Family, TextEncoder, attention_width, names_tensor
 
 TRANSFORMER = "SD3Transformer2DModel"
 # diffusers' train_dreambooth_lora_sd3.py default --lora_layers: both streams' attention (the
@@ -29,15 +29,11 @@ def _variant(config: dict[str, Any]) -> str | None:
 
 def _file_variant(header: dict[str, Any]) -> str | None:
     """SAI single files: qk-norm (``ln_q``) and a block's second attention (``attn2``) tell them apart."""
-    if not any(name == FILE_BLOCK or name.endswith("." + FILE_BLOCK) for name in header):
+    if not names_tensor(header, FILE_BLOCK):
         return None
     if any(".x_block.attn2." in name for name in header):
         return "sd35-medium"
     return "sd35-large" if any(".attn.ln_q." in name for name in header) else "sd3-medium"
-
-
-def _width(config: dict[str, Any]) -> float | None:
-    return attention_width(config, "num_layers")
 
 
 def _card(name: str, title: str, modelspec: str, params: float, lora_per_rank: float) -> Family:
@@ -65,7 +61,7 @@ def _card(name: str, title: str, modelspec: str, params: float, lora_per_rank: f
         # (huggingface.co/blog/sd3-5) fits SD3.5 Large LoRA on 24 GB cards with bitsandbytes
         # and peft (a 4-bit NF4 base), as the bf16 weights alone exceed 24 GB. Medium scales by
         # its width (1536 x 24). A derivation, not a measurement: calibration corrects it.
-        activation_mb_512=5000.0, reference_width=2432.0 * 38, width=_width, checkpointing_keeps=0.12,
+        activation_mb_512=5000.0, reference_width=2432.0 * 38, width=attention_width("num_layers"), checkpointing_keeps=0.12,
         params=params, lora_params_per_rank=lora_per_rank,
         sample_steps=28, sample_guidance=4.5)  # SD3.5's model cards
 

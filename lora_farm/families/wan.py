@@ -42,14 +42,6 @@ def _is_wan(index: dict[str, Any], config: dict[str, Any], folders: frozenset[st
             and config.get("in_channels", 16) == 16 and not config.get("image_dim"))
 
 
-def _file_is_wan(header: dict[str, Any]) -> bool:
-    return holds_tensors(header, FILE_BLOCK, FILE_MARKER)
-
-
-def _width(config: dict[str, Any]) -> float | None:
-    return attention_width(config, "num_layers")
-
-
 WAN21 = Family(
     name="wan21", title="Wan 2.1 T2V", denoiser="transformer",
     components=("transformer", "vae", "text_encoder"),
@@ -60,7 +52,7 @@ WAN21 = Family(
     modelspec_architecture="wan2.1-t2v/lora",  # musubi-tuner's modelspec name for Wan 2.1 T2V
     adapter="lora_farm.trainers.families.wan:WanAdapter",
     matches_folder=lambda index, config, folders: _is_wan(index, config, folders, experts=False),
-    matches_file=_file_is_wan, loads_single_file=False,
+    matches_file=lambda header: holds_tensors(header, FILE_BLOCK, FILE_MARKER), loads_single_file=False,
     trains_text_encoders=False, media="video", temporal_compression=4, sample_steps=50, sample_guidance=5.0,
     # one latent frame of 512 x 512 px (32 x 32 = 1,024 tokens) through 40 blocks of width 5120
     # (14B): ~13 tensors of tokens x width per block in bf16 plus the 13,824-wide feed-forward,
@@ -70,7 +62,7 @@ WAN21 = Family(
     # checkpointing; with an fp8 base (14 GB) and 20 of 40 blocks swapped the transformer holds
     # ~7 GB: musubi-tuner's published 24 GB for 14B at 480p with fp8 and block swap. 1.3B's width
     # (1536 x 30 blocks) scales the figure by 0.225. A derivation; calibration corrects it.
-    activation_mb_512=5300.0, reference_width=5120.0 * 40, width=_width, checkpointing_keeps=0.10,
+    activation_mb_512=5300.0, reference_width=5120.0 * 40, width=attention_width("num_layers"), checkpointing_keeps=0.10,
     params=19.1e9, lora_params_per_rank=2.9e6)
 
 # Wan 2.2 T2V A14B: the 14B's card with two experts (the estimate counts the trained one on the

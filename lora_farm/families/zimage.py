@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_farm.families.card import Family, TextEncoder
+from lora_farm.families.card import Family, TextEncoder, names_tensor
 
 TRANSFORMER = "ZImageTransformer2DModel"
 # every block's attention and SwiGLU feed-forward (peft matches the suffixes in the main and the
@@ -28,13 +28,6 @@ def _is_zimage(config: dict[str, Any]) -> bool:
     return config.get("_class_name") == TRANSFORMER and not config.get("siglip_feat_dim")
 
 
-def _file_is_zimage(header: dict[str, Any]) -> bool:
-    def has(tensor: str) -> bool:
-        return any(name == tensor or name.endswith("." + tensor) for name in header)
-
-    return has(FILE_BLOCK) and has(FILE_REFINER)
-
-
 def _width(config: dict[str, Any]) -> float | None:
     """Hidden width x blocks (main and refiners): what the activations a sample keeps grow with."""
     try:
@@ -53,7 +46,7 @@ Z_IMAGE = Family(
     modelspec_architecture="z-image/lora",
     adapter="lora_farm.trainers.families.zimage:ZImageAdapter",
     matches_folder=lambda index, config, folders: _is_zimage(config),
-    matches_file=_file_is_zimage,
+    matches_file=lambda header: names_tensor(header, FILE_BLOCK) and names_tensor(header, FILE_REFINER),
     loads_single_file=False,
     trains_text_encoders=False,
     # one 512 px sample: 1024 image tokens + ~100-300 caption tokens (padded to 32s) through 34

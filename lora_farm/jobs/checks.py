@@ -14,8 +14,9 @@ from typing import Any
 from lora_farm import families
 from lora_farm.errors import DatasetError, SpecProblem
 from lora_farm.jobs.clips import VIDEO_SUFFIXES, ClipError, FrameRule, is_clip, sample_frames
-from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, Example, clip_problems, example_problems,
-                                     find_data_files, find_examples, read_records, to_example)
+from lora_farm.jobs.datasets import (DATA_SUFFIXES, IMAGE_SUFFIXES, Example, clip_problems, data_files,
+                                     example_problems, find_data_files, find_examples, image_files, read_records,
+                                     to_example)
 from lora_farm.jobs.inspect import UnknownModelFormat, inspect_base_model, single_file_config_problem
 from lora_farm.jobs.paths import is_inside, what_is
 from lora_farm.jobs.prompts import PROMPT_FILE_FIX, parse_prompt_file
@@ -39,11 +40,11 @@ def infer_task(data: dict[str, Any]) -> str | None:
         if dataset.is_file():
             return "llm" if dataset.suffix.lower() in DATA_SUFFIXES else None
         if dataset.is_dir():
-            if list_images(dataset):
+            if image_files(dataset):
                 return "image"
             if any(is_clip(path) for path in dataset.iterdir()):
                 return "video"
-            if text_files(dataset):
+            if data_files(dataset):
                 return "llm"
     return None
 
@@ -61,11 +62,10 @@ def check_spec(label: str, spec: JobSpec, *, check_output: bool = True,
     problems += _check_output(label, spec) if check_output and usable("output_dir") else []
     if usable("base_model", "resume_from", "base_model_config"):
         problems += _check_optional_paths(label, spec)
-    if isinstance(spec, VideoJobSpec):
-        if usable("train_data_dir", "metadata_path", "caption_extension", "num_frames", "frame_stride", "fps"):
-            problems += check_video_dataset(label, spec)
-    elif isinstance(spec, ImageJobSpec) and usable("train_data_dir", "metadata_path", "caption_extension"):
-        problems += check_image_dataset(label, spec)
+    frame_fields = ("num_frames", "frame_stride", "fps") if isinstance(spec, VideoJobSpec) else ()
+    if isinstance(spec, ImageJobSpec):
+        if usable("train_data_dir", "metadata_path", "caption_extension", *frame_fields):
+            problems += check_media_dataset(label, spec)
     elif isinstance(spec, LlmJobSpec) and usable("train_data_dir", "text_field"):
         problems += check_text_dataset(label, spec)
     if usable("sample_prompts"):
@@ -159,56 +159,31 @@ def _check_optional_paths(label: str, spec: JobSpec) -> list[SpecProblem]:
     return problems
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-
-
-def check_image_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
-    """The trainer's own dataset rules (``jobs.datasets``), short of decoding every image."""
-    folder = spec.train_data_dir
+def check_media_dataset(label: str, spec: ImageJobSpec) -> list[SpecProblem]:
+    """The trainer's own dataset rules (``jobs.datasets``), short of decoding every image; a
+    video spec's clips are each decoded as far as its sample reaches (PyAV): a broken, empty or
+    short clip is named here, before anything is queued."""
+    video = isinstance(spec, VideoJobSpec)
+    folder, noun = spec.train_data_dir, "clips" if video else "images"
     if not folder.is_dir():
         return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r} {what_is(folder)}.",
-                            "point it at the folder that holds the training images.")]
+                            f"point it at the folder that holds the training {noun}.")]
     uses_metadata = spec.metadata_path is not None or (folder / "metadata.csv").is_file()
     field = "metadata_path" if uses_metadata else "train_data_dir"
     try:
-        examples = find_examples(folder, spec.metadata_path, spec.caption_extension)
+        examples = find_examples(folder, spec.metadata_path, spec.caption_extension, media=spec.task)
     except DatasetError as error:
         message, _, fix = str(error).partition(" Fix: ")
         return [SpecProblem(label, field, message, fix or "correct the dataset.")]
     if not examples:
-        return [SpecProblem(label, field, f"lists no training images ({', '.join(IMAGE_SUFFIXES)}) "
-                            f"in {str(folder)!r}.", "put the training images and captions there, "
-                            "or fix the path.")]
-    problems = [problem for example in examples for problem in example_problems(example)]
-    return _listed(label, field, problems, "mend each file named, then validate again.")
-
-
-def check_video_dataset(label: str, spec: VideoJobSpec) -> list[SpecProblem]:
-    """The image rules for clips, and every clip decoded as far as its sample reaches (PyAV):
-    a broken, empty or short clip is named here, before anything is queued."""
-    folder = spec.train_data_dir
-    if not folder.is_dir():
-        return [SpecProblem(label, "train_data_dir", f"is not a folder: {str(folder)!r} {what_is(folder)}.",
-                            "point it at the folder that holds the training clips.")]
-    uses_metadata = spec.metadata_path is not None or (folder / "metadata.csv").is_file()
-    field = "metadata_path" if uses_metadata else "train_data_dir"
-    try:
-        examples = find_examples(folder, spec.metadata_path, spec.caption_extension, media="video")
-    except DatasetError as error:
-        message, _, fix = str(error).partition(" Fix: ")
-        return [SpecProblem(label, field, message, fix or "correct the dataset.")]
-    if not examples:
-        return [SpecProblem(label, field, f"lists no training clips ({', '.join(VIDEO_SUFFIXES)} or "
-                            f"folders of frames) in {str(folder)!r}.", "put the clips and captions "
-                            "there, or fix the path.")]
-    problems = [problem for example in examples for problem in clip_problems(example)]
-    if not problems:
-        problems = decoding_problems(examples, FrameRule.of_spec(spec))
+        kinds = f"{', '.join(VIDEO_SUFFIXES)} or folders of frames" if video else ", ".join(IMAGE_SUFFIXES)
+        return [SpecProblem(label, field, f"lists no training {noun} ({kinds}) in {str(folder)!r}.",
+                            f"put the {'' if video else 'training '}{noun} and captions there, or fix the path.")]
+    if not video:
+        problems = [problem for example in examples for problem in example_problems(example)]
+        return _listed(label, field, problems, "mend each file named, then validate again.")
+    problems = ([problem for example in examples for problem in clip_problems(example)]
+                or decoding_problems(examples, FrameRule.of_spec(spec)))
     return _listed(label, field, problems, "mend or remove each clip named, then validate again.")
 
 

@@ -109,11 +109,12 @@ def _examples_from_metadata(metadata: Path, image_root: Path) -> list[Example]:
     return [Example(image_root / row["file_name"], (row["text"] or "").strip(), metadata) for row in rows]
 
 
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _examples_from_sidecars(folder: Path, caption_extension: str, media: str = "image") -> list[Example]:
-    if media == "video":
-        images = sorted(p for p in folder.iterdir() if is_clip(p))
-    else:
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(filter(is_clip, folder.iterdir())) if media == "video" else image_files(folder)
     sidecars = [image.with_name(image.name.removesuffix(image.suffix) + caption_extension)
                 if image.is_file() else image.with_name(image.name + caption_extension) for image in images]
     confine(images + sidecars, folder)  # before a caption is read
@@ -156,16 +157,14 @@ def example_problems(example: Example) -> list[str]:
 
 
 def _caption_problems(example: Example) -> list[str]:
-    problems = []
-    if not example.caption:
-        if example.caption_source.suffix == ".csv":
-            problems.append(f"{example.image}: empty caption in {example.caption_source}; write one")
-        elif example.caption_source.is_file():
-            problems.append(f"{example.caption_source}: caption file is empty; write a caption")
-        else:
-            problems.append(f"{example.caption_source}: caption file not found for {example.image.name}; "
-                            "add it, or a metadata.csv with file_name,text")
-    return problems
+    if example.caption:
+        return []
+    if example.caption_source.suffix == ".csv":
+        return [f"{example.image}: empty caption in {example.caption_source}; write one"]
+    if example.caption_source.is_file():
+        return [f"{example.caption_source}: caption file is empty; write a caption"]
+    return [f"{example.caption_source}: caption file not found for {example.image.name}; "
+            "add it, or a metadata.csv with file_name,text"]
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -198,11 +197,16 @@ def find_data_files(path: Path) -> list[Path]:
     if not path.is_dir():
         raise DatasetError(f"{path}: `train_data_dir` {what_is(path)}; point it at a .jsonl/.csv "
                            "file or a folder of them")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    files = data_files(path)
     if not files:
         raise DatasetError(f"{path}: no .jsonl, .json or .csv file in this folder")
     confine(files, path)
     return files
+
+
+def data_files(folder: Path) -> list[Path]:
+    """Every data file under ``folder`` (recursively), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
 
 
 def load_examples(path: Path, text_field: str = "text") -> list[TextExample]:

@@ -70,9 +70,7 @@ def load_spec_file(path: Path, *, check_files: bool = True, check_output: bool =
     data = _read_mapping(path, label)
     notes: list[str] = []
     problems = _key_problems(label, data)
-    for key in [key for key in data if not isinstance(key, str)]:
-        data.pop(key)
-    known = set(valid_keys(None))
+    known = set(valid_keys(None))  # what is left out (unknown or not text) is a problem already
     data = {key: value for key, value in data.items() if key in known}
     problems += _default_name(label, path, data)
     problems += _resolve_paths(label, path.parent.resolve(), (cwd or Path.cwd()).resolve(), data, notes)

@@ -50,11 +50,7 @@ def resolve_spec_path(raw: str, spec_dir: Path, cwd: Path, prefer_inside: Path |
 
 
 def is_inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+    return path.resolve().is_relative_to(root.resolve())
 
 
 _KINDS = ((stat.S_ISDIR, "is a folder"), (stat.S_ISCHR, "is a character device"),

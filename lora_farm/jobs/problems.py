@@ -72,6 +72,8 @@ def problems_from_validation(file: str, error: ValidationError) -> list[SpecProb
 def _problem(file: str, item: dict[str, Any]) -> SpecProblem:
     field = field_path(tuple(item["loc"]))
     kind, ctx, value = item["type"], item.get("ctx") or {}, item.get("input")
+    # a value of the wrong type and text that does not parse get the same message
+    kind = {"int_type": "int_parsing", "float_type": "float_parsing", "bool_type": "bool_parsing"}.get(kind, kind)
     got = f", got {show(value)}."
     top = field.split(".")[0].split("[")[0]
     simple: dict[str, tuple[str, str]] = {
@@ -82,13 +84,10 @@ def _problem(file: str, item: dict[str, Any]) -> SpecProblem:
         "multiple_of": (f"must be a multiple of {ctx.get('multiple_of')}{got}",
                         f"round it to a multiple of {ctx.get('multiple_of')}."),
         "int_parsing": (f"must be a whole number{got}", f"write a number such as {EXAMPLES.get(top, '16')}."),
-        "int_type": (f"must be a whole number{got}", f"write a number such as {EXAMPLES.get(top, '16')}."),
         "int_from_float": (f"must be a whole number{got}", "drop the fractional part."),
         "float_parsing": (f"must be a number{got}", f"write a number such as {EXAMPLES.get(top, '1e-4')}."),
-        "float_type": (f"must be a number{got}", f"write a number such as {EXAMPLES.get(top, '1e-4')}."),
         "finite_number": (f"must be a finite number{got}", "write an ordinary number."),
         "bool_parsing": (f"must be true or false{got}", "write true or false."),
-        "bool_type": (f"must be true or false{got}", "write true or false."),
         "string_type": (f"must be text{got}", "put the value in quotes."),
         "list_type": (f"must be a list{got}", "write it as a YAML list, e.g. [a, b]."),
         "too_short": (f"must not be empty{got}", "give at least one item or remove the key."),

@@ -136,13 +136,9 @@ def resolve_prompts(spec: JobSpec, defaults: dict[str, Any]) -> list[dict[str, A
                  "width": prompt.width or defaults.get("width"),
                  "height": prompt.height or defaults.get("height"),
                  "steps": prompt.steps or spec.sample_steps or defaults.get("steps"),
-                 "guidance": _first_set(prompt.guidance_scale, defaults.get("guidance")),
+                 "guidance": defaults.get("guidance") if prompt.guidance_scale is None else prompt.guidance_scale,
                  "seed": prompt.seed if prompt.seed is not None else (spec.seed + index) % 2**32}
         if "max_new_tokens" in defaults:
             entry["max_new_tokens"] = defaults["max_new_tokens"]
         resolved.append(entry)
     return resolved
-
-
-def _first_set(*values: Any) -> Any:
-    return next((value for value in values if value is not None), None)

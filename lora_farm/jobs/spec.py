@@ -33,9 +33,7 @@ _DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*
 
 def parse_duration(value: Any) -> Any:
     """``3600``, ``"90m"``, ``"6h"``, ``"1h30m"``, ``"2d"`` -> seconds; other input passes on."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return value
-    if isinstance(value, (int, float)):
+    if not isinstance(value, str):
         return value
     match = _DURATION.match(value)
     if not value.strip() or not match or not any(match.groups()):
@@ -68,7 +66,7 @@ class SamplePrompt(BaseModel):
 
 
 # fields added after specs were first hashed: left at their defaults, they leave hashes alone
-_LATER_FIELDS = {"sample_prompts": None, "sample_every_steps": None, "sample_steps": None,
+_LATER_FIELDS = {"base_model_id": None, "sample_prompts": None, "sample_every_steps": None, "sample_steps": None,
                  "validation_split": 0.0, "eval_every_steps": None, "sample_max_new_tokens": 32,
                  "host_ram_gb": None, "quantize_base": "none", "cache_text_encoder_outputs": False}
 
@@ -196,8 +194,7 @@ class JobSpec(BaseModel):
     def config_hash(self) -> str:
         """Stable over key order and formatting; the batch is the scope, not part of the hash."""
         # fields unset or at their defaults leave the hashes of specs written before they existed alone
-        unset = {"base_model_id"} if self.base_model_id is None else set()
-        unset |= {key for key, default in _LATER_FIELDS.items() if getattr(self, key, default) == default}
+        unset = {key for key, default in _LATER_FIELDS.items() if getattr(self, key, default) == default}
         payload = self.model_dump(mode="json", exclude={"batch"} | unset)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -56,9 +56,7 @@ SpecYamlLoader.add_implicit_resolver(
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    return int(text, 0) if text.startswith("0x") else int(text, 10)
+    return int(text, 0 if text.startswith(("0o", "0x")) else 10)  # base 10: "010" is ten, as YAML 1.2 says
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:

@@ -61,11 +61,8 @@ def list_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and _is_complete(child):
-            found.append(Checkpoint(child, int(match.group(1))))
+    found = [Checkpoint(child, int(match.group(1))) for child in root.iterdir()
+             if (match := _STEP_DIR.match(child.name)) and child.is_dir() and _is_complete(child)]
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
@@ -136,7 +133,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def capture_rng_state() -> dict[str, Any]:
     """Global RNG states (torch CPU + CUDA, Python) in a ``weights_only``-loadable form."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng_to_plain()}
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -148,11 +146,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _python_rng_to_plain() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
 
 
 def _flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -17,16 +17,10 @@ CLIP_MERGES = 49152 - 256 - 2  # vocabulary 49408 = 2 x 256 byte symbols + merge
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode char table (the byte-level alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]  # mapped past 255, in order
+    codes = printable + [256 + index for index in range(len(others))]
+    return dict(zip(printable + others, map(chr, codes)))
 
 
 def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
@@ -34,10 +28,7 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(pair) for pair in merges]
     tokens += [CLIP_BOS, CLIP_EOS]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}  # a repeat keeps its first id
 
 
 def write_vocab_files(folder: Path, merges: list[tuple[str, str]]) -> Path:

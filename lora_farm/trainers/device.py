@@ -36,10 +36,7 @@ def choose_precision(mixed_precision: str, device: torch.device) -> Precision:
     """Map the spec's ``mixed_precision`` to dtypes for this device."""
     if device.type != "cuda" or mixed_precision == "no":
         return Precision(torch.float32, None, False)
-    wanted = mixed_precision
-    if wanted == "auto":
-        wanted = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if wanted == "bf16":
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and torch.cuda.is_bf16_supported()):
         return Precision(torch.bfloat16, torch.bfloat16, False)
     return Precision(torch.float16, torch.float16, True)
 

@@ -126,10 +126,8 @@ def combine_exit_codes(codes: list[int]) -> int:
     failed = {code for code in codes if code != ExitCode.SUCCESS}
     if not failed:
         return ExitCode.SUCCESS
-    for code in _SEVERITY:
-        if code in failed:
-            return code
-    return ExitCode.CRASH  # a rank killed by a signal (negative code) or an unknown code
+    # a rank killed by a signal (negative code) or an unknown code: a crash
+    return next((code for code in _SEVERITY if code in failed), ExitCode.CRASH)
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:

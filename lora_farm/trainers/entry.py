@@ -192,14 +192,9 @@ def _load(args: argparse.Namespace) -> Any:
     return args.loaded
 
 
-def _output_root() -> Path:
-    from lora_farm.settings import get_settings
-
-    return get_settings().output_root_abs
-
-
 def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> int:
     from lora_farm.jobs.loader import write_resolved
+    from lora_farm.settings import get_settings
     from lora_farm.trainers.checkpoint import latest_checkpoint
     from lora_farm.trainers.device import (
         apply_memory_cap,
@@ -212,7 +207,7 @@ def _run(args: argparse.Namespace, events: _Events, dist: Any, fence: Fence) -> 
     loaded = _load(args)
     spec = loaded.spec
     job_dir = (Path(args.job_dir).absolute() if args.job_dir
-               else JobDir.of_spec(spec, _output_root()).root)
+               else JobDir.of_spec(spec, get_settings().output_root_abs).root)
     job_dir.mkdir(parents=True, exist_ok=True)
     paths = JobDir(job_dir)
     events.open_default(paths.events)

@@ -46,11 +46,8 @@ def lora_ranks_and_alphas(model: torch.nn.Module, adapter: str = "default") -> d
     """``module path -> (rank, alpha)`` read from the injected peft layers (the truth, per module)."""
     from peft.tuners.lora import LoraLayer
 
-    found = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.r:
-            found[path] = (int(module.r[adapter]), float(module.lora_alpha[adapter]))
-    return found
+    return {path: (int(module.r[adapter]), float(module.lora_alpha[adapter]))
+            for path, module in model.named_modules() if isinstance(module, LoraLayer) and adapter in module.r}
 
 
 def with_text_model_prefix(peft_states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

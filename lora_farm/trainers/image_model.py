@@ -84,8 +84,6 @@ def load_image_model(base_model: Path, base_model_config: Path | None, dtype: to
     info = describe_base_model(base_model)
     try:
         model = adapter_for(families.by_name(info.family)).load(info, base_model_config, dtype)
-    except ModelLoadError:
-        raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"`base_model`: cannot load {base_model}: {error}") from error
     for module in [model.denoiser, model.vae, *model.text_encoders]:

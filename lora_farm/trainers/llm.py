@@ -83,19 +83,18 @@ class LlmProgram(TrainingProgram):
     def prepare(self) -> None:
         if not self.examples:
             self.check_data()
-        self.items = []
-        for example in self.examples:
-            item = tokenize_example(example, self.tokenizer, self.spec.max_seq_len)
-            if item is None:
-                self.dropped += 1
-            else:
-                self.items.append(item)
-        self.held_items = [item for example in self.held_out
-                           if (item := tokenize_example(example, self.tokenizer, self.spec.max_seq_len))]
+        self.items = self._tokenized(self.examples)
+        self.dropped = len(self.examples) - len(self.items)
+        self.held_items = self._tokenized(self.held_out)
         if not self.items:
             raise DatasetError(f"{self.spec.train_data_dir}: every example is empty after "
                                f"truncation to `max_seq_len`={self.spec.max_seq_len} (prompts "
                                "longer than that leave no response to learn); raise `max_seq_len`")
+
+    def _tokenized(self, examples: list[TextExample]) -> list[dict[str, list[int]]]:
+        """The examples that leave something to learn after truncation, as token ids."""
+        items = [tokenize_example(example, self.tokenizer, self.spec.max_seq_len) for example in examples]
+        return [item for item in items if item is not None]
 
     def micro_batches_per_epoch(self) -> int:
         return math.ceil(len(self.items) / self.spec.batch_size)

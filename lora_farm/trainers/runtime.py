@@ -83,8 +83,7 @@ def make_plan(micro_per_epoch: int, accumulation: int, epochs: int, max_steps: i
     if micro_per_epoch < 1:
         raise DatasetError("the training data yields no batch at all; add examples or lower "
                            "`batch_size`")
-    steps_per_epoch = math.ceil(micro_per_epoch / accumulation)
-    return StepPlan(micro_per_epoch, accumulation, max_steps or epochs * steps_per_epoch)
+    return StepPlan(micro_per_epoch, accumulation, max_steps or epochs * math.ceil(micro_per_epoch / accumulation))
 
 
 def micro_seed(seed: int, global_micro: int, stream: int) -> int:
@@ -126,9 +125,8 @@ class StopFlag:
     def installed(self, after: Any = None) -> Iterator[None]:
         """Handle SIGTERM/SIGINT inside the block; on leaving, put back the previous handlers, or
         ``after`` (e.g. ``signal.SIG_IGN`` once the process only has to finish up)."""
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        for sig in previous:
-            signal.signal(sig, lambda number, _frame: self.request(signal.Signals(number).name))
+        previous = {sig: signal.signal(sig, lambda number, _frame: self.request(signal.Signals(number).name))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
@@ -213,10 +211,9 @@ class Runtime:
                 self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + spent, 3)
 
     def _summary(self, plan: StepPlan) -> dict[str, Any]:
-        last = max(self.step_losses) if self.step_losses else None
         summary = self.events.emit(
-            "summary", final_loss=self.step_losses.get(last) if last else None, steps=plan.total_steps,
-            epochs=plan.epochs, phase_seconds=self.phase_seconds,
+            "summary", final_loss=self.step_losses[max(self.step_losses)] if self.step_losses else None,
+            steps=plan.total_steps, epochs=plan.epochs, phase_seconds=self.phase_seconds,
             peak_vram_mb=peak_vram_mb(self.device), precision=self.precision.name,
             **self.program.describe())
         self.say(f"done: {plan.total_steps} steps, final loss {summary['final_loss']}, "

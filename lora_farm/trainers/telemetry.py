@@ -35,7 +35,6 @@ class Faults:
     step_s: float = 0.0
     slow_step_s: float = 0.0
     slow_after_step: int = 0
-    slow_card: str = ""
     oom_above_batch: int = 0
 
     @classmethod
@@ -47,7 +46,6 @@ class Faults:
                    step_s=float(env.get("LORAFARM_FAULT_STEP_S") or 0),
                    slow_step_s=float(env.get("LORAFARM_FAULT_SLOW_STEP_S") or 0) if on_this_card else 0.0,
                    slow_after_step=int(env.get("LORAFARM_FAULT_SLOW_AFTER_STEP") or 0),
-                   slow_card=card,
                    oom_above_batch=int(env.get("LORAFARM_FAULT_OOM_ABOVE_BATCH") or 0))
 
     def after_fetch(self, batches: list[Any]) -> None:

@@ -34,7 +34,6 @@ class Submitted:
     created: bool  # False: the same spec was already in this batch; nothing was queued
     source: Path | None = None
 
-
     @property
     def line(self) -> str:
         """What ``lorafarm submit`` and the dashboard say of the job."""

@@ -61,14 +61,17 @@ def test_the_cpu_trains_the_base_unquantized_and_says_so(tmp_path, tiny_flux, im
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build, batch_size", [("flux", 1), ("qwen", 2), ("chroma", 2), ("klein", 2)])
+@pytest.mark.parametrize("build, batch_size", [("flux", 1), ("qwen", 2), ("chroma", 2), ("klein", 2),
+                                               ("zimage", 2), ("sd", 2), ("sdxl", 2), ("sd3", 2)])
 def test_cached_captions_train_as_the_text_encoders_would_without_them(build, batch_size, tmp_path,
                                                                        tiny_flux, image_dataset):
     """Flux at batch 1 (identical), Qwen-Image at batch 2 (captions of different lengths padded
     and masked as its pipeline pads them), Chroma (T5 masks) and Flux.2 klein (per-caption text
-    ids) at batch 2: the same losses; the encoders never run in training."""
+    ids), Z-Image (a list of per-caption lengths), SD, SDXL and SD3.5 at batch 2: the same
+    losses; the encoders never run in training."""
     builders = {"qwen": demo.build_tiny_qwen_image, "chroma": demo.build_tiny_chroma,
-                "klein": demo.build_tiny_flux2_klein}
+                "klein": demo.build_tiny_flux2_klein, "zimage": demo.build_tiny_zimage,
+                "sd": demo.build_tiny_sd, "sdxl": demo.build_tiny_sdxl, "sd3": demo.build_tiny_sd3}
     base = tiny_flux if build == "flux" else builders[build](tmp_path / f"tiny-{build}")
     plain = ready(make_program(tmp_path / "plain", base, image_dataset, batch_size=batch_size))
     cached = ready(make_program(tmp_path / "cached", base, image_dataset, batch_size=batch_size,

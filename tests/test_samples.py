@@ -300,11 +300,14 @@ def _fresh_settings():
 
 
 @pytest.mark.slow
-def test_a_failed_sample_round_is_reported_and_training_goes_on(tmp_path, image_dataset):
+@pytest.mark.parametrize("cached", [False, True], ids=["encoders", "cached-captions"])
+def test_a_failed_sample_round_is_reported_and_training_goes_on(cached, tmp_path, image_dataset):
     base = demo.build_tiny_zimage(tmp_path / "tiny-z-image")
-    # 24 px passes validation (a multiple of 8) but Z-Image's pipeline wants multiples of 16
+    # 24 px passes validation (a multiple of 8) but Z-Image's pipeline wants multiples of 16;
+    # with cached captions the prompt's encoding before training meets the refusal first
     runtime = run_runtime(base, image_dataset, tmp_path / "job", name="odd", max_steps=2,
-                          sample_prompts=[{"prompt": "a red circle", "width": 24, "height": 24}], sample_steps=1)
+                          sample_prompts=[{"prompt": "a red circle", "width": 24, "height": 24}], sample_steps=1,
+                          cache_text_encoder_outputs=cached)
     (event,) = events_of(tmp_path / "job", "sample")
     assert event["step"] == 2 and event["files"] == [] and "divisible by 16" in event["error"]
     assert sorted(runtime.step_losses) == [1, 2] and events_of(tmp_path / "job", "summary")

@@ -111,6 +111,8 @@ class PromptRecording:
                     program.render_sample(prompt)
                 except _Encoded:
                     pass
+                except Exception:  # noqa: BLE001 - a prompt the pipeline refuses fails its sample
+                    continue  # rounds, which report why (trainers.sampling), never the job
         finally:
             del self.pipe.prepare_latents  # the class's method again
             self.pipe.encode_prompt = self.answer

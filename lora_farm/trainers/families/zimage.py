@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_farm.trainers.families import join_encoded
 from lora_farm.trainers.families.flux import FluxAdapter
 from lora_farm.trainers.families.zimage_layout import original_state_dict
 from lora_farm.trainers.image_model import ImageModel
@@ -55,6 +56,10 @@ class ZImageAdapter(FluxAdapter):
                                                       do_classifier_free_guidance=False,
                                                       max_sequence_length=length)
         return prompts
+
+    def collate(self, encoded: list[list[torch.Tensor]], device: torch.device) -> list[torch.Tensor]:
+        """Cached captions: their embeddings, each of its own length, in one list (not Flux's tuple)."""
+        return join_encoded(encoded, device)
 
     def kohya_state_dict(self, model: ImageModel, peft_states: dict[str, dict[str, torch.Tensor]],
                          alphas: dict[str, dict[str, tuple[int, float]]]) -> dict[str, torch.Tensor]:

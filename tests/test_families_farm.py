@@ -3,7 +3,7 @@ worker` processes on two declared CPU cards (2 slots each), the real trainers on
 
 Each job is estimated by the farm (no `vram_gb`): the registry's VRAM model of its family places
 it. Every job must succeed, ship both exports (the diffusers file and the family's single file)
-in its manifest, and have trained the family its base model was recognised as.
+and a sample in its manifest, and have trained the family its base model was recognised as.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 def test_a_batch_with_every_image_family_succeeds_on_declared_cards(
         farm_env, ledger, celery_workers, family_models, image_dataset, tmp_path):
     farm_env["LORAFARM_STALE_AFTER_SECONDS"] = "60"  # a loaded machine may stall a heartbeat
+    # each family's own pipeline renders a sample from a prompt encoded with the cached captions
     specs = {family: write_spec(tmp_path, f"lora-{family}", model, image_dataset, "image",
-                                lora_rank=4, cache_latents=False)
+                                lora_rank=4, cache_latents=False, cache_text_encoder_outputs=True,
+                                sample_prompts=["a red circle"], sample_steps=2, sample_every_steps=2)
              for family, model in family_models.items()}
     celery_workers.start("gpu0", timeout=300)
     celery_workers.start("gpu1", timeout=300)
@@ -53,7 +55,8 @@ def test_a_batch_with_every_image_family_succeeds_on_declared_cards(
         assert record.name == f"lora-{family}"
         manifest = json.loads((Path(record.job_dir) / "manifest.json").read_text())
         shipped = {entry["path"] for entry in manifest["files"]}
-        assert {DIFFUSERS_FILE, f"{record.name}.safetensors"} <= shipped, (family, shipped)
+        assert {DIFFUSERS_FILE, f"{record.name}.safetensors", "samples/step-000002/00.png"} <= shipped, \
+            (family, shipped)
         (summary,) = job_events(record, "summary")
         assert summary["family"] == family, (record.name, summary)
 

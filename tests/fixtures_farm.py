@@ -6,8 +6,9 @@
 - ``farm_env``: the environment for worker / CLI subprocesses (prefix, declared 2-card
   inventory, a small policy, fast heartbeats, the output root).
 - ``celery_workers``: ``start(gpu_uuid)`` launches ``celery -A lora_farm.workers.app worker -Q
-  gpu.<uuid>`` and waits until it has published its heartbeat; every worker (and any trainer
-  group a job left) is stopped at teardown.
+  gpu.<uuid>`` and waits until it has published its heartbeat (``start_all([...])``: several
+  cards' workers launched together); every worker (and any trainer group a job left) is
+  stopped at teardown.
 
 Helpers for the farm tests: ``write_spec``, ``wait_until``, ``all_done``, ``start_events``,
 ``checkpoint_events``, ``job_events``, ``pause_trainer`` / ``resume_trainer`` (SIGSTOP /
@@ -90,6 +91,18 @@ class WorkerPool:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, gpu: str, concurrency: int = 2, timeout: float = 90) -> subprocess.Popen:
+        return self.start_all([gpu], concurrency, timeout)[0]
+
+    def start_all(self, gpus: list[str], concurrency: int = 2,
+                  timeout: float = 90) -> list[subprocess.Popen]:
+        """One worker per card, launched together (their seconds of imports overlap), each
+        waited for until it has published its heartbeat."""
+        launched = [self._launch(gpu, concurrency) for gpu in gpus]
+        for name, process in launched:
+            self._wait_online(name, process, timeout)
+        return [process for _, process in launched]
+
+    def _launch(self, gpu: str, concurrency: int) -> tuple[str, subprocess.Popen]:
         name = f"gpu-{gpu}-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
         argv = [CELERY, "-A", "lora_farm.workers.app", "worker", "-Q", f"gpu.{gpu}",
                 "-c", str(concurrency), "-n", name, "-P", "prefork", "-E", "--without-gossip",
@@ -98,8 +111,7 @@ class WorkerPool:
         process = subprocess.Popen(argv, env={**self.env, "LORAFARM_WORKER_GPU": gpu}, cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
-        self._wait_online(name, process, timeout)
-        return process
+        return name, process
 
     def _wait_online(self, name: str, process: subprocess.Popen, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -68,7 +68,7 @@ def trained_chroma(tmp_path_factory, tiny_chroma):
 def test_chroma_training_lowers_a_fixed_evaluation_loss(tmp_path, tiny_chroma, image_dataset):
     program = ready(make_program(tmp_path, tiny_chroma, image_dataset, lora_alpha=4))
     assert len(program.model.text_encoders) == 1  # T5 alone
-    check_family_learns(program, "chroma", steps=40)
+    check_family_learns(program, "chroma", steps=20)  # 0.81x at 20 steps (0.81x at 40); 0.95x asked
 
 
 def test_the_transformer_sees_the_caption_mask(tmp_path, tiny_chroma, image_dataset):

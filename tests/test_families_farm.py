@@ -43,8 +43,7 @@ def test_a_batch_with_every_image_family_succeeds_on_declared_cards(
                                 lora_rank=4, cache_latents=False, cache_text_encoder_outputs=True,
                                 sample_prompts=["a red circle"], sample_steps=2, sample_every_steps=2)
              for family, model in family_models.items()}
-    celery_workers.start("gpu0", timeout=300)
-    celery_workers.start("gpu1", timeout=300)
+    celery_workers.start_all(["gpu0", "gpu1"], timeout=300)
     report = submit_files(list(specs.values()), ledger, batch="families")
     ids = [job.record.id for job in report.jobs]
     records = wait_until(lambda: all_done(ledger, ids), 800, "the batch to finish", celery_workers)
@@ -72,8 +71,7 @@ def test_a_video_job_and_an_image_job_succeed_on_declared_cards(
                                  lora_rank=4),
              "sd1": write_spec(tmp_path, "lora-sd", demo.build_tiny_sd(root / "sd1"), image_dataset, "image",
                                lora_rank=4)}
-    celery_workers.start("gpu0", timeout=300)
-    celery_workers.start("gpu1", timeout=300)
+    celery_workers.start_all(["gpu0", "gpu1"], timeout=300)
     report = submit_files(list(specs.values()), ledger, batch="video-and-image")
     ids = [job.record.id for job in report.jobs]
     records = wait_until(lambda: all_done(ledger, ids), 600, "both jobs to finish", celery_workers)

@@ -55,7 +55,7 @@ def trained_flux(tmp_path_factory, tiny_flux):
 
 def test_flux_dev_training_lowers_a_fixed_evaluation_loss(tmp_path, tiny_flux, image_dataset):
     program = ready(make_program(tmp_path, tiny_flux, image_dataset, lora_alpha=4))
-    check_family_learns(program, "flux-dev", steps=40)
+    check_family_learns(program, "flux-dev", steps=25)  # 0.84x at 25 steps (0.80x at 40); 0.95x asked
 
 
 def test_schnell_trains_without_guidance_and_with_a_static_shift(tmp_path, tiny_flux_schnell, image_dataset):

@@ -151,8 +151,7 @@ def test_watchdog_requeues_a_slowed_job_away_from_its_card(farm_env, ledger, cel
     farm_env.update({"LORAFARM_FAULT_SLOW_CARD": "gpu0", "LORAFARM_FAULT_SLOW_AFTER_STEP": "5",
                      "LORAFARM_FAULT_SLOW_STEP_S": "12",
                      "LORAFARM_CANCEL_GRACE_SECONDS": "30"})  # a slow step ends before the SIGKILL
-    celery_workers.start("gpu0")
-    celery_workers.start("gpu1")
+    celery_workers.start_all(["gpu0", "gpu1"])
     spec = write_spec(tmp_path, "throttled", tiny_sd, image_dataset, "image", max_steps=10,
                       save_steps=1000, vram_gb=6)
     job_id = submit_files([spec], ledger, batch="guards").jobs[0].record.id

@@ -72,7 +72,8 @@ def test_lora_training_lowers_a_fixed_evaluation_loss(tmp_path, tiny_sd, image_d
     from tests.family_checks import check_learns
 
     program = ready(make_program(tmp_path, tiny_sd, image_dataset, lora_alpha=4))
-    check_learns(program, program.model.unet, steps=100)  # only LoRA weights move; the base UNet is untouched
+    # 40 steps: the evaluation loss falls to 0.87x (0.81x at 100), well past the 0.95x asked
+    check_learns(program, program.model.unet, steps=40)  # only LoRA weights move; the base UNet is untouched
 
 
 def test_same_seed_repeats_the_losses(tmp_path, tiny_sd, image_dataset):

@@ -42,7 +42,7 @@ def test_a_lora_learns_over_a_quantized_base_and_exports_the_usual_files(mode, t
     assert any("transformer: " in note and f"in {mode}" in note for note in program.notes)
 
     before = fixed_eval_loss(program)
-    train(program, steps=30)
+    train(program, steps=20)  # 0.86x at 20 steps (0.82x at 30) over fp8 and NF4 alike
     assert fixed_eval_loss(program) < before * 0.95  # it learns over the quantized base
     assert _weight_kind(model.denoiser.transformer_blocks[0].attn.to_q) == tensor  # still frozen, stored
     files = exported(program)

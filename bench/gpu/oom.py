@@ -5,7 +5,9 @@ micro-batch, the same effective batch through accumulation, gradient checkpointi
 until it fits.
 
 Dry run: the trainer's fault hook raises the CUDA OOM for micro-batches above 1
-(``LORAFARM_FAULT_OOM_ABOVE_BATCH``), so the same farm path runs on the CPU.
+(``LORAFARM_FAULT_OOM_ABOVE_BATCH``), so the same farm path runs on the CPU: micro-batch 2 runs
+out of memory once and the degraded plan (micro-batch 1, accumulation 2, checkpointing) trains
+2 steps, the least that still shows the requeue, the degraded plan and its success.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from bench.gpu.common import Context, image_spec, part_main
 from bench.gpu.farm import Farm, job_log
 
 REAL_BATCH, REAL_VRAM_GB = 16, 6.0  # SD 1.5 at 512 px: batch 16 needs far more than 6 GB
-DRY_BATCH, DRY_VRAM_GB = 4, 2.0
+DRY_BATCH, DRY_VRAM_GB, DRY_STEPS = 2, 2.0, 2
 
 
 def run(ctx: Context) -> dict[str, Any]:
     batch, vram_gb = (DRY_BATCH, DRY_VRAM_GB) if ctx.dry_run else (REAL_BATCH, REAL_VRAM_GB)
+    steps = DRY_STEPS if ctx.dry_run else max(4, ctx.sizes.steps // 3)
     extra = {"LORAFARM_FAULT_OOM_ABOVE_BATCH": "1"} if ctx.dry_run else {}
     with Farm(ctx, "oom", policy="max_jobs_per_gpu: 1\n", extra_env=extra) as farm:
         farm.start_worker(concurrency=1)
         spec = image_spec(ctx, "suite-oom", batch_size=batch, vram_gb=vram_gb, max_retries=5,
-                          save_steps=2, max_steps=max(4, ctx.sizes.steps // 3))
+                          save_steps=2, max_steps=steps)
         job_id = farm.submit([spec], batch="oom")[0]
         record = farm.wait([job_id], timeout=480)[0]
         timeline = farm.ledger.timeline(job_id)
